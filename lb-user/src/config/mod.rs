@@ -1,0 +1,597 @@
+//! Configuration: raw TOML ([`raw`]) + CLI overrides → a validated [`Config`].
+//!
+//! Every problem is collected with its path (`backends[1].url: ...`) and reported
+//! at once, so `agentlb check-config` shows the whole list in one run. Boot and
+//! reload share this code path.
+
+pub mod raw;
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use http::Uri;
+use thiserror::Error;
+
+pub use raw::RawConfig;
+
+/// Default proxy listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin listen address.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
+/// Default bpffs pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/agentlb";
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted path of the offending key (`kernel.mode`, `backends[0].url`).
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// One or more problems; all of them are listed.
+    #[error("{} configuration error(s):\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+/// How the kernel dataplane is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelMode {
+    /// Use it when possible; otherwise run userspace-only and log why.
+    Auto,
+    /// Fail start-up if it cannot be loaded.
+    Required,
+    /// Never load it.
+    Off,
+}
+
+/// XDP attach mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// Native (driver) mode, falling back to generic (skb) mode.
+    Auto,
+    /// Native only.
+    Native,
+    /// Generic (skb) only.
+    Generic,
+}
+
+/// Routing policy names accepted today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyName {
+    /// Strict rotation over healthy backends.
+    RoundRobin,
+    /// Fewest in-flight requests, ties broken by rotation.
+    LeastLoaded,
+}
+
+impl PolicyName {
+    /// All accepted names.
+    pub const ALL: [&'static str; 2] = ["round_robin", "least_loaded"];
+
+    /// Parses a policy name (`-` and `_` are interchangeable).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.replace('-', "_").as_str() {
+            "round_robin" => Some(Self::RoundRobin),
+            "least_loaded" => Some(Self::LeastLoaded),
+            _ => None,
+        }
+    }
+
+    /// Canonical name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round_robin",
+            Self::LeastLoaded => "least_loaded",
+        }
+    }
+}
+
+/// A validated backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Display name.
+    pub name: String,
+    /// Base URL (`http://host:port`), path empty.
+    pub url: Uri,
+    /// Host part of the URL.
+    pub host: String,
+    /// Port (80 when the URL has none).
+    pub port: u16,
+}
+
+/// `[kernel]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// Mode.
+    pub mode: KernelMode,
+    /// bpffs directory for pinned maps.
+    pub pin_dir: PathBuf,
+    /// Mount bpffs at /sys/fs/bpf when nothing is mounted there.
+    pub mount_bpffs: bool,
+    /// cgroup path; `None` = `<own cgroup>/agentlb`.
+    pub cgroup: Option<PathBuf>,
+    /// Move agentlb into the cgroup.
+    pub join_cgroup: bool,
+    /// Attach sockmap programs and register sockets.
+    pub sockmap: bool,
+    /// XDP interfaces.
+    pub xdp_interfaces: Vec<String>,
+    /// XDP mode.
+    pub xdp_mode: XdpAttachMode,
+    /// Kernel-side log level.
+    pub log_level: log::LevelFilter,
+    /// Log every socket registration.
+    pub log_sockets: bool,
+}
+
+/// `[limits]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Client request-head timeout.
+    pub header_read_timeout: Duration,
+    /// Graceful shutdown budget.
+    pub shutdown_grace: Duration,
+    /// Idle upstream connections per backend.
+    pub pool_max_idle_per_backend: usize,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Proxy listen address.
+    pub listen: SocketAddr,
+    /// Admin listen address (`None` disables it).
+    pub admin: Option<SocketAddr>,
+    /// Admin bearer token.
+    pub admin_token: Option<String>,
+    /// Backends, in configuration order.
+    pub backends: Vec<BackendConfig>,
+    /// Routing policy.
+    pub policy: PolicyName,
+    /// Kernel dataplane settings.
+    pub kernel: KernelConfig,
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// tracing filter directive.
+    pub log_level: String,
+}
+
+/// Parses TOML text into a [`RawConfig`], collecting unknown keys as issues.
+pub fn parse_str(text: &str) -> Result<RawConfig, ConfigError> {
+    let mut issues = Vec::new();
+    let de = toml::Deserializer::new(text);
+    let raw: Result<RawConfig, _> = serde_ignored::deserialize(de, |path| {
+        issues.push(ConfigIssue {
+            path: path.to_string(),
+            message: "unknown key".into(),
+        });
+    });
+    match raw {
+        Ok(raw) if issues.is_empty() => Ok(raw),
+        Ok(_) => Err(ConfigError::Invalid(issues)),
+        Err(e) => {
+            let message = e.message().trim().to_owned();
+            let path = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "file".into());
+            issues.push(ConfigIssue { path, message });
+            Err(ConfigError::Invalid(issues))
+        }
+    }
+}
+
+/// Reads and parses a TOML file.
+pub fn parse_file(path: &std::path::Path) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_str(&text)
+}
+
+/// Validates a raw configuration, reporting every problem.
+pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
+    let mut v = Validator::default();
+    let listen = v.addr(
+        "server.listen",
+        raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+    );
+    let admin = match raw.server.admin.as_deref() {
+        Some("") => None,
+        other => v.addr("server.admin", other.unwrap_or(DEFAULT_ADMIN)),
+    };
+    if let (Some(l), Some(a)) = (listen, admin) {
+        if l == a && l.port() != 0 {
+            v.issue("server.admin", "must differ from server.listen");
+        }
+    }
+    let admin_token = raw.server.admin_token.clone().filter(|t| !t.is_empty());
+
+    if raw.backends.is_empty() {
+        v.issue("backends", "at least one backend is required");
+    }
+    let mut backends = Vec::new();
+    for (i, b) in raw.backends.iter().enumerate() {
+        let path = format!("backends[{i}].url");
+        let Some(url) = b.url.as_deref() else {
+            v.issue(&path, "missing");
+            continue;
+        };
+        if let Some(backend) = v.backend(&path, url, b.name.as_deref()) {
+            if backends
+                .iter()
+                .any(|o: &BackendConfig| o.host == backend.host && o.port == backend.port)
+            {
+                v.issue(&path, &format!("duplicate backend {url}"));
+            } else if backends
+                .iter()
+                .any(|o: &BackendConfig| o.name == backend.name)
+            {
+                v.issue(
+                    &format!("backends[{i}].name"),
+                    &format!("duplicate name {}", backend.name),
+                );
+            } else {
+                backends.push(backend);
+            }
+        }
+    }
+
+    let policy_name = raw.routing.policy.as_deref().unwrap_or("round_robin");
+    let policy = PolicyName::parse(policy_name).unwrap_or_else(|| {
+        v.issue(
+            "routing.policy",
+            &format!(
+                "unknown policy {policy_name:?} (expected one of: {})",
+                PolicyName::ALL.join(", ")
+            ),
+        );
+        PolicyName::RoundRobin
+    });
+
+    let k = &raw.kernel;
+    let mode = match k.mode.as_deref().unwrap_or("auto") {
+        "auto" => KernelMode::Auto,
+        "required" => KernelMode::Required,
+        "off" => KernelMode::Off,
+        other => {
+            v.issue(
+                "kernel.mode",
+                &format!("unknown mode {other:?} (expected auto, required or off)"),
+            );
+            KernelMode::Auto
+        }
+    };
+    let pin_dir = PathBuf::from(k.pin_dir.as_deref().unwrap_or(DEFAULT_PIN_DIR));
+    if !pin_dir.is_absolute() {
+        v.issue(
+            "kernel.pin_dir",
+            "must be an absolute path on a bpffs mount",
+        );
+    }
+    let cgroup = k
+        .cgroup
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(PathBuf::from);
+    if let Some(c) = &cgroup {
+        if c.components()
+            .any(|p| matches!(p, std::path::Component::ParentDir))
+        {
+            v.issue("kernel.cgroup", "must not contain `..`");
+        }
+    }
+    let xdp_mode = match k.xdp_mode.as_deref().unwrap_or("auto") {
+        "auto" => XdpAttachMode::Auto,
+        "native" => XdpAttachMode::Native,
+        "generic" => XdpAttachMode::Generic,
+        other => {
+            v.issue(
+                "kernel.xdp_mode",
+                &format!("unknown mode {other:?} (expected auto, native or generic)"),
+            );
+            XdpAttachMode::Auto
+        }
+    };
+    let xdp_interfaces = k.xdp_interfaces.clone().unwrap_or_default();
+    for (i, name) in xdp_interfaces.iter().enumerate() {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            v.issue(
+                &format!("kernel.xdp_interfaces[{i}]"),
+                &format!("invalid interface name {name:?}"),
+            );
+        }
+    }
+    let kernel_log_level = match k.log_level.as_deref().unwrap_or("warn").parse() {
+        Ok(l) => l,
+        Err(_) => {
+            v.issue(
+                "kernel.log_level",
+                "expected off, error, warn, info, debug or trace",
+            );
+            log::LevelFilter::Warn
+        }
+    };
+
+    let l = &raw.limits;
+    let limits = Limits {
+        connect_timeout: v.millis("limits.connect_timeout_ms", l.connect_timeout_ms, 5_000),
+        header_read_timeout: v.millis(
+            "limits.header_read_timeout_ms",
+            l.header_read_timeout_ms,
+            30_000,
+        ),
+        shutdown_grace: v.millis("limits.shutdown_grace_ms", l.shutdown_grace_ms, 10_000),
+        pool_max_idle_per_backend: l.pool_max_idle_per_backend.unwrap_or(64),
+    };
+
+    let log_format = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            v.issue(
+                "log.format",
+                &format!("unknown format {other:?} (expected text or json)"),
+            );
+            LogFormat::Text
+        }
+    };
+    let log_level = raw.log.level.clone().unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        v.issue("log.level", &format!("invalid filter {log_level:?}"));
+    }
+    let kernel_cfg = KernelConfig {
+        mode,
+        pin_dir,
+        mount_bpffs: k.mount_bpffs.unwrap_or(true),
+        cgroup,
+        join_cgroup: k.join_cgroup.unwrap_or(true),
+        sockmap: k.sockmap.unwrap_or(true),
+        xdp_interfaces,
+        xdp_mode,
+        log_level: kernel_log_level,
+        log_sockets: k.log_sockets.unwrap_or(false),
+    };
+
+    if !v.issues.is_empty() {
+        return Err(ConfigError::Invalid(v.issues));
+    }
+    // Every `None` above was reported as an issue, so this only fails if a new
+    // field forgets to report one.
+    let Some(listen) = listen else {
+        return Err(ConfigError::Invalid(vec![ConfigIssue {
+            path: "server.listen".into(),
+            message: "invalid".into(),
+        }]));
+    };
+    Ok(Config {
+        listen,
+        admin,
+        admin_token,
+        backends,
+        policy,
+        kernel: kernel_cfg,
+        limits,
+        log_format,
+        log_level,
+    })
+}
+
+/// Collects issues while validating.
+#[derive(Default)]
+struct Validator {
+    issues: Vec<ConfigIssue>,
+}
+
+impl Validator {
+    fn issue(&mut self, path: &str, message: &str) {
+        self.issues.push(ConfigIssue {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn addr(&mut self, path: &str, s: &str) -> Option<SocketAddr> {
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.issue(
+                    path,
+                    &format!("invalid socket address {s:?} (expected IP:PORT)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn millis(&mut self, path: &str, v: Option<u64>, default: u64) -> Duration {
+        match v {
+            Some(0) => {
+                self.issue(path, "must be greater than 0");
+                Duration::from_millis(default)
+            }
+            Some(ms) => Duration::from_millis(ms),
+            None => Duration::from_millis(default),
+        }
+    }
+
+    fn backend(&mut self, path: &str, url: &str, name: Option<&str>) -> Option<BackendConfig> {
+        let uri: Uri = match url.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.issue(path, &format!("invalid URL {url:?}: {e}"));
+                return None;
+            }
+        };
+        if uri.scheme_str() != Some("http") {
+            self.issue(
+                path,
+                &format!("unsupported URL {url:?} (expected http://HOST:PORT)"),
+            );
+            return None;
+        }
+        let Some(host) = uri.host().map(|h| h.trim_matches(['[', ']']).to_owned()) else {
+            self.issue(path, &format!("URL {url:?} has no host"));
+            return None;
+        };
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            self.issue(path, &format!("URL {url:?} must not have a path or query"));
+            return None;
+        }
+        let port = uri.port_u16().unwrap_or(80);
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let base: Uri = match format!("http://{authority}").parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.issue(path, &format!("invalid URL {url:?}: {e}"));
+                return None;
+            }
+        };
+        Some(BackendConfig {
+            name: name.map_or_else(|| authority.clone(), str::to_owned),
+            url: base,
+            host,
+            port,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issues(text: &str) -> Vec<String> {
+        match parse_str(text).and_then(|r| validate(&r)) {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid(v)) => v.into_iter().map(|i| i.to_string()).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let raw = parse_str("[[backends]]\nurl = \"http://127.0.0.1:8000\"\n").expect("parse");
+        let c = validate(&raw).expect("valid");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(
+            c.admin.map(|a| a.to_string()).as_deref(),
+            Some(DEFAULT_ADMIN)
+        );
+        assert_eq!(c.backends[0].port, 8000);
+        assert_eq!(c.backends[0].name, "127.0.0.1:8000");
+        assert_eq!(c.policy, PolicyName::RoundRobin);
+        assert_eq!(c.kernel.mode, KernelMode::Auto);
+        assert!(c.kernel.sockmap);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = r#"
+[server]
+listen = "nope"
+[[backends]]
+url = "https://x:1"
+[[backends]]
+name = "b"
+[routing]
+policy = "magic"
+[kernel]
+mode = "sometimes"
+xdp_mode = "fast"
+pin_dir = "relative"
+[limits]
+connect_timeout_ms = 0
+[log]
+format = "xml"
+"#;
+        let got = issues(text);
+        for want in [
+            "server.listen",
+            "backends[0].url",
+            "backends[1].url: missing",
+            "routing.policy",
+            "kernel.mode",
+            "kernel.xdp_mode",
+            "kernel.pin_dir",
+            "limits.connect_timeout_ms",
+            "log.format",
+        ] {
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "missing {want} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), 9, "{got:#?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_all_listed() {
+        let got = issues(
+            "[server]\nlisen = \"x\"\n[kernel]\nfoo = 1\n[[backends]]\nurl = \"http://a:1\"\n",
+        );
+        assert_eq!(
+            got,
+            vec!["server.lisen: unknown key", "kernel.foo: unknown key"]
+        );
+    }
+
+    #[test]
+    fn syntax_and_type_errors_name_the_line() {
+        let got = issues("[server]\nlisten = 5\n");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].starts_with("line 2"), "{got:?}");
+    }
+
+    #[test]
+    fn duplicate_backends_rejected() {
+        let got =
+            issues("[[backends]]\nurl = \"http://a:1\"\n[[backends]]\nurl = \"http://a:1/\"\n");
+        assert_eq!(got.len(), 1);
+        assert!(got[0].contains("duplicate backend"), "{got:?}");
+    }
+
+    #[test]
+    fn empty_admin_disables_admin() {
+        let raw = parse_str("[server]\nadmin = \"\"\n[[backends]]\nurl = \"http://a:1\"\n")
+            .expect("parse");
+        assert_eq!(validate(&raw).expect("valid").admin, None);
+    }
+}

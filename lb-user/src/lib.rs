@@ -1,0 +1,143 @@
+//! agentlb: a workflow-aware L7 load balancer for vLLM clusters.
+//!
+//! Module map (see ARCHITECTURE.md):
+//! - [`config`]: TOML + CLI → validated [`config::Config`];
+//! - [`controller`]: backend registry and routing policies (the brain);
+//! - [`proxy`]: the userspace hyper path;
+//! - [`dataplane`]: the only module that names `aya` (kernel programs, maps, pins);
+//! - [`admin`]: health, metrics and the admin API;
+//! - [`model`]: shared domain types.
+//!
+//! Only [`run`] wires them together.
+
+pub mod admin;
+pub mod config;
+pub mod controller;
+pub mod dataplane;
+pub mod model;
+pub mod proxy;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    admin::{Admin, metrics::Metrics},
+    config::Config,
+    controller::Controller,
+    dataplane::Dataplane,
+    proxy::Proxy,
+};
+
+/// True when this binary embeds the kernel programs.
+pub const EBPF_BUILT: bool = cfg!(feature = "ebpf");
+
+/// Renders an error with all of its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Runs agentlb until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    if !EBPF_BUILT {
+        tracing::warn!(
+            "this agentlb is a userspace-only build (compiled without the `ebpf` feature)"
+        );
+    }
+    let backends = Controller::resolve(&config.backends).await?;
+    let controller = Arc::new(Controller::new(backends, config.policy));
+
+    // The dataplane joins its cgroup before any socket is created: sockets belong
+    // to the cgroup of the task that creates them.
+    let dataplane = Arc::new(
+        Dataplane::start(&config.kernel, &[], &controller.published())
+            .context("starting the kernel dataplane (kernel.mode = \"required\")")?,
+    );
+    let result = serve(&config, controller, dataplane.clone()).await;
+    dataplane.shutdown();
+    result
+}
+
+async fn serve(
+    config: &Config,
+    controller: Arc<Controller>,
+    dataplane: Arc<Dataplane>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding proxy listener {}", config.listen))?;
+    let local = listener.local_addr()?;
+    dataplane
+        .set_listen_ports(&[local.port()])
+        .context("publishing the listen port to the kernel")?;
+
+    let metrics = Arc::new(Metrics::new(dataplane.clone(), controller.clone()));
+    let proxy = Arc::new(Proxy::new(
+        controller.clone(),
+        metrics.clone(),
+        &config.limits,
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let admin_task = match config.admin {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin listener {addr}"))?;
+            tracing::info!(addr = %l.local_addr()?, "admin API listening");
+            let admin = Arc::new(Admin {
+                dataplane: dataplane.clone(),
+                controller: controller.clone(),
+                metrics: metrics.clone(),
+                token: config.admin_token.clone(),
+            });
+            Some(tokio::spawn(admin::serve(l, admin, stop_rx.clone())))
+        }
+        None => None,
+    };
+    tracing::info!(
+        addr = %local,
+        backends = controller.backends().len(),
+        policy = controller.policy_name(),
+        dataplane = if dataplane.is_kernel() { "kernel" } else { "userspace" },
+        "agentlb proxy listening"
+    );
+    let proxy_task = tokio::spawn(proxy::serve(
+        listener,
+        proxy,
+        config.limits.clone(),
+        stop_rx,
+    ));
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

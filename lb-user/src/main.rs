@@ -1,0 +1,202 @@
+//! `agentlb` command line: parse arguments, build the configuration, run.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use agentlb::config::{self, ConfigError, RawConfig};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+/// agentlb — a workflow-aware L7 load balancer for vLLM clusters, accelerated with eBPF.
+#[derive(Parser, Debug)]
+#[command(name = "agentlb", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the load balancer (config file and/or quick-start flags; flags win).
+    Run(RunArgs),
+    /// Validate a configuration file and report every error at once.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Show the dataplane status of a running agentlb (programs, maps, counters).
+    Status {
+        /// Admin address of the running agentlb.
+        #[arg(long, default_value = config::DEFAULT_ADMIN)]
+        admin: String,
+        /// Admin bearer token.
+        #[arg(long, env = "AGENTLB_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
+    /// Remove agentlb's pinned maps (after the last agentlb using them stopped).
+    Unpin {
+        /// bpffs pin directory.
+        #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Proxy listen address (server.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Admin listen address (server.admin); "" disables it.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Backend base URL, repeatable (replaces [[backends]]).
+    #[arg(long = "backend", value_name = "URL")]
+    backends: Vec<String>,
+    /// Routing policy: round_robin | least_loaded (routing.policy).
+    #[arg(long)]
+    policy: Option<String>,
+    /// Do not load kernel programs (kernel.mode = "off").
+    #[arg(long, conflicts_with = "kernel_mode")]
+    no_kernel: bool,
+    /// auto | required | off (kernel.mode).
+    #[arg(long)]
+    kernel_mode: Option<String>,
+    /// bpffs directory for pinned maps (kernel.pin_dir).
+    #[arg(long)]
+    pin_dir: Option<String>,
+    /// cgroup v2 path for sock_ops (kernel.cgroup).
+    #[arg(long)]
+    cgroup: Option<String>,
+    /// Interface to attach XDP to, repeatable (kernel.xdp_interfaces).
+    #[arg(long = "xdp-iface", value_name = "IFACE")]
+    xdp_ifaces: Vec<String>,
+    /// text | json (log.format).
+    #[arg(long)]
+    log_format: Option<String>,
+    /// tracing filter, e.g. info or agentlb=debug (log.level).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl RunArgs {
+    fn apply(&self, raw: &mut RawConfig) {
+        if let Some(v) = &self.listen {
+            raw.server.listen = Some(v.clone());
+        }
+        if let Some(v) = &self.admin {
+            raw.server.admin = Some(v.clone());
+        }
+        if !self.backends.is_empty() {
+            raw.backends = self
+                .backends
+                .iter()
+                .map(|u| config::raw::RawBackend {
+                    url: Some(u.clone()),
+                    name: None,
+                })
+                .collect();
+        }
+        if let Some(v) = &self.policy {
+            raw.routing.policy = Some(v.clone());
+        }
+        if self.no_kernel {
+            raw.kernel.mode = Some("off".into());
+        }
+        if let Some(v) = &self.kernel_mode {
+            raw.kernel.mode = Some(v.clone());
+        }
+        if let Some(v) = &self.pin_dir {
+            raw.kernel.pin_dir = Some(v.clone());
+        }
+        if let Some(v) = &self.cgroup {
+            raw.kernel.cgroup = Some(v.clone());
+        }
+        if !self.xdp_ifaces.is_empty() {
+            raw.kernel.xdp_interfaces = Some(self.xdp_ifaces.clone());
+        }
+        if let Some(v) = &self.log_format {
+            raw.log.format = Some(v.clone());
+        }
+        if let Some(v) = &self.log_level {
+            raw.log.level = Some(v.clone());
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Status { admin, token } => status(&admin, token.as_deref()),
+        Command::Unpin { pin_dir } => unpin(&pin_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentlb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(args: &RunArgs) -> Result<config::Config, ConfigError> {
+    let mut raw = match &args.config {
+        Some(path) => config::parse_file(path)?,
+        None => RawConfig::default(),
+    };
+    args.apply(&mut raw);
+    config::validate(&raw)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = load(&args)?;
+    agentlb::telemetry::init(&cfg.log_level, cfg.log_format);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(agentlb::run(cfg))
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = config::parse_file(file).and_then(|raw| config::validate(&raw))?;
+    println!(
+        "{}: OK ({} backend(s), policy {}, kernel mode {:?}, listen {}, admin {})",
+        file.display(),
+        cfg.backends.len(),
+        cfg.policy.as_str(),
+        cfg.kernel.mode,
+        cfg.listen,
+        cfg.admin.map_or_else(|| "off".into(), |a| a.to_string())
+    );
+    Ok(())
+}
+
+fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = rt.block_on(agentlb::admin::client::get(
+        admin,
+        "/admin/dataplane",
+        token,
+    ))?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("parsing status")?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+fn unpin(dir: &std::path::Path) -> anyhow::Result<()> {
+    let removed = agentlb::dataplane::pins::unpin(dir)
+        .with_context(|| format!("removing pins in {}", dir.display()))?;
+    if removed.is_empty() {
+        println!("no agentlb pins in {}", dir.display());
+    }
+    for p in removed {
+        println!("removed {}", p.display());
+    }
+    Ok(())
+}
