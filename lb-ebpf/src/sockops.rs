@@ -36,7 +36,7 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
             // local_port is in host byte order.
             let port = ctx.local_port();
             // SAFETY: plain lookup; the value is only tested for presence.
-            if unsafe { LISTEN.get(&port) }.is_some() {
+            if unsafe { LISTEN.get(port) }.is_some() {
                 register(ctx, CTR_SOCKOPS_REGISTERED_CLIENT, port);
             }
         }
@@ -44,7 +44,7 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
             bump(CTR_SOCKOPS_ACTIVE_ESTABLISHED, 1);
             if let Some(key) = peer_key(ctx) {
                 // SAFETY: plain lookup; the value is only tested for presence.
-                if unsafe { BACKENDS.get(&key) }.is_some() {
+                if unsafe { BACKENDS.get(key) }.is_some() {
                     register(ctx, CTR_SOCKOPS_REGISTERED_UPSTREAM, u32::from(key.port));
                 }
             }

@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the load balancer (config file and/or quick-start flags; flags win).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a configuration file and report every error at once.
     CheckConfig {
         /// The TOML file.
@@ -128,7 +128,7 @@ impl RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::CheckConfig { file } => check_config(&file),
         Command::Status { admin, token } => status(&admin, token.as_deref()),
         Command::Unpin { pin_dir } => unpin(&pin_dir),

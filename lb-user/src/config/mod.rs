@@ -235,10 +235,11 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         Some("") => None,
         other => v.addr("server.admin", other.unwrap_or(DEFAULT_ADMIN)),
     };
-    if let (Some(l), Some(a)) = (listen, admin) {
-        if l == a && l.port() != 0 {
-            v.issue("server.admin", "must differ from server.listen");
-        }
+    if let (Some(l), Some(a)) = (listen, admin)
+        && l == a
+        && l.port() != 0
+    {
+        v.issue("server.admin", "must differ from server.listen");
     }
     let admin_token = raw.server.admin_token.clone().filter(|t| !t.is_empty());
 
@@ -309,12 +310,11 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         .as_deref()
         .filter(|c| !c.is_empty())
         .map(PathBuf::from);
-    if let Some(c) = &cgroup {
-        if c.components()
+    if let Some(c) = &cgroup
+        && c.components()
             .any(|p| matches!(p, std::path::Component::ParentDir))
-        {
-            v.issue("kernel.cgroup", "must not contain `..`");
-        }
+    {
+        v.issue("kernel.cgroup", "must not contain `..`");
     }
     let xdp_mode = match k.xdp_mode.as_deref().unwrap_or("auto") {
         "auto" => XdpAttachMode::Auto,

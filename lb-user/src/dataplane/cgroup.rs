@@ -51,10 +51,10 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mp) = left.split_whitespace().nth(4) {
-                return Ok(PathBuf::from(unescape_mount(mp)));
-            }
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(unescape_mount(mp)));
         }
     }
     Err(CgroupError::NoCgroup2)
@@ -133,10 +133,10 @@ impl CgroupGuard {
         if std::mem::replace(&mut self.released, true) {
             return;
         }
-        if let Some(from) = self.joined_from.take() {
-            if let Err(e) = move_self(&from) {
-                tracing::warn!(error = %e, "could not move back to the original cgroup");
-            }
+        if let Some(from) = self.joined_from.take()
+            && let Err(e) = move_self(&from)
+        {
+            tracing::warn!(error = %e, "could not move back to the original cgroup");
         }
         if self.created {
             match fs::remove_dir(&self.path) {

@@ -422,17 +422,17 @@ fn map_status(ebpf: &Ebpf, cfg: &KernelConfig) -> Result<Vec<MapStatus>, Datapla
                 .contains(&name)
                 .then(|| cfg.pin_dir.join(name).display().to_string()),
         };
-        if let Some(&(_, k, v, m)) = MAP_LAYOUT.iter().find(|(n, ..)| *n == name) {
-            if (st.key_size, st.value_size, st.max_entries) != (k, v, m) {
-                return Err(DataplaneError::Map {
-                    what: "ABI contract",
-                    message: format!(
-                        "{name}: object has {:?}, lb-common says {:?}",
-                        (st.key_size, st.value_size, st.max_entries),
-                        (k, v, m)
-                    ),
-                });
-            }
+        if let Some(&(_, k, v, m)) = MAP_LAYOUT.iter().find(|(n, ..)| *n == name)
+            && (st.key_size, st.value_size, st.max_entries) != (k, v, m)
+        {
+            return Err(DataplaneError::Map {
+                what: "ABI contract",
+                message: format!(
+                    "{name}: object has {:?}, lb-common says {:?}",
+                    (st.key_size, st.value_size, st.max_entries),
+                    (k, v, m)
+                ),
+            });
         }
         out.push(st);
     }

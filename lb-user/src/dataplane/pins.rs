@@ -144,14 +144,14 @@ pub fn check_existing(dir: &Path) -> Result<bool, PinError> {
             message: e.to_string(),
         })?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
-        if let Some(&(_, k, v, m)) = MAP_LAYOUT.iter().find(|(n, ..)| *n == name) {
-            if found != (k, v, m) {
-                return Err(PinError::Layout {
-                    path,
-                    found,
-                    expected: (k, v, m),
-                });
-            }
+        if let Some(&(_, k, v, m)) = MAP_LAYOUT.iter().find(|(n, ..)| *n == name)
+            && found != (k, v, m)
+        {
+            return Err(PinError::Layout {
+                path,
+                found,
+                expected: (k, v, m),
+            });
         }
     }
     if !any {

@@ -1,0 +1,264 @@
+//! `cargo xtask`: developer and CI tasks for agentlb.
+//!
+//! - `setup`: installs the eBPF toolchain the project needs (rust-src for the nightly
+//!   toolchain, bpf-linker 0.13 built against the nightly's own libLLVM); idempotent.
+//! - `build`: release build of `agentlb` and `vllm-sim`.
+//! - `lint`: rustfmt check, clippy `-D warnings` on the host crates, and clippy on
+//!   `lb-ebpf` for `bpfel-unknown-none` separately.
+//! - `test`: setup + lint + every test; privileged suites need root
+//!   (`AGENTLB_REQUIRE_PRIVILEGED=1` turns their skips into failures).
+//! - `demo`: agentlb in front of simulated vLLM backends.
+//! - `bench sim`: the simulator's own cost.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "agentlb developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain (idempotent).
+    Setup,
+    /// Release build of agentlb and vllm-sim.
+    Build,
+    /// rustfmt check and clippy -D warnings (host crates, then lb-ebpf).
+    Lint,
+    /// Setup, lint and run every test suite.
+    Test {
+        /// Skip the lint step.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run agentlb in front of simulated vLLM backends and show what it does.
+    Demo {
+        /// Number of simulated backends.
+        #[arg(long, default_value_t = 3)]
+        backends: u16,
+        /// Keep running after the scripted traffic (until Ctrl-C).
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        /// Which benchmark: `sim`.
+        which: String,
+        /// Extra arguments for the benchmark.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.cmd {
+        Cmd::Setup => setup::run(&root).map(|_| ()),
+        Cmd::Build => {
+            setup::run(&root)?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--locked",
+                    "-p",
+                    "lb-user",
+                    "-p",
+                    "lb-sim",
+                ],
+            )
+        }
+        Cmd::Lint => {
+            setup::run(&root)?;
+            lint(&root)
+        }
+        Cmd::Test { no_lint, args } => {
+            setup::run(&root)?;
+            if !no_lint {
+                lint(&root)?;
+            }
+            test(&root, &args)
+        }
+        Cmd::Demo {
+            backends,
+            keep_running,
+        } => {
+            setup::run(&root)?;
+            demo(&root, backends, keep_running)
+        }
+        Cmd::Bench { which, args } => {
+            setup::run(&root)?;
+            bench(&root, &which, &args)
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(dir
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_owned())
+}
+
+/// Runs `cargo ARGS` in the workspace root with the given toolchain override.
+fn cargo_with(
+    root: &Path,
+    toolchain: Option<&str>,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Result<()> {
+    let mut cmd = match toolchain {
+        Some(tc) => {
+            let mut c = Command::new("rustup");
+            c.args(["run", tc, "cargo"]);
+            c
+        }
+        None => Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())),
+    };
+    cmd.current_dir(root).args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    println!("xtask: $ cargo {}", args.join(" "));
+    let status = cmd
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    cargo_with(root, None, args, &[])
+}
+
+fn lint(root: &Path) -> Result<()> {
+    cargo(root, &["fmt", "--all", "--", "--check"])?;
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--locked",
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    cargo_with(
+        root,
+        Some("nightly"),
+        &[
+            "clippy",
+            "--locked",
+            "-p",
+            "lb-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[(
+            "CARGO_TARGET_DIR",
+            &root.join("target/ebpf-lint").display().to_string(),
+        )],
+    )
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    // Binaries the suites spawn.
+    cargo(
+        root,
+        &[
+            "build",
+            "--locked",
+            "-p",
+            "lb-user",
+            "-p",
+            "lb-sim",
+            "-p",
+            "agentlb-tests",
+        ],
+    )?;
+    let mut envs: Vec<(&str, String)> = Vec::new();
+    if let Some(py) = setup::python_env(root)? {
+        envs.push(("AGENTLB_PYTHON", py.display().to_string()));
+    }
+    let mut args = vec!["test", "--locked", "--workspace", "--exclude", "lb-ebpf"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    cargo_with(root, None, &args, &envs)
+}
+
+fn demo(root: &Path, backends: u16, keep_running: bool) -> Result<()> {
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "lb-user",
+            "-p",
+            "lb-sim",
+            "-p",
+            "agentlb-tests",
+        ],
+    )?;
+    let status = Command::new(root.join("target/release/agentlb-demo"))
+        .arg("--bin-dir")
+        .arg(root.join("target/release"))
+        .arg("--backends")
+        .arg(backends.to_string())
+        .args(keep_running.then_some("--keep-running"))
+        .status()
+        .context("running the demo")?;
+    if !status.success() {
+        bail!("demo failed ({status})");
+    }
+    Ok(())
+}
+
+fn bench(root: &Path, which: &str, args: &[String]) -> Result<()> {
+    match which {
+        "sim" => {
+            cargo(root, &["build", "--release", "--locked", "-p", "lb-sim"])?;
+            let status = Command::new(root.join("target/release/vllm-sim-bench"))
+                .args(args)
+                .status()
+                .context("running vllm-sim-bench")?;
+            if !status.success() {
+                bail!("bench sim failed ({status})");
+            }
+            Ok(())
+        }
+        other => bail!("unknown benchmark {other:?} (available: sim)"),
+    }
+}
