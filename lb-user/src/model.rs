@@ -41,6 +41,8 @@ impl Backend {
 pub const H_WORKFLOW_ID: &str = "x-workflow-id";
 /// Header carrying the agent id.
 pub const H_AGENT_ID: &str = "x-agent-id";
+/// Response header naming the backend that served the request.
+pub const H_BACKEND: &str = "x-agentlb-backend";
 /// Header carrying the request id.
 pub const H_REQUEST_ID: &str = "x-request-id";
 

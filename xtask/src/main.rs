@@ -10,6 +10,7 @@
 //! - `demo`: agentlb in front of simulated vLLM backends.
 //! - `bench sim`: the simulator's own cost.
 
+mod demo;
 mod setup;
 
 use std::{
@@ -218,32 +219,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 fn demo(root: &Path, backends: u16, keep_running: bool) -> Result<()> {
-    cargo(
-        root,
-        &[
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "lb-user",
-            "-p",
-            "lb-sim",
-            "-p",
-            "agentlb-tests",
-        ],
-    )?;
-    let status = Command::new(root.join("target/release/agentlb-demo"))
-        .arg("--bin-dir")
-        .arg(root.join("target/release"))
-        .arg("--backends")
-        .arg(backends.to_string())
-        .args(keep_running.then_some("--keep-running"))
-        .status()
-        .context("running the demo")?;
-    if !status.success() {
-        bail!("demo failed ({status})");
-    }
-    Ok(())
+    cargo(root, &["build", "--release", "--locked", "-p", "lb-user", "-p", "lb-sim"])?;
+    demo::run(&root.join("target/release"), backends, keep_running)
 }
 
 fn bench(root: &Path, which: &str, args: &[String]) -> Result<()> {

@@ -36,7 +36,7 @@ use crate::{
     admin::metrics::Metrics,
     config::Limits,
     controller::Controller,
-    model::{Backend, H_REQUEST_ID, RequestMeta},
+    model::{Backend, H_BACKEND, H_REQUEST_ID, RequestMeta},
 };
 
 /// Body type of every response agentlb produces.
@@ -115,6 +115,9 @@ impl Proxy {
                     .headers
                     .entry(H_REQUEST_ID)
                     .or_insert_with(|| request_id.clone());
+                if let Ok(v) = HeaderValue::from_str(&backend.name) {
+                    parts.headers.insert(H_BACKEND, v);
+                }
                 self.metrics
                     .observe(&backend.name, parts.status.as_u16(), started);
                 let body = Tracked {
