@@ -16,6 +16,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod model;
 pub mod proxy;
+pub mod reload;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -28,7 +29,8 @@ use crate::{
     config::Config,
     controller::Controller,
     dataplane::Dataplane,
-    proxy::Proxy,
+    proxy::{Proxy, limits::Limiter},
+    reload::{ConfigSource, Reloader},
 };
 
 /// True when this binary embeds the kernel programs.
@@ -49,15 +51,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Runs agentlb until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs agentlb until SIGTERM/SIGINT. `source` re-reads the configuration for
+/// reloads (SIGHUP, `POST /admin/reload`).
+pub async fn run(config: Config, source: Option<ConfigSource>) -> anyhow::Result<()> {
     if !EBPF_BUILT {
         tracing::warn!(
             "this agentlb is a userspace-only build (compiled without the `ebpf` feature)"
         );
     }
     let backends = Controller::resolve(&config.backends).await?;
-    let controller = Arc::new(Controller::new(backends, config.policy));
+    let controller = Arc::new(Controller::new(backends, config.policy, &config.workflows));
 
     // The dataplane joins its cgroup before any socket is created: sockets belong
     // to the cgroup of the task that creates them.
@@ -65,13 +68,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Dataplane::start(&config.kernel, &[], &controller.published())
             .context("starting the kernel dataplane (kernel.mode = \"required\")")?,
     );
-    let result = serve(&config, controller, dataplane.clone()).await;
+    let result = serve(config, source, controller, dataplane.clone()).await;
     dataplane.shutdown();
     result
 }
 
 async fn serve(
-    config: &Config,
+    config: Config,
+    source: Option<ConfigSource>,
     controller: Arc<Controller>,
     dataplane: Arc<Dataplane>,
 ) -> anyhow::Result<()> {
@@ -83,14 +87,39 @@ async fn serve(
         .set_listen_ports(&[local.port()])
         .context("publishing the listen port to the kernel")?;
 
-    let metrics = Arc::new(Metrics::new(dataplane.clone(), controller.clone()));
+    let limiter = Arc::new(Limiter::new(
+        config.limits.max_concurrent,
+        config.limits.max_queue,
+    ));
+    let metrics = Arc::new(Metrics::new(
+        dataplane.clone(),
+        controller.clone(),
+        limiter.clone(),
+        config.workflows.max_metric_labels,
+    ));
     let proxy = Arc::new(Proxy::new(
         controller.clone(),
         metrics.clone(),
-        &config.limits,
+        limiter,
+        &config,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (health_tx, health_rx) = watch::channel(config.health.clone());
+    let reloader = Arc::new(Reloader::new(
+        source,
+        config.clone(),
+        controller.clone(),
+        dataplane.clone(),
+        proxy.clone(),
+        health_tx,
+    ));
 
+    let health_task = tokio::spawn(controller::health::run(
+        controller.clone(),
+        health_rx,
+        stop_rx.clone(),
+    ));
+    let expiry_task = tokio::spawn(expire_workflows(controller.clone(), stop_rx.clone()));
     let admin_task = match config.admin {
         Some(addr) => {
             let l = TcpListener::bind(addr)
@@ -101,6 +130,7 @@ async fn serve(
                 dataplane: dataplane.clone(),
                 controller: controller.clone(),
                 metrics: metrics.clone(),
+                reloader: reloader.clone(),
                 token: config.admin_token.clone(),
             });
             Some(tokio::spawn(admin::serve(l, admin, stop_rx.clone())))
@@ -117,27 +147,52 @@ async fn serve(
     let proxy_task = tokio::spawn(proxy::serve(
         listener,
         proxy,
-        config.limits.clone(),
+        config.limits.shutdown_grace,
         stop_rx,
     ));
 
-    wait_for_signal().await?;
+    wait_for_shutdown(&reloader).await?;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;
     if let Some(t) = admin_task {
         let _ = t.await;
     }
+    let _ = health_task.await;
+    let _ = expiry_task.await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+async fn expire_workflows(controller: Arc<Controller>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {
+                let n = controller.workflows.expire();
+                if n > 0 {
+                    tracing::debug!(expired = n, "idle workflows forgotten");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Waits for SIGTERM/SIGINT; SIGHUP reloads the configuration meanwhile.
+async fn wait_for_shutdown(reloader: &Reloader) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return Ok(()); }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading configuration");
+                if let Err(e) = reloader.reload().await {
+                    tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                }
+            }
+        }
     }
-    Ok(())
 }

@@ -78,6 +78,9 @@ struct RunArgs {
     /// tracing filter, e.g. info or agentlb=debug (log.level).
     #[arg(long)]
     log_level: Option<String>,
+    /// Worker threads of the async runtime (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 impl RunArgs {
@@ -154,11 +157,19 @@ fn load(args: &RunArgs) -> Result<config::Config, ConfigError> {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = load(&args)?;
     agentlb::telemetry::init(&cfg.log_level, cfg.log_format);
-    tokio::runtime::Builder::new_multi_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.workers {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt
         .enable_all()
         .build()
-        .context("starting the tokio runtime")?
-        .block_on(agentlb::run(cfg))
+        .context("starting the tokio runtime")?;
+    let source: Option<agentlb::reload::ConfigSource> = args
+        .config
+        .is_some()
+        .then(|| Box::new(move || load(&args)) as agentlb::reload::ConfigSource);
+    rt.block_on(agentlb::run(cfg, source))
 }
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {

@@ -2,16 +2,55 @@
 
 use std::{
     net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use http::{HeaderMap, Uri};
+use arc_swap::ArcSwap;
+use http::Uri;
+use serde::Serialize;
+
+pub use crate::proxy::meta::RequestMeta;
 
 /// Controller-assigned backend id (stable for the life of the backend; also the
 /// value published to the kernel).
 pub type BackendId = u32;
 
-/// A backend instance (a vLLM server).
+/// Load reported by the backend's `/metrics` (vLLM names).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct BackendLoad {
+    /// `vllm:num_requests_running`.
+    pub running: f64,
+    /// `vllm:num_requests_waiting`.
+    pub waiting: f64,
+    /// `vllm:kv_cache_usage_perc` (or the older `vllm:gpu_cache_usage_perc`), 0..1.
+    pub kv_usage: f64,
+}
+
+/// Circuit-breaker state of a backend (passive health).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Requests flow.
+    Closed,
+    /// Requests are not sent until the open period ends.
+    Open,
+    /// One probe request is allowed; its outcome closes or reopens the circuit.
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Circuit {
+    state: CircuitState,
+    failures: u32,
+    open_until: Option<Instant>,
+    probe_in_flight: bool,
+}
+
+/// A backend instance (a vLLM server) and everything agentlb knows about it.
 #[derive(Debug)]
 pub struct Backend {
     /// Id.
@@ -24,16 +63,145 @@ pub struct Backend {
     pub addrs: Vec<SocketAddr>,
     /// Requests currently being proxied to it.
     pub inflight: AtomicU64,
-    /// Requests sent to it in total.
+    /// Requests sent to it in total (attempts).
     pub requests: AtomicU64,
-    /// Failed attempts (connect errors, resets).
+    /// Failed attempts (connect errors, resets, timeouts, 5xx).
     pub errors: AtomicU64,
+    /// No new requests (admin drain); in-flight ones finish.
+    pub draining: AtomicBool,
+    /// Active health verdict.
+    pub healthy: AtomicBool,
+    /// Consecutive active-probe results (positive: successes, negative: failures).
+    pub probe_streak: std::sync::atomic::AtomicI64,
+    /// Models served, from `/v1/models` (empty until known).
+    pub models: ArcSwap<Vec<String>>,
+    /// Last scraped load.
+    pub load: ArcSwap<BackendLoad>,
+    circuit: Mutex<Circuit>,
 }
 
 impl Backend {
+    /// A new, healthy, closed-circuit backend.
+    pub fn new(id: BackendId, name: String, url: Uri, addrs: Vec<SocketAddr>) -> Self {
+        Self {
+            id,
+            name,
+            url,
+            addrs,
+            inflight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+            probe_streak: Default::default(),
+            models: ArcSwap::from_pointee(Vec::new()),
+            load: ArcSwap::from_pointee(BackendLoad::default()),
+            circuit: Mutex::new(Circuit {
+                state: CircuitState::Closed,
+                failures: 0,
+                open_until: None,
+                probe_in_flight: false,
+            }),
+        }
+    }
+
     /// Current in-flight count.
-    pub fn load(&self) -> u64 {
+    pub fn inflight(&self) -> u64 {
         self.inflight.load(Ordering::Relaxed)
+    }
+
+    fn circuit(&self) -> std::sync::MutexGuard<'_, Circuit> {
+        self.circuit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Circuit state as seen now (an expired open period reads as half-open).
+    pub fn circuit_state(&self) -> CircuitState {
+        let c = self.circuit();
+        match (c.state, c.open_until) {
+            (CircuitState::Open, Some(t)) if Instant::now() >= t => CircuitState::HalfOpen,
+            (s, _) => s,
+        }
+    }
+
+    /// Whether new requests may be routed here (not draining, healthy, circuit
+    /// not open; a half-open circuit admits one probe at a time).
+    pub fn routable(&self) -> bool {
+        if self.draining.load(Ordering::Relaxed) || !self.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let c = self.circuit();
+        match c.state {
+            CircuitState::Closed => true,
+            CircuitState::Open => c.open_until.is_some_and(|t| Instant::now() >= t),
+            CircuitState::HalfOpen => !c.probe_in_flight,
+        }
+    }
+
+    /// Called when a request is actually sent: claims the half-open probe slot.
+    /// Returns false if the circuit does not admit the request.
+    pub fn admit(&self) -> bool {
+        let mut c = self.circuit();
+        match c.state {
+            CircuitState::Closed => true,
+            CircuitState::Open => {
+                if c.open_until.is_some_and(|t| Instant::now() >= t) {
+                    c.state = CircuitState::HalfOpen;
+                    c.probe_in_flight = true;
+                    true
+                } else {
+                    false
+                }
+            }
+            CircuitState::HalfOpen => {
+                if c.probe_in_flight {
+                    false
+                } else {
+                    c.probe_in_flight = true;
+                    true
+                }
+            }
+        }
+    }
+
+    /// A request to this backend succeeded (response head received).
+    pub fn record_success(&self) {
+        let mut c = self.circuit();
+        if c.state != CircuitState::Closed {
+            tracing::info!(backend = %self.name, "circuit closed");
+        }
+        c.state = CircuitState::Closed;
+        c.failures = 0;
+        c.open_until = None;
+        c.probe_in_flight = false;
+    }
+
+    /// A request to this backend failed before its first byte.
+    pub fn record_failure(&self, threshold: u32, open_for: Duration) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut c = self.circuit();
+        c.failures = c.failures.saturating_add(1);
+        let open = c.state == CircuitState::HalfOpen || c.failures >= threshold;
+        if open {
+            if c.state != CircuitState::Open {
+                tracing::warn!(backend = %self.name, failures = c.failures, "circuit opened");
+            }
+            c.state = CircuitState::Open;
+            c.open_until = Some(Instant::now() + open_for);
+            c.probe_in_flight = false;
+        }
+    }
+
+    /// Whether this backend serves `model` (unknown model lists match anything).
+    pub fn serves(&self, model: Option<&str>) -> bool {
+        match model {
+            None => true,
+            Some(m) => {
+                let models = self.models.load();
+                models.is_empty() || models.iter().any(|x| x == m)
+            }
+        }
     }
 }
 
@@ -46,28 +214,59 @@ pub const H_BACKEND: &str = "x-agentlb-backend";
 /// Header carrying the request id.
 pub const H_REQUEST_ID: &str = "x-request-id";
 
-/// Per-request routing metadata. Today only headers are read; body fields and the
-/// other accepted shapes arrive with the full proxy.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RequestMeta {
-    /// Workflow id, if any.
-    pub workflow_id: Option<String>,
-    /// Agent id, if any.
-    pub agent_id: Option<String>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl RequestMeta {
-    /// Extracts metadata from request headers (non-UTF-8 values are ignored).
-    pub fn from_headers(h: &HeaderMap) -> Self {
-        let get = |name: &str| {
-            h.get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .filter(|s| !s.is_empty())
-        };
-        Self {
-            workflow_id: get(H_WORKFLOW_ID),
-            agent_id: get(H_AGENT_ID),
-        }
+    fn b() -> Backend {
+        Backend::new(
+            0,
+            "b".into(),
+            Uri::from_static("http://127.0.0.1:1"),
+            vec![],
+        )
+    }
+
+    #[test]
+    fn circuit_opens_after_threshold_and_half_opens_after_cooldown() {
+        let b = b();
+        b.record_failure(2, Duration::from_millis(30));
+        assert!(b.routable());
+        b.record_failure(2, Duration::from_millis(30));
+        assert_eq!(b.circuit_state(), CircuitState::Open);
+        assert!(!b.routable() && !b.admit());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.routable());
+        assert!(b.admit(), "one half-open probe");
+        assert!(!b.admit(), "only one probe at a time");
+        b.record_failure(2, Duration::from_millis(30));
+        assert_eq!(
+            b.circuit_state(),
+            CircuitState::Open,
+            "failed probe reopens"
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.admit());
+        b.record_success();
+        assert_eq!(b.circuit_state(), CircuitState::Closed);
+        assert!(b.admit() && b.admit());
+    }
+
+    #[test]
+    fn draining_and_unhealthy_are_not_routable() {
+        let b = b();
+        b.draining.store(true, Ordering::Relaxed);
+        assert!(!b.routable());
+        b.draining.store(false, Ordering::Relaxed);
+        b.healthy.store(false, Ordering::Relaxed);
+        assert!(!b.routable());
+    }
+
+    #[test]
+    fn model_filter() {
+        let b = b();
+        assert!(b.serves(Some("x")), "unknown list matches");
+        b.models.store(std::sync::Arc::new(vec!["m".into()]));
+        assert!(b.serves(Some("m")) && !b.serves(Some("x")) && b.serves(None));
     }
 }

@@ -135,7 +135,8 @@ fn kinds(status: &Value) -> BTreeSet<String> {
 /// Returns (responses by backend, request body bytes sent).
 fn traffic(w: &World, conns: usize, per_conn: usize) -> Result<(Vec<String>, u64)> {
     w.client.run(move || -> Result<(Vec<String>, u64)> {
-        let body = "x".repeat(1000);
+        let body = format!("{{\"model\":\"m\",\"prompt\":\"{}\"}}", "x".repeat(975));
+        assert_eq!(body.len(), 1000);
         let mut seen = Vec::new();
         let mut sent = 0u64;
         for c in 0..conns {

@@ -60,6 +60,7 @@ fn round_robin_over_real_backends_in_userspace_mode() -> Result<()> {
         let resp = agent
             .post(&format!("http://127.0.0.1:{listen}/v1/completions"))
             .set("x-request-id", &format!("req-{i}"))
+            .set("content-type", "application/json")
             .send_string("{\"prompt\":\"hi\"}")?;
         assert_eq!(
             resp.header("x-request-id"),
@@ -78,7 +79,7 @@ fn round_robin_over_real_backends_in_userspace_mode() -> Result<()> {
         .call()?
         .into_string()?;
     assert!(
-        metrics.contains("agentlb_requests_total{backend=\"127.0.0.1:"),
+        metrics.contains("agentlb_requests_total{route=\"completions\",backend=\"127.0.0.1:"),
         "{metrics}"
     );
     assert!(metrics.contains("agentlb_kernel_dataplane_active 0"));
@@ -92,6 +93,7 @@ fn dead_backend_gives_openai_style_502() -> Result<()> {
     let dead = free_port();
     let (mut lb, listen, _) = agentlb(&["--backend".into(), format!("http://127.0.0.1:{dead}")])?;
     let err = ureq::post(&format!("http://127.0.0.1:{listen}/v1/chat/completions"))
+        .set("content-type", "application/json")
         .send_string("{}")
         .expect_err("must fail");
     let ureq::Error::Status(code, resp) = err else {

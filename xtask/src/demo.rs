@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 const LISTEN: &str = "127.0.0.1:8080";
 const ADMIN: &str = "127.0.0.1:9090";
 const BASE_PORT: u16 = 18000;
+/// The demo's own pin directory, removed at the end.
+const PIN_DIR: &str = "/sys/fs/bpf/agentlb-demo";
 
 /// Kills the child on drop.
 struct Guard(Child, &'static str);
@@ -40,7 +42,11 @@ impl Drop for Guard {
 fn wait_http(url: &str, what: &str) -> Result<()> {
     let end = Instant::now() + Duration::from_secs(30);
     while Instant::now() < end {
-        if ureq::get(url).timeout(Duration::from_secs(1)).call().is_ok() {
+        if ureq::get(url)
+            .timeout(Duration::from_secs(1))
+            .call()
+            .is_ok()
+        {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -50,27 +56,49 @@ fn wait_http(url: &str, what: &str) -> Result<()> {
 
 /// Runs the demo with binaries from `bin_dir`.
 pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
-    println!("demo: starting {backends} simulated vLLM instances (vllm-sim, Llama-3.1-8B/H100 latency model)");
+    println!(
+        "demo: starting {backends} simulated vLLM instances (vllm-sim, Llama-3.1-8B/H100 latency model)"
+    );
     let sim = Command::new(bin_dir.join("vllm-sim"))
-        .args(["--instances", &backends.to_string(), "--base-port", &BASE_PORT.to_string()])
+        .args([
+            "--instances",
+            &backends.to_string(),
+            "--base-port",
+            &BASE_PORT.to_string(),
+        ])
         .stdout(Stdio::null())
         .spawn()
         .context("starting vllm-sim")?;
     let _sim = Guard(sim, "vllm-sim");
     for i in 0..backends {
-        wait_http(&format!("http://127.0.0.1:{}/health", BASE_PORT + i), "vllm-sim")?;
+        wait_http(
+            &format!("http://127.0.0.1:{}/health", BASE_PORT + i),
+            "vllm-sim",
+        )?;
     }
 
     let mut cmd = Command::new(bin_dir.join("agentlb"));
-    cmd.args(["run", "--listen", LISTEN, "--admin", ADMIN]);
+    cmd.args([
+        "run",
+        "--listen",
+        LISTEN,
+        "--admin",
+        ADMIN,
+        "--pin-dir",
+        PIN_DIR,
+    ]);
     for i in 0..backends {
         cmd.args(["--backend", &format!("http://127.0.0.1:{}", BASE_PORT + i)]);
     }
-    println!("demo: starting agentlb on {LISTEN} (admin {ADMIN}); kernel programs load when run as root");
+    println!(
+        "demo: starting agentlb on {LISTEN} (admin {ADMIN}); kernel programs load when run as root"
+    );
     let lb = cmd.spawn().context("starting agentlb")?;
     let _lb = Guard(lb, "agentlb");
     wait_http(&format!("http://{ADMIN}/ready"), "agentlb")?;
-    let dp: Value = ureq::get(&format!("http://{ADMIN}/admin/dataplane")).call()?.into_json()?;
+    let dp: Value = ureq::get(&format!("http://{ADMIN}/admin/dataplane"))
+        .call()?
+        .into_json()?;
     let before = dp["counters"].clone();
 
     // Workload: 4 workflows (a planner + 2 agents each) share a long per-workflow
@@ -79,19 +107,25 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
     let agents = ["planner", "researcher", "writer"];
     let rounds = 3;
     let mut rows: BTreeMap<String, (BTreeSet<String>, u64, u64, Vec<f64>)> = BTreeMap::new();
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build();
     let started = Instant::now();
     for w in 0..workflows {
         let wf = format!("wf-{w}");
         let context = format!(
             "You are part of workflow {wf}. Shared task brief: {}",
-            (0..120).map(|i| format!("fact {w}-{i} about the task; ")).collect::<String>()
+            (0..120)
+                .map(|i| format!("fact {w}-{i} about the task; "))
+                .collect::<String>()
         );
         let mut histories: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
         for r in 0..rounds {
             for a in agents {
                 let h = histories.entry(a).or_default();
-                h.push(json!({"role": "user", "content": format!("{a} step {r}: continue the work")}));
+                h.push(
+                    json!({"role": "user", "content": format!("{a} step {r}: continue the work")}),
+                );
                 let mut messages = vec![json!({"role": "system", "content": context})];
                 messages.extend(h.iter().cloned());
                 let t = Instant::now();
@@ -108,27 +142,34 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
                 let backend = resp.header("x-agentlb-backend").unwrap_or("?").to_owned();
                 let v: Value = resp.into_json()?;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
-                let reply = v["choices"][0]["message"]["content"].as_str().unwrap_or("").to_owned();
+                let reply = v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
                 h.push(json!({"role": "assistant", "content": reply}));
                 let usage = &v["usage"];
                 let row = rows.entry(wf.clone()).or_default();
                 row.0.insert(backend);
                 row.1 += usage["prompt_tokens"].as_u64().unwrap_or(0);
-                row.2 += usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+                row.2 += usage["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0);
                 row.3.push(ms);
             }
         }
     }
     let elapsed = started.elapsed();
 
-    println!("\nworkflow  calls  backends used                 prompt tok  cached tok  hit %   mean ms");
+    println!(
+        "\nworkflow  calls  backends used                                    prompt tok  cached tok  hit %   mean ms"
+    );
     let (mut tp, mut tc) = (0, 0);
     for (wf, (used, p, c, lat)) in &rows {
         tp += p;
         tc += c;
         let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
         println!(
-            "{wf:8}  {:5}  {:28}  {p:10}  {c:10}  {:5.1}  {mean:7.1}",
+            "{wf:8}  {:5}  {:47}  {p:10}  {c:10}  {:5.1}  {mean:7.1}",
             lat.len(),
             used.iter().cloned().collect::<Vec<_>>().join(","),
             100.0 * *c as f64 / (*p).max(1) as f64
@@ -141,13 +182,21 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
         100.0 * tc as f64 / tp.max(1) as f64
     );
 
-    let dp: Value = ureq::get(&format!("http://{ADMIN}/admin/dataplane")).call()?.into_json()?;
+    let dp: Value = ureq::get(&format!("http://{ADMIN}/admin/dataplane"))
+        .call()?
+        .into_json()?;
     println!("\ndataplane: {}", dp["mode"].as_str().unwrap_or("?"));
     if let Some(reason) = dp["reason"].as_str() {
         println!("  reason: {reason}");
     }
     for p in dp["programs"].as_array().into_iter().flatten() {
-        println!("  program {:12} {:22} id {:5} on {}", p["name"].as_str().unwrap_or(""), p["kind"].as_str().unwrap_or(""), p["id"], p["attached_to"].as_str().unwrap_or(""));
+        println!(
+            "  program {:12} {:22} id {:5} on {}",
+            p["name"].as_str().unwrap_or(""),
+            p["kind"].as_str().unwrap_or(""),
+            p["id"],
+            p["attached_to"].as_str().unwrap_or("")
+        );
     }
     if let Some(c) = dp["counters"].as_object() {
         println!("  kernel counters during the run:");
@@ -158,8 +207,21 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
     }
     println!(
         "\nThe policy here is {} (no workflow affinity yet): a workflow's calls spread over instances,\nso each instance rebuilds the shared context. Workflow-aware placement is the next step.",
-        ureq::get(&format!("http://{ADMIN}/admin/backends")).call()?.into_json::<Value>()?["policy"]
+        ureq::get(&format!("http://{ADMIN}/admin/backends"))
+            .call()?
+            .into_json::<Value>()?["policy"]
     );
+    let result = finish(keep_running);
+    drop(_lb);
+    let _ = Command::new(bin_dir.join("agentlb"))
+        .args(["unpin", "--pin-dir", PIN_DIR])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    result
+}
+
+fn finish(keep_running: bool) -> Result<()> {
     if keep_running {
         println!("\nagentlb keeps running on {LISTEN} (admin {ADMIN}); press Ctrl-C to stop.");
         loop {

@@ -10,6 +10,7 @@
 //! - `demo`: agentlb in front of simulated vLLM backends.
 //! - `bench sim`: the simulator's own cost.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -219,7 +220,18 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 fn demo(root: &Path, backends: u16, keep_running: bool) -> Result<()> {
-    cargo(root, &["build", "--release", "--locked", "-p", "lb-user", "-p", "lb-sim"])?;
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "lb-user",
+            "-p",
+            "lb-sim",
+        ],
+    )?;
     demo::run(&root.join("target/release"), backends, keep_running)
 }
 
@@ -236,6 +248,7 @@ fn bench(root: &Path, which: &str, args: &[String]) -> Result<()> {
             }
             Ok(())
         }
-        other => bail!("unknown benchmark {other:?} (available: sim)"),
+        "proxy" => bench::proxy(root, args),
+        other => bail!("unknown benchmark {other:?} (available: sim, proxy)"),
     }
 }

@@ -1,35 +1,106 @@
-//! Prometheus metrics (prometheus-client): request counts and latency by backend
-//! and status, upstream errors, in-flight requests, and the kernel counters read
-//! from the dataplane at scrape time.
+//! Prometheus metrics (prometheus-client). Recorded on the request path:
+//! requests by route/backend/status, LB-measured time to first byte and end-to-end
+//! time, agentlb's own overhead before the upstream answered, upstream errors by
+//! kind, retries, stream endings, lineage edges, requests per workflow and agent
+//! (label values capped, the rest counted as `_other`). Read at scrape time by
+//! collectors: backend in-flight/health/circuit/load, queue depth, workflow table,
+//! kernel counters and dataplane mode.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{
-        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
-        histogram::Histogram,
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
 
-use crate::{controller::Controller, dataplane::Dataplane};
+use crate::{
+    controller::Controller,
+    dataplane::Dataplane,
+    model::CircuitState,
+    proxy::{limits::Limiter, stream::Outcome},
+};
 
-/// `{backend, status}` labels.
+/// `{route, backend, status}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// Backend name (`none` when no backend was chosen).
+    /// Route (`chat`, `completions`, `embeddings`, `models`, `health`, `other`).
+    pub route: &'static str,
+    /// Backend name (`none` when no backend answered).
     pub backend: String,
     /// HTTP status returned to the client.
     pub status: u16,
 }
 
-/// `{backend}` label.
+/// `{route}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BackendLabel {
+pub struct RouteLabel {
+    /// Route.
+    pub route: &'static str,
+}
+
+/// `{backend, kind}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
     /// Backend name.
     pub backend: String,
+    /// `connect`, `io`, `timeout`, `status`.
+    pub kind: &'static str,
+}
+
+/// `{reason}` / `{outcome}` style single label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Value.
+    pub kind: &'static str,
+}
+
+/// `{workflow}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkflowLabel {
+    /// Workflow id (or `_other` past the cap).
+    pub workflow: String,
+}
+
+/// `{agent}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabel {
+    /// Agent id (or `_other` past the cap).
+    pub agent: String,
+}
+
+/// Bounded set of label values.
+#[derive(Debug)]
+struct LabelCap {
+    seen: Mutex<HashSet<String>>,
+    max: usize,
+}
+
+impl LabelCap {
+    fn get(&self, v: &str) -> String {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(v) {
+            return v.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(v.to_owned());
+            return v.to_owned();
+        }
+        "_other".to_owned()
+    }
 }
 
 /// All metrics.
@@ -37,69 +108,187 @@ pub struct BackendLabel {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    upstream_errors: Family<BackendLabel, Counter>,
-    latency: Family<BackendLabel, Histogram>,
+    ttfb: Family<RouteLabel, Histogram>,
+    e2e: Family<RouteLabel, Histogram>,
+    overhead: Histogram,
+    upstream_errors: Family<ErrorLabels, Counter>,
+    retries: Family<KindLabel, Counter>,
+    endings: Family<KindLabel, Counter>,
+    lineage: Counter,
+    wf_requests: Family<WorkflowLabel, Counter>,
+    agent_requests: Family<AgentLabel, Counter>,
+    wf_cap: LabelCap,
+    agent_cap: LabelCap,
+}
+
+fn latency_hist() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 20))
 }
 
 impl Metrics {
-    /// Registers everything, including the collectors that read the controller
-    /// and the dataplane on each scrape.
-    pub fn new(dataplane: Arc<Dataplane>, controller: Arc<Controller>) -> Self {
-        let mut registry = Registry::with_prefix("agentlb");
+    /// Registers everything, including the scrape-time collectors.
+    pub fn new(
+        dataplane: Arc<Dataplane>,
+        controller: Arc<Controller>,
+        limiter: Arc<Limiter>,
+        max_labels: usize,
+    ) -> Self {
+        let mut r = Registry::with_prefix("agentlb");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        r.register(
             "requests",
-            "Requests answered, by backend and status",
+            "Requests answered, by route, backend and status",
             requests.clone(),
         );
-        let upstream_errors = Family::<BackendLabel, Counter>::default();
-        registry.register(
+        let ttfb = Family::<RouteLabel, Histogram>::new_with_constructor(latency_hist);
+        r.register(
+            "time_to_first_byte_seconds",
+            "Request received to first response body byte (TTFT for streams), measured by agentlb",
+            ttfb.clone(),
+        );
+        let e2e = Family::<RouteLabel, Histogram>::new_with_constructor(latency_hist);
+        r.register(
+            "request_duration_seconds",
+            "Request received to last response byte",
+            e2e.clone(),
+        );
+        let overhead = Histogram::new(exponential_buckets(0.00001, 2.0, 20));
+        r.register(
+            "response_head_seconds",
+            "Request received to upstream response head (includes agentlb's parsing, queueing and retries)",
+            overhead.clone(),
+        );
+        let upstream_errors = Family::<ErrorLabels, Counter>::default();
+        r.register(
             "upstream_errors",
-            "Failed upstream attempts (connect errors, resets)",
+            "Failed upstream attempts by backend and kind",
             upstream_errors.clone(),
         );
-        let latency = Family::<BackendLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.0005, 2.0, 18,
-            ))
-        });
-        registry.register(
-            "response_headers_seconds",
-            "Time from request received to response headers sent",
-            latency.clone(),
+        let retries = Family::<KindLabel, Counter>::default();
+        r.register(
+            "retries",
+            "Attempts retried on another backend, by the failure that caused them",
+            retries.clone(),
         );
-        registry.register_collector(Box::new(KernelCollector(dataplane)));
-        registry.register_collector(Box::new(BackendCollector(controller)));
+        let endings = Family::<KindLabel, Counter>::default();
+        r.register(
+            "response_endings",
+            "How streamed responses ended: complete, upstream_failed, timed_out, client_gone",
+            endings.clone(),
+        );
+        let lineage = Counter::default();
+        r.register(
+            "lineage_edges",
+            "Parent->child request edges seen",
+            lineage.clone(),
+        );
+        let wf_requests = Family::<WorkflowLabel, Counter>::default();
+        r.register(
+            "workflow_requests",
+            "Requests per workflow",
+            wf_requests.clone(),
+        );
+        let agent_requests = Family::<AgentLabel, Counter>::default();
+        r.register(
+            "agent_requests",
+            "Requests per agent",
+            agent_requests.clone(),
+        );
+        r.register_collector(Box::new(KernelCollector(dataplane)));
+        r.register_collector(Box::new(StateCollector {
+            controller,
+            limiter,
+        }));
         Self {
-            registry,
+            registry: r,
             requests,
+            ttfb,
+            e2e,
+            overhead,
             upstream_errors,
-            latency,
+            retries,
+            endings,
+            lineage,
+            wf_requests,
+            agent_requests,
+            wf_cap: LabelCap {
+                seen: Mutex::default(),
+                max: max_labels,
+            },
+            agent_cap: LabelCap {
+                seen: Mutex::default(),
+                max: max_labels,
+            },
         }
     }
 
-    /// Records an answered request.
-    pub fn observe(&self, backend: &str, status: u16, started: Instant) {
+    /// A response head was sent.
+    pub fn answered(&self, route: &'static str, backend: &str, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {
+                route,
                 backend: backend.to_owned(),
                 status,
             })
             .inc();
-        self.latency
-            .get_or_create(&BackendLabel {
-                backend: backend.to_owned(),
-            })
-            .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Records a failed upstream attempt.
-    pub fn upstream_error(&self, backend: &str) {
+    /// Time until the upstream response head.
+    pub fn overhead(&self, secs: f64) {
+        self.overhead.observe(secs);
+    }
+
+    /// First body byte sent.
+    pub fn first_byte(&self, route: &'static str, secs: f64) {
+        self.ttfb.get_or_create(&RouteLabel { route }).observe(secs);
+    }
+
+    /// Response finished (or ended early).
+    pub fn finished(&self, route: &'static str, secs: f64, outcome: Outcome) {
+        self.e2e.get_or_create(&RouteLabel { route }).observe(secs);
+        let kind = match outcome {
+            Outcome::Complete => "complete",
+            Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::ClientGone => "client_gone",
+        };
+        self.endings.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A failed upstream attempt.
+    pub fn upstream_error(&self, backend: &str, kind: &'static str) {
         self.upstream_errors
-            .get_or_create(&BackendLabel {
+            .get_or_create(&ErrorLabels {
                 backend: backend.to_owned(),
+                kind,
             })
             .inc();
+    }
+
+    /// A retry.
+    pub fn retry(&self, kind: &'static str) {
+        self.retries.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A new lineage edge.
+    pub fn lineage_edge(&self) {
+        self.lineage.inc();
+    }
+
+    /// A request of a workflow (and agent).
+    pub fn workflow_request(&self, workflow: &str, agent: Option<&str>) {
+        self.wf_requests
+            .get_or_create(&WorkflowLabel {
+                workflow: self.wf_cap.get(workflow),
+            })
+            .inc();
+        if let Some(a) = agent {
+            self.agent_requests
+                .get_or_create(&AgentLabel {
+                    agent: self.agent_cap.get(a),
+                })
+                .inc();
+        }
     }
 
     /// OpenMetrics text.
@@ -141,31 +330,119 @@ impl Collector for KernelCollector {
             MetricType::Counter,
         )?;
         for (name, value) in counters {
-            let c = ConstCounter::new(value);
-            c.encode(family.encode_family(&CounterLabel { counter: name })?)?;
+            ConstCounter::new(value)
+                .encode(family.encode_family(&CounterLabel { counter: name })?)?;
         }
         Ok(())
     }
 }
 
-/// Per-backend in-flight gauges.
+/// Backend state, queue and workflow table at scrape time.
 #[derive(Debug)]
-struct BackendCollector(Arc<Controller>);
+struct StateCollector {
+    controller: Arc<Controller>,
+    limiter: Arc<Limiter>,
+}
 
-impl Collector for BackendCollector {
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+fn gauge_family<F: Fn(&crate::model::Backend) -> f64>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    backends: &[Arc<crate::model::Backend>],
+    f: F,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for b in backends {
+        ConstGauge::new(f(b)).encode(family.encode_family(&BackendLabel {
+            backend: b.name.clone(),
+        })?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut family = encoder.encode_descriptor(
+        let backends = self.controller.backends();
+        gauge_family(
+            &mut encoder,
             "backend_inflight",
             "Requests in flight per backend",
+            &backends,
+            |b| b.inflight() as f64,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "backend_healthy",
+            "1 if the active health check passes",
+            &backends,
+            |b| {
+                f64::from(u8::from(
+                    b.healthy.load(std::sync::atomic::Ordering::Relaxed),
+                ))
+            },
+        )?;
+        gauge_family(
+            &mut encoder,
+            "backend_circuit_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open",
+            &backends,
+            |b| match b.circuit_state() {
+                CircuitState::Closed => 0.0,
+                CircuitState::HalfOpen => 1.0,
+                CircuitState::Open => 2.0,
+            },
+        )?;
+        gauge_family(
+            &mut encoder,
+            "backend_draining",
+            "1 while draining",
+            &backends,
+            |b| {
+                f64::from(u8::from(
+                    b.draining.load(std::sync::atomic::Ordering::Relaxed),
+                ))
+            },
+        )?;
+        gauge_family(
+            &mut encoder,
+            "backend_queue",
+            "vllm:num_requests_waiting as last scraped",
+            &backends,
+            |b| b.load.load().waiting,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "backend_kv_usage",
+            "KV-cache usage (0..1) as last scraped",
+            &backends,
+            |b| b.load.load().kv_usage,
+        )?;
+        let q = ConstGauge::new(self.limiter.waiting() as i64);
+        q.encode(encoder.encode_descriptor(
+            "queue_depth",
+            "Requests waiting for a slot",
             None,
             MetricType::Gauge,
-        )?;
-        for b in self.0.backends().iter() {
-            let g = ConstGauge::new(i64::try_from(b.load()).unwrap_or(i64::MAX));
-            g.encode(family.encode_family(&BackendLabel {
-                backend: b.name.clone(),
-            })?)?;
-        }
+        )?)?;
+        let a = ConstGauge::new(self.controller.workflows.active() as i64);
+        a.encode(encoder.encode_descriptor(
+            "active_workflows",
+            "Workflows with a request in flight",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let t = ConstGauge::new(self.controller.workflows.len() as i64);
+        t.encode(encoder.encode_descriptor(
+            "tracked_workflows",
+            "Workflows in the table",
+            None,
+            MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }

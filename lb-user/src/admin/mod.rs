@@ -1,23 +1,34 @@
-//! The admin listener: `/health`, `/ready`, `/metrics`, `/admin/dataplane` (what the
-//! kernel side is doing: programs, maps, pins, counters) and `/admin/backends`.
-//! An optional bearer token protects everything but `/health`.
+//! The admin listener (separate address, optional bearer token on everything but
+//! `/health`):
+//! - `GET /health`, `GET /ready`, `GET /metrics` (Prometheus);
+//! - `GET /admin/dataplane`: programs, maps, pins, kernel counters;
+//! - `GET /admin/backends`, `POST /admin/backends` `{"url", "name"?}`,
+//!   `POST /admin/backends/{id}/drain`, `DELETE /admin/backends/{id}`;
+//! - `GET /admin/workflows?offset=&limit=`, `GET /admin/workflows/{id}`;
+//! - `POST /admin/reload`.
 
 pub mod client;
 pub mod metrics;
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    sync::{Arc, atomic::Ordering},
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     controller::Controller,
     dataplane::Dataplane,
+    model::Backend,
     proxy::{ApiError, ProxyBody},
+    reload::Reloader,
 };
 
 /// State the admin API reads.
@@ -28,6 +39,8 @@ pub struct Admin {
     pub controller: Arc<Controller>,
     /// Metrics registry.
     pub metrics: Arc<metrics::Metrics>,
+    /// Reloads.
+    pub reloader: Arc<Reloader>,
     /// Bearer token, if required.
     pub token: Option<String>,
 }
@@ -46,13 +59,55 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
     r
 }
 
+fn backend_json(b: &Backend) -> serde_json::Value {
+    serde_json::json!({
+        "id": b.id,
+        "name": b.name,
+        "url": b.url.to_string(),
+        "addrs": b.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "healthy": b.healthy.load(Ordering::Relaxed),
+        "draining": b.draining.load(Ordering::Relaxed),
+        "circuit": b.circuit_state(),
+        "routable": b.routable(),
+        "inflight": b.inflight(),
+        "requests": b.requests.load(Ordering::Relaxed),
+        "errors": b.errors.load(Ordering::Relaxed),
+        "models": **b.models.load(),
+        "load": **b.load.load(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBackend {
+    url: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn query_param(q: Option<&str>, key: &str) -> Option<usize> {
+    q?.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
 impl Admin {
     /// Routes one admin request.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        Ok(match self.route(req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(None),
+        })
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
         let path = req.uri().path().to_owned();
+        let query = req.uri().query().map(str::to_owned);
+        let method = req.method().clone();
         if path == "/health" {
             return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
         }
@@ -64,26 +119,29 @@ impl Admin {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .is_some_and(|t| t == token);
             if !ok {
-                return Ok(ApiError::unauthorized().into_response(None));
+                return Err(ApiError::unauthorized());
             }
         }
-        if req.method() != Method::GET {
-            let mut e = ApiError::not_found(format!("{} {path} is not supported", req.method()));
-            e.status = StatusCode::METHOD_NOT_ALLOWED;
-            e.code = "method_not_allowed";
-            return Ok(e.into_response(None));
-        }
-        let resp = match path.as_str() {
-            "/ready" => {
-                let n = self.controller.backends().len();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (&method, segs.as_slice()) {
+            (&Method::GET, ["ready"]) => {
+                let n = self
+                    .controller
+                    .backends()
+                    .iter()
+                    .filter(|b| b.routable())
+                    .count();
                 let st = if n > 0 {
                     StatusCode::OK
                 } else {
                     StatusCode::SERVICE_UNAVAILABLE
                 };
-                json(st, &serde_json::json!({"ready": n > 0, "backends": n}))
+                Ok(json(
+                    st,
+                    &serde_json::json!({"ready": n > 0, "routable_backends": n}),
+                ))
             }
-            "/metrics" => {
+            (&Method::GET, ["metrics"]) => {
                 let mut r = Response::new(
                     Full::new(Bytes::from(self.metrics.encode()))
                         .map_err(|never| match never {})
@@ -95,40 +153,120 @@ impl Admin {
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     ),
                 );
-                r
+                Ok(r)
             }
-            "/admin/dataplane" => {
-                let st = self.dataplane.status();
-                json(
-                    StatusCode::OK,
-                    &serde_json::to_value(st).unwrap_or(serde_json::Value::Null),
-                )
-            }
-            "/admin/backends" => {
+            (&Method::GET, ["admin", "dataplane"]) => Ok(json(
+                StatusCode::OK,
+                &serde_json::to_value(self.dataplane.status()).unwrap_or(serde_json::Value::Null),
+            )),
+            (&Method::GET, ["admin", "backends"]) => {
                 let list: Vec<_> = self
                     .controller
                     .backends()
                     .iter()
-                    .map(|b| {
-                        serde_json::json!({
-                            "id": b.id,
-                            "name": b.name,
-                            "url": b.url.to_string(),
-                            "addrs": b.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                            "inflight": b.load(),
-                            "requests": b.requests.load(std::sync::atomic::Ordering::Relaxed),
-                            "errors": b.errors.load(std::sync::atomic::Ordering::Relaxed),
-                        })
-                    })
+                    .map(|b| backend_json(b))
                     .collect();
-                json(
+                Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({"policy": self.controller.policy_name(), "backends": list}),
-                )
+                ))
             }
-            _ => ApiError::not_found(format!("no admin route {path}")).into_response(None),
-        };
-        Ok(resp)
+            (&Method::POST, ["admin", "backends"]) => {
+                let body = Limited::new(req.into_body(), 64 * 1024)
+                    .collect()
+                    .await
+                    .map_err(|e| {
+                        ApiError::invalid_request(format!("cannot read body: {e}"), "invalid_body")
+                    })?
+                    .to_bytes();
+                let add: AddBackend = serde_json::from_slice(&body).map_err(|e| {
+                    ApiError::invalid_request(
+                        format!("expected {{\"url\", \"name\"?}}: {e}"),
+                        "invalid_json",
+                    )
+                })?;
+                let cfg = crate::config::parse_backend(&add.url, add.name.as_deref())
+                    .map_err(|e| ApiError::invalid_request(e.to_string(), "invalid_backend"))?;
+                let b = self.controller.add(&cfg).await.map_err(|e| {
+                    let mut err = ApiError::invalid_request(e.to_string(), "invalid_backend");
+                    if matches!(e, crate::controller::ControllerError::Duplicate(_)) {
+                        err.status = StatusCode::CONFLICT;
+                    }
+                    err
+                })?;
+                if let Err(e) = self
+                    .dataplane
+                    .publish_backends(&self.controller.published())
+                {
+                    tracing::warn!(error = %e, "could not publish backends to the kernel");
+                }
+                Ok(json(StatusCode::CREATED, &backend_json(&b)))
+            }
+            (&Method::POST, ["admin", "backends", id, "drain"]) => {
+                let id = id
+                    .parse()
+                    .map_err(|_| ApiError::not_found("backend ids are integers"))?;
+                let b = self
+                    .controller
+                    .drain(id)
+                    .map_err(|e| ApiError::not_found(e.to_string()))?;
+                Ok(json(StatusCode::OK, &backend_json(&b)))
+            }
+            (&Method::DELETE, ["admin", "backends", id]) => {
+                let id = id
+                    .parse()
+                    .map_err(|_| ApiError::not_found("backend ids are integers"))?;
+                let b = self
+                    .controller
+                    .remove(id)
+                    .map_err(|e| ApiError::not_found(e.to_string()))?;
+                if let Err(e) = self
+                    .dataplane
+                    .publish_backends(&self.controller.published())
+                {
+                    tracing::warn!(error = %e, "could not publish backends to the kernel");
+                }
+                Ok(json(StatusCode::OK, &backend_json(&b)))
+            }
+            (&Method::GET, ["admin", "workflows"]) => {
+                let offset = query_param(query.as_deref(), "offset").unwrap_or(0);
+                let limit = query_param(query.as_deref(), "limit")
+                    .unwrap_or(100)
+                    .min(1000);
+                let (total, page) = self.controller.workflows.page(offset, limit);
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"total": total, "offset": offset, "limit": limit, "workflows": page}),
+                ))
+            }
+            (&Method::GET, ["admin", "workflows", id]) => {
+                let e = self
+                    .controller
+                    .workflows
+                    .get(id)
+                    .ok_or_else(|| ApiError::not_found(format!("no workflow {id}")))?;
+                let mut v = serde_json::to_value(&e).unwrap_or(serde_json::Value::Null);
+                v["edges"] = e
+                    .edges
+                    .iter()
+                    .map(|(p, c)| serde_json::json!({"parent": p, "child": c}))
+                    .collect();
+                Ok(json(StatusCode::OK, &v))
+            }
+            (&Method::POST, ["admin", "reload"]) => match self.reloader.reload().await {
+                Ok(r) => Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(r).unwrap_or_default(),
+                )),
+                Err(e) => Err(ApiError::invalid_request(e, "reload_failed")),
+            },
+            (_, ["ready" | "metrics"] | ["admin", ..]) => Err(ApiError::not_found(format!(
+                "no admin route {method} {path}"
+            ))),
+            _ => Err(ApiError::not_found(format!(
+                "no admin route {method} {path}"
+            ))),
+        }
     }
 }
 

@@ -153,6 +153,73 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Idle upstream connections per backend.
     pub pool_max_idle_per_backend: usize,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Body upload timeout.
+    pub body_read_timeout: Duration,
+    /// Upstream first-byte (response head) timeout.
+    pub first_byte_timeout: Duration,
+    /// Whole-request timeout.
+    pub total_timeout: Duration,
+    /// Global in-flight limit.
+    pub max_concurrent: usize,
+    /// Per-backend in-flight limit.
+    pub max_concurrent_per_backend: usize,
+    /// Bounded wait queue length.
+    pub max_queue: usize,
+    /// Queue wait limit.
+    pub queue_timeout: Duration,
+}
+
+/// `[retry]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Extra attempts.
+    pub max_retries: u32,
+    /// First backoff.
+    pub backoff_base: Duration,
+    /// Backoff cap.
+    pub backoff_max: Duration,
+    /// Budget ratio.
+    pub budget_ratio: f64,
+    /// Budget floor per window.
+    pub budget_min: u32,
+}
+
+/// `[health]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Probe period.
+    pub interval: Duration,
+    /// Probe timeout.
+    pub timeout: Duration,
+    /// Failed probes → unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Good probes → healthy.
+    pub healthy_threshold: u32,
+    /// Request failures → circuit open.
+    pub circuit_failures: u32,
+    /// Open duration.
+    pub circuit_open: Duration,
+}
+
+/// `[workflows]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkflowConfig {
+    /// Table capacity.
+    pub max_workflows: usize,
+    /// Idle expiry.
+    pub idle_ttl: Duration,
+    /// Lineage edges per workflow.
+    pub max_edges_per_workflow: usize,
+    /// Metric label cap.
+    pub max_metric_labels: usize,
+    /// Id length cap.
+    pub max_id_len: usize,
+    /// Session header (lower case).
+    pub session_header: String,
 }
 
 /// Log output format.
@@ -165,7 +232,7 @@ pub enum LogFormat {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Proxy listen address.
     pub listen: SocketAddr,
@@ -185,6 +252,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// tracing filter directive.
     pub log_level: String,
+    /// Retries.
+    pub retry: RetryConfig,
+    /// Health checking.
+    pub health: HealthConfig,
+    /// Workflow tracking.
+    pub workflows: WorkflowConfig,
 }
 
 /// Parses TOML text into a [`RawConfig`], collecting unknown keys as issues.
@@ -358,6 +431,76 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         ),
         shutdown_grace: v.millis("limits.shutdown_grace_ms", l.shutdown_grace_ms, 10_000),
         pool_max_idle_per_backend: l.pool_max_idle_per_backend.unwrap_or(64),
+        max_header_bytes: v.size(
+            "limits.max_header_bytes",
+            l.max_header_bytes,
+            16 * 1024,
+            1024,
+        ),
+        max_body_bytes: v.size(
+            "limits.max_body_bytes",
+            l.max_body_bytes,
+            32 * 1024 * 1024,
+            1,
+        ),
+        body_read_timeout: v.millis(
+            "limits.body_read_timeout_ms",
+            l.body_read_timeout_ms,
+            60_000,
+        ),
+        first_byte_timeout: v.millis(
+            "limits.first_byte_timeout_ms",
+            l.first_byte_timeout_ms,
+            120_000,
+        ),
+        total_timeout: v.millis("limits.total_timeout_ms", l.total_timeout_ms, 1_800_000),
+        max_concurrent: v.size("limits.max_concurrent", l.max_concurrent, 4096, 1),
+        max_concurrent_per_backend: v.size(
+            "limits.max_concurrent_per_backend",
+            l.max_concurrent_per_backend,
+            1024,
+            1,
+        ),
+        max_queue: l.max_queue.unwrap_or(1024),
+        queue_timeout: v.millis("limits.queue_timeout_ms", l.queue_timeout_ms, 30_000),
+    };
+    let r = &raw.retry;
+    let budget_ratio = r.budget_ratio.unwrap_or(0.2);
+    if !(0.0..=10.0).contains(&budget_ratio) {
+        v.issue("retry.budget_ratio", "must be between 0 and 10");
+    }
+    let retry = RetryConfig {
+        max_retries: r.max_retries.unwrap_or(2),
+        backoff_base: v.millis("retry.backoff_base_ms", r.backoff_base_ms, 20),
+        backoff_max: v.millis("retry.backoff_max_ms", r.backoff_max_ms, 500),
+        budget_ratio,
+        budget_min: r.budget_min.unwrap_or(10),
+    };
+    let h = &raw.health;
+    let health = HealthConfig {
+        interval: v.millis("health.interval_ms", h.interval_ms, 2_000),
+        timeout: v.millis("health.timeout_ms", h.timeout_ms, 1_000),
+        unhealthy_threshold: h.unhealthy_threshold.unwrap_or(2).max(1),
+        healthy_threshold: h.healthy_threshold.unwrap_or(1).max(1),
+        circuit_failures: h.circuit_failures.unwrap_or(3).max(1),
+        circuit_open: v.millis("health.circuit_open_ms", h.circuit_open_ms, 5_000),
+    };
+    let w = &raw.workflows;
+    let session_header = w
+        .session_header
+        .clone()
+        .unwrap_or_else(|| "x-user-id".into())
+        .to_ascii_lowercase();
+    if http::HeaderName::from_bytes(session_header.as_bytes()).is_err() {
+        v.issue("workflows.session_header", "not a valid header name");
+    }
+    let workflows = WorkflowConfig {
+        max_workflows: v.size("workflows.max_workflows", w.max_workflows, 100_000, 1),
+        idle_ttl: Duration::from_secs(w.idle_ttl_secs.unwrap_or(3_600).max(1)),
+        max_edges_per_workflow: w.max_edges_per_workflow.unwrap_or(1_024),
+        max_metric_labels: w.max_metric_labels.unwrap_or(1_000),
+        max_id_len: v.size("workflows.max_id_len", w.max_id_len, 256, 1),
+        session_header,
     };
 
     let log_format = match raw.log.format.as_deref().unwrap_or("text") {
@@ -409,7 +552,19 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         limits,
         log_format,
         log_level,
+        retry,
+        health,
+        workflows,
     })
+}
+
+/// Validates one backend (admin API `POST /admin/backends`).
+pub fn parse_backend(url: &str, name: Option<&str>) -> Result<BackendConfig, ConfigError> {
+    let mut v = Validator::default();
+    match v.backend("url", url, name) {
+        Some(b) if v.issues.is_empty() => Ok(b),
+        _ => Err(ConfigError::Invalid(v.issues)),
+    }
 }
 
 /// Collects issues while validating.
@@ -447,6 +602,17 @@ impl Validator {
             }
             Some(ms) => Duration::from_millis(ms),
             None => Duration::from_millis(default),
+        }
+    }
+
+    fn size(&mut self, path: &str, v: Option<usize>, default: usize, min: usize) -> usize {
+        match v {
+            Some(n) if n < min => {
+                self.issue(path, &format!("must be at least {min}"));
+                default
+            }
+            Some(n) => n,
+            None => default,
         }
     }
 

@@ -26,6 +26,64 @@ pub struct RawConfig {
     /// `[log]`.
     #[serde(default)]
     pub log: RawLog,
+    /// `[retry]`.
+    #[serde(default)]
+    pub retry: RawRetry,
+    /// `[health]`.
+    #[serde(default)]
+    pub health: RawHealth,
+    /// `[workflows]`.
+    #[serde(default)]
+    pub workflows: RawWorkflows,
+}
+
+/// `[retry]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RawRetry {
+    /// Extra attempts on other backends before the first response byte.
+    pub max_retries: Option<u32>,
+    /// First backoff.
+    pub backoff_base_ms: Option<u64>,
+    /// Backoff cap.
+    pub backoff_max_ms: Option<u64>,
+    /// Retries allowed as a fraction of requests (per 10 s window).
+    pub budget_ratio: Option<f64>,
+    /// Retries always allowed per 10 s window.
+    pub budget_min: Option<u32>,
+}
+
+/// `[health]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RawHealth {
+    /// Active check period.
+    pub interval_ms: Option<u64>,
+    /// Timeout of each probe.
+    pub timeout_ms: Option<u64>,
+    /// Consecutive failed probes before a backend is unhealthy.
+    pub unhealthy_threshold: Option<u32>,
+    /// Consecutive good probes before it is healthy again.
+    pub healthy_threshold: Option<u32>,
+    /// Consecutive request failures that open the circuit.
+    pub circuit_failures: Option<u32>,
+    /// How long an open circuit stays open before a half-open probe.
+    pub circuit_open_ms: Option<u64>,
+}
+
+/// `[workflows]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RawWorkflows {
+    /// Workflows tracked at most (least recently seen evicted first).
+    pub max_workflows: Option<usize>,
+    /// Forget workflows idle for this long.
+    pub idle_ttl_secs: Option<u64>,
+    /// Lineage edges kept per workflow.
+    pub max_edges_per_workflow: Option<usize>,
+    /// Distinct workflow/agent label values in metrics (the rest are `_other`).
+    pub max_metric_labels: Option<usize>,
+    /// Maximum length of workflow/agent/request ids.
+    pub max_id_len: Option<usize>,
+    /// Header carrying the session key.
+    pub session_header: Option<String>,
 }
 
 /// `[server]`.
@@ -91,6 +149,24 @@ pub struct RawLimits {
     pub shutdown_grace_ms: Option<u64>,
     /// Idle upstream keep-alive connections kept per backend.
     pub pool_max_idle_per_backend: Option<usize>,
+    /// Largest request head (request line + headers).
+    pub max_header_bytes: Option<usize>,
+    /// Largest request body.
+    pub max_body_bytes: Option<usize>,
+    /// Time for the client to send the body.
+    pub body_read_timeout_ms: Option<u64>,
+    /// Time from sending upstream to the response head.
+    pub first_byte_timeout_ms: Option<u64>,
+    /// Time for a whole request, including streaming.
+    pub total_timeout_ms: Option<u64>,
+    /// Requests in flight across all backends.
+    pub max_concurrent: Option<usize>,
+    /// Requests in flight per backend.
+    pub max_concurrent_per_backend: Option<usize>,
+    /// Requests waiting for a slot; beyond this, 429.
+    pub max_queue: Option<usize>,
+    /// How long a request may wait for a slot.
+    pub queue_timeout_ms: Option<u64>,
 }
 
 /// `[log]`.

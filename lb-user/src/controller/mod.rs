@@ -1,14 +1,17 @@
 //! The controller: one place decides where requests go.
 //!
 //! It owns the backend registry (a lock-free `ArcSwap` snapshot read on every
-//! request) and the routing policy, and publishes the backend set to the dataplane.
-//! Health, workflow tables and scoring build on this in later steps.
+//! request), the routing policy, active health checking ([`health`]), passive
+//! health (circuit breakers on each [`Backend`]), and the workflow table
+//! ([`workflows`]). It publishes the backend set to the dataplane.
 
+pub mod health;
 pub mod policies;
+pub mod workflows;
 
 use std::sync::{
     Arc,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicU32, Ordering},
 };
 
 use arc_swap::ArcSwap;
@@ -17,7 +20,7 @@ use thiserror::Error;
 use crate::{
     config::{BackendConfig, PolicyName},
     dataplane::PublishedBackend,
-    model::{Backend, RequestMeta},
+    model::{Backend, BackendId, RequestMeta},
 };
 pub use policies::Policy;
 
@@ -36,65 +39,125 @@ pub enum ControllerError {
         /// Resolver error.
         message: String,
     },
+    /// A backend with this URL or name exists.
+    #[error("backend {0} already exists")]
+    Duplicate(String),
+    /// No such backend.
+    #[error("no backend with id {0}")]
+    NotFound(BackendId),
 }
 
-/// Registry + policy.
+/// Why no backend was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// None configured / all removed.
+    Empty,
+    /// No backend serves the requested model.
+    UnknownModel,
+    /// Backends exist but none is routable (unhealthy, open circuit, draining,
+    /// already tried).
+    Unavailable,
+    /// Routable backends exist but all are at their concurrency limit.
+    Busy,
+}
+
+/// Registry + policy + workflow table.
 pub struct Controller {
     backends: ArcSwap<Vec<Arc<Backend>>>,
-    policy: Box<dyn Policy>,
+    policy: ArcSwap<Box<dyn Policy>>,
+    next_id: AtomicU32,
+    /// Workflow table.
+    pub workflows: workflows::WorkflowTable,
 }
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Controller")
             .field("backends", &self.backends.load().len())
-            .field("policy", &self.policy.name())
+            .field("policy", &self.policy_name())
             .finish()
     }
 }
 
 impl Controller {
     /// Creates a controller over resolved backends.
-    pub fn new(backends: Vec<Backend>, policy: PolicyName) -> Self {
+    pub fn new(
+        backends: Vec<Backend>,
+        policy: PolicyName,
+        wf: &crate::config::WorkflowConfig,
+    ) -> Self {
+        let next = backends.iter().map(|b| b.id + 1).max().unwrap_or(0);
         Self {
             backends: ArcSwap::from_pointee(backends.into_iter().map(Arc::new).collect()),
-            policy: policies::build(policy),
+            policy: ArcSwap::from_pointee(policies::build(policy)),
+            next_id: AtomicU32::new(next),
+            workflows: workflows::WorkflowTable::new(wf),
         }
     }
 
-    /// Resolves configured backends (DNS for host names) and assigns ids.
+    /// Resolves one backend (DNS for host names).
+    pub async fn resolve_one(c: &BackendConfig, id: BackendId) -> Result<Backend, ControllerError> {
+        let addrs: Vec<_> = tokio::net::lookup_host((c.host.as_str(), c.port))
+            .await
+            .map_err(|e| ControllerError::Resolve {
+                name: c.name.clone(),
+                host: c.host.clone(),
+                port: c.port,
+                message: e.to_string(),
+            })?
+            .collect();
+        Ok(Backend::new(id, c.name.clone(), c.url.clone(), addrs))
+    }
+
+    /// Resolves configured backends and assigns ids 0..n.
     pub async fn resolve(configs: &[BackendConfig]) -> Result<Vec<Backend>, ControllerError> {
         let mut out = Vec::with_capacity(configs.len());
         for (i, c) in configs.iter().enumerate() {
-            let addrs: Vec<_> = tokio::net::lookup_host((c.host.as_str(), c.port))
-                .await
-                .map_err(|e| ControllerError::Resolve {
-                    name: c.name.clone(),
-                    host: c.host.clone(),
-                    port: c.port,
-                    message: e.to_string(),
-                })?
-                .collect();
-            out.push(Backend {
-                id: u32::try_from(i).unwrap_or(u32::MAX),
-                name: c.name.clone(),
-                url: c.url.clone(),
-                addrs,
-                inflight: AtomicU64::new(0),
-                requests: AtomicU64::new(0),
-                errors: AtomicU64::new(0),
-            });
+            out.push(Self::resolve_one(c, u32::try_from(i).unwrap_or(u32::MAX)).await?);
         }
         Ok(out)
     }
 
-    /// Picks a backend for a request.
-    pub fn pick(&self, meta: &RequestMeta) -> Option<Arc<Backend>> {
+    /// Picks a backend for a request, skipping `exclude` (already tried) and
+    /// backends at `per_backend_limit` in-flight requests.
+    pub fn pick(
+        &self,
+        meta: &RequestMeta,
+        exclude: &[BackendId],
+        per_backend_limit: u64,
+    ) -> Result<Arc<Backend>, NoBackend> {
         let snap = self.backends.load();
-        let i = self.policy.pick(&snap, meta)?;
-        let b = snap.get(i)?.clone();
+        if snap.is_empty() {
+            return Err(NoBackend::Empty);
+        }
+        let model = meta.model.as_deref();
+        let serving: Vec<&Arc<Backend>> = snap.iter().filter(|b| b.serves(model)).collect();
+        if serving.is_empty() {
+            return Err(NoBackend::UnknownModel);
+        }
+        let routable: Vec<Arc<Backend>> = serving
+            .into_iter()
+            .filter(|b| !exclude.contains(&b.id) && b.routable())
+            .cloned()
+            .collect();
+        if routable.is_empty() {
+            return Err(NoBackend::Unavailable);
+        }
+        let free: Vec<Arc<Backend>> = routable
+            .into_iter()
+            .filter(|b| b.inflight() < per_backend_limit)
+            .collect();
+        if free.is_empty() {
+            return Err(NoBackend::Busy);
+        }
+        let i = self
+            .policy
+            .load()
+            .pick(&free, meta)
+            .ok_or(NoBackend::Unavailable)?;
+        let b = free.get(i).cloned().ok_or(NoBackend::Unavailable)?;
         b.requests.fetch_add(1, Ordering::Relaxed);
-        Some(b)
+        Ok(b)
     }
 
     /// Current backends.
@@ -102,9 +165,88 @@ impl Controller {
         self.backends.load_full()
     }
 
+    /// A backend by id.
+    pub fn backend(&self, id: BackendId) -> Option<Arc<Backend>> {
+        self.backends.load().iter().find(|b| b.id == id).cloned()
+    }
+
     /// Policy name.
     pub fn policy_name(&self) -> &'static str {
-        self.policy.name()
+        self.policy.load().name()
+    }
+
+    /// Replaces the policy (reload).
+    pub fn set_policy(&self, p: PolicyName) {
+        if self.policy_name() != p.as_str() {
+            self.policy.store(Arc::new(policies::build(p)));
+            tracing::info!(policy = p.as_str(), "routing policy changed");
+        }
+    }
+
+    /// Adds a resolved backend; returns its id.
+    pub async fn add(&self, c: &BackendConfig) -> Result<Arc<Backend>, ControllerError> {
+        if self
+            .backends
+            .load()
+            .iter()
+            .any(|b| b.url == c.url || b.name == c.name)
+        {
+            return Err(ControllerError::Duplicate(c.url.to_string()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let b = Arc::new(Self::resolve_one(c, id).await?);
+        self.backends.rcu(|cur| {
+            let mut v = (**cur).clone();
+            v.push(b.clone());
+            v
+        });
+        tracing::info!(backend = %b.name, id, "backend added");
+        Ok(b)
+    }
+
+    /// Removes a backend (in-flight requests to it finish).
+    pub fn remove(&self, id: BackendId) -> Result<Arc<Backend>, ControllerError> {
+        let b = self.backend(id).ok_or(ControllerError::NotFound(id))?;
+        self.backends.rcu(|cur| {
+            cur.iter()
+                .filter(|x| x.id != id)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        tracing::info!(backend = %b.name, id, "backend removed");
+        Ok(b)
+    }
+
+    /// Drains a backend: no new requests; in-flight ones finish.
+    pub fn drain(&self, id: BackendId) -> Result<Arc<Backend>, ControllerError> {
+        let b = self.backend(id).ok_or(ControllerError::NotFound(id))?;
+        b.draining.store(true, Ordering::Relaxed);
+        tracing::info!(backend = %b.name, id, inflight = b.inflight(), "backend draining");
+        Ok(b)
+    }
+
+    /// Reconciles the registry with a new backend list (reload): keeps backends
+    /// whose URL is unchanged (with their state), adds new ones, removes the rest.
+    pub async fn reconcile(
+        &self,
+        configs: &[BackendConfig],
+    ) -> Result<(usize, usize), ControllerError> {
+        let current = self.backends();
+        let mut added = 0;
+        for c in configs {
+            if !current.iter().any(|b| b.url == c.url) {
+                self.add(c).await?;
+                added += 1;
+            }
+        }
+        let mut removed = 0;
+        for b in current.iter() {
+            if !configs.iter().any(|c| c.url == b.url) {
+                self.remove(b.id)?;
+                removed += 1;
+            }
+        }
+        Ok((added, removed))
     }
 
     /// What the kernel must know about the backends.
@@ -117,5 +259,19 @@ impl Controller {
                 addrs: b.addrs.clone(),
             })
             .collect()
+    }
+
+    /// Union of the models served by routable backends.
+    pub fn models(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .backends
+            .load()
+            .iter()
+            .filter(|b| b.routable())
+            .flat_map(|b| b.models.load().iter().cloned().collect::<Vec<_>>())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 }

@@ -1,27 +1,32 @@
-//! The userspace (hyper) path: accepts HTTP/1.1 keep-alive connections, asks the
-//! controller for a backend and streams the request and response through without
-//! buffering or re-serialising bodies.
+//! The userspace (hyper) path: a complete OpenAI-compatible gateway on its own.
 //!
-//! Today it forwards with the configured policy, strips hop-by-hop headers, adds a
-//! request id and `X-Forwarded-For`, pools upstream keep-alive connections and
-//! answers upstream failures with OpenAI-style JSON errors. Retries, limits and
-//! metadata from bodies build on this.
+//! Per request: route → header-size and content-type checks → body read with a
+//! size limit and a timeout (the body is buffered up to `limits.max_body_bytes`,
+//! parsed once for metadata by [`meta`], and forwarded byte-exact) → admission
+//! ([`limits`]) → backend choice by the controller → upstream attempt with retries
+//! on other backends while nothing has reached the client (connect errors, resets,
+//! first-byte timeout, 502/503/504) → the response streamed back frame by frame
+//! ([`stream`]). Every error is an OpenAI-style JSON body ([`error`]).
 
 pub mod error;
+pub mod limits;
+pub mod meta;
+pub mod stream;
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    pin::Pin,
     sync::{Arc, atomic::Ordering},
-    task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, combinators::BoxBody};
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header, request::Parts,
+};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -34,16 +39,18 @@ pub use error::ApiError;
 
 use crate::{
     admin::metrics::Metrics,
-    config::Limits,
-    controller::Controller,
+    config::{Config, Limits, RetryConfig},
+    controller::{Controller, NoBackend},
     model::{Backend, H_BACKEND, H_REQUEST_ID, RequestMeta},
 };
 
+/// Boxed error of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type of every response agentlb produces.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -51,30 +58,106 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-connection",
     "te",
     "trailer",
+    "transfer-encoding",
     "upgrade",
 ];
+
+/// The OpenAI routes agentlb proxies.
+const PROXIED: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+
+/// Settings that a reload can change without restarting.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Limits.
+    pub limits: Limits,
+    /// Retries.
+    pub retry: RetryConfig,
+    /// Metadata limits.
+    pub meta: meta::MetaLimits,
+    /// Consecutive failures that open a circuit.
+    pub circuit_failures: u32,
+    /// Open period.
+    pub circuit_open: Duration,
+}
+
+impl Settings {
+    /// From a validated config.
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            limits: c.limits.clone(),
+            retry: c.retry.clone(),
+            meta: meta::MetaLimits {
+                max_id_len: c.workflows.max_id_len,
+                session_header: c.workflows.session_header.clone(),
+            },
+            circuit_failures: c.health.circuit_failures,
+            circuit_open: c.health.circuit_open,
+        }
+    }
+}
 
 /// Shared proxy state.
 pub struct Proxy {
     controller: Arc<Controller>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Full<Bytes>>,
     metrics: Arc<Metrics>,
+    /// Hot settings.
+    pub settings: ArcSwap<Settings>,
+    /// Admission.
+    pub limiter: Arc<limits::Limiter>,
+    budget: limits::RetryBudget,
+}
+
+fn full(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn json_response(
+    status: StatusCode,
+    v: &serde_json::Value,
+    rid: &HeaderValue,
+) -> Response<ProxyBody> {
+    let mut r = Response::new(full(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(H_REQUEST_ID, rid.clone());
+    r
+}
+
+/// What went wrong with one upstream attempt.
+enum Attempt {
+    Status(Response<Incoming>),
+    Error(hyper_util::client::legacy::Error),
+    Timeout,
 }
 
 impl Proxy {
     /// Creates the proxy with a pooled upstream client.
-    pub fn new(controller: Arc<Controller>, metrics: Arc<Metrics>, limits: &Limits) -> Self {
+    pub fn new(
+        controller: Arc<Controller>,
+        metrics: Arc<Metrics>,
+        limiter: Arc<limits::Limiter>,
+        config: &Config,
+    ) -> Self {
+        let limits = &config.limits;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(limits.connect_timeout));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(limits.pool_max_idle_per_backend)
+            .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
             .build(connector);
         Self {
             controller,
             client,
             metrics,
+            settings: ArcSwap::from_pointee(Settings::from_config(config)),
+            limiter,
+            budget: limits::RetryBudget::default(),
         }
     }
 
@@ -85,70 +168,406 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        let request_id = request_id(req.headers());
-        let meta = RequestMeta::from_headers(req.headers());
-        let Some(backend) = self.controller.pick(&meta) else {
-            self.metrics.observe("none", 503, started);
-            return Ok(
-                ApiError::unavailable("no backend is available").into_response(Some(&request_id))
-            );
-        };
-        let guard = Inflight::new(backend.clone());
-        let upstream = match build_upstream(req, &backend, peer, &request_id) {
+        let rid = request_id(req.headers());
+        let path = req.uri().path().to_owned();
+        let route = route_label(&path);
+        let resp = match self.clone().dispatch(req, peer, started, &rid).await {
             Ok(r) => r,
             Err(e) => {
-                self.metrics.observe(&backend.name, 502, started);
-                return Ok(e.into_response(Some(&request_id)));
+                self.metrics.answered(route, "none", e.status.as_u16());
+                if e.status.is_server_error() {
+                    tracing::warn!(request_id = ?rid, status = e.status.as_u16(), error = %e.message, "request failed");
+                } else {
+                    tracing::debug!(request_id = ?rid, status = e.status.as_u16(), error = %e.message, "request rejected");
+                }
+                e.into_response(Some(&rid))
             }
         };
-        tracing::debug!(
-            request_id = ?request_id,
-            workflow_id = meta.workflow_id.as_deref().unwrap_or(""),
-            backend = %backend.name,
-            "forwarding"
-        );
-        match self.client.request(upstream).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                parts
-                    .headers
-                    .entry(H_REQUEST_ID)
-                    .or_insert_with(|| request_id.clone());
-                if let Ok(v) = HeaderValue::from_str(&backend.name) {
-                    parts.headers.insert(H_BACKEND, v);
-                }
-                self.metrics
-                    .observe(&backend.name, parts.status.as_u16(), started);
-                let body = Tracked {
-                    inner: body,
-                    _guard: guard,
-                }
-                .boxed();
-                Ok(Response::from_parts(parts, body))
+        Ok(resp)
+    }
+
+    async fn dispatch(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        started: Instant,
+        rid: &HeaderValue,
+    ) -> Result<Response<ProxyBody>, ApiError> {
+        let settings = self.settings.load_full();
+        let path = req.uri().path();
+        let method = req.method().clone();
+        let proxied = PROXIED.contains(&path);
+        match (path, &method) {
+            ("/health", &Method::GET) => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ok"}),
+                    rid,
+                ));
             }
-            Err(e) => {
-                backend.errors.fetch_add(1, Ordering::Relaxed);
-                self.metrics.upstream_error(&backend.name);
-                let msg = crate::error_chain(&e);
-                tracing::warn!(backend = %backend.name, error = %msg, "upstream request failed");
-                let err = if e.is_connect() && msg.contains("timed out") {
-                    ApiError::gateway_timeout(format!("backend {} timed out: {msg}", backend.name))
+            ("/ready", &Method::GET) => {
+                let n = self
+                    .controller
+                    .backends()
+                    .iter()
+                    .filter(|b| b.routable())
+                    .count();
+                let st = if n > 0 {
+                    StatusCode::OK
                 } else {
-                    ApiError::bad_gateway(format!("backend {} failed: {msg}", backend.name))
+                    StatusCode::SERVICE_UNAVAILABLE
                 };
-                self.metrics
-                    .observe(&backend.name, err.status.as_u16(), started);
-                Ok(err.into_response(Some(&request_id)))
+                return Ok(json_response(
+                    st,
+                    &serde_json::json!({"ready": n > 0, "routable_backends": n}),
+                    rid,
+                ));
+            }
+            ("/v1/models", &Method::GET) => {
+                let data: Vec<_> = self
+                    .controller
+                    .models()
+                    .into_iter()
+                    .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "agentlb"}))
+                    .collect();
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"object": "list", "data": data}),
+                    rid,
+                ));
+            }
+            (_, &Method::POST) if proxied => {}
+            ("/health" | "/ready" | "/v1/models", _) => {
+                return Err(ApiError::method_not_allowed(format!(
+                    "{method} {path}: use GET"
+                )));
+            }
+            _ if proxied => {
+                return Err(ApiError::method_not_allowed(format!(
+                    "{method} {path}: use POST"
+                )));
+            }
+            _ => return Err(ApiError::not_found(format!("no route for {method} {path}"))),
+        }
+
+        let limits = &settings.limits;
+        check_headers(&req, limits.max_header_bytes)?;
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(ApiError::invalid_request(
+                "Content-Type must be application/json",
+                "invalid_content_type",
+            ));
+        }
+        let (parts, body) = req.into_parts();
+        let body = read_body(body, limits.max_body_bytes, limits.body_read_timeout).await?;
+        let meta = meta::extract(
+            &parts.headers,
+            Some(&body),
+            rid.to_str().unwrap_or("").to_owned(),
+            &settings.meta,
+        )?;
+        if let Some(m) = meta.model.as_deref()
+            && !self.controller.backends().iter().any(|b| b.serves(Some(m)))
+        {
+            return Err(ApiError::model_not_found(m));
+        }
+
+        let permit = self.limiter.acquire(limits.queue_timeout).await?;
+        self.budget.request();
+        let route = route_label(parts.uri.path());
+        let (resp, backend, inflight) = self
+            .forward(&parts, body, &meta, &settings, peer, rid, started)
+            .await?;
+        self.metrics.overhead(started.elapsed().as_secs_f64());
+
+        let (mut head, upstream_body) = resp.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        head.headers.insert(H_REQUEST_ID, rid.clone());
+        if let Ok(v) = HeaderValue::from_str(&backend.name) {
+            head.headers.insert(H_BACKEND, v);
+        }
+        let status = head.status.as_u16();
+        self.metrics.answered(route, &backend.name, status);
+        let sse = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+
+        let wf = meta.workflow_id.clone();
+        if let Some(w) = &wf {
+            if self.controller.workflows.start(
+                w,
+                meta.agent_id.as_deref(),
+                meta.parent_request_id.as_deref(),
+                &meta.request_id,
+                &backend.name,
+            ) {
+                self.metrics.lineage_edge();
+            }
+            self.metrics.workflow_request(w, meta.agent_id.as_deref());
+        }
+        let metrics = self.metrics.clone();
+        let metrics2 = self.metrics.clone();
+        let this = self.clone();
+        let backend_name = backend.name.clone();
+        let rid_log = rid.clone();
+        let on_end: stream::OnEnd = Box::new(move |outcome, usage, _ttfb| {
+            metrics.finished(route, started.elapsed().as_secs_f64(), outcome);
+            if let Some(w) = &wf {
+                this.controller.workflows.finish(w, usage);
+            }
+            if outcome != stream::Outcome::Complete {
+                tracing::info!(request_id = ?rid_log, backend = %backend_name, ?outcome, "response ended early");
+            }
+            this.limiter.released.notify_waiters();
+        });
+        let body = stream::Streamed::new(
+            upstream_body,
+            sse,
+            started,
+            tokio::time::Instant::from_std(started + limits.total_timeout),
+            Box::new(move |t| metrics2.first_byte(route, t)),
+            on_end,
+            Arc::new((permit, inflight)),
+        );
+        Ok(Response::from_parts(head, body.boxed()))
+    }
+
+    /// Sends the request upstream, retrying on other backends while nothing has
+    /// reached the client.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        parts: &Parts,
+        body: Bytes,
+        meta: &RequestMeta,
+        settings: &Settings,
+        peer: SocketAddr,
+        rid: &HeaderValue,
+        started: Instant,
+    ) -> Result<(Response<Incoming>, Arc<Backend>, Inflight), ApiError> {
+        let limits = &settings.limits;
+        let retry = &settings.retry;
+        let mut tried: Vec<u32> = Vec::new();
+        let mut last: Option<ApiError> = None;
+        // The last upstream 5xx answer (with its backend and in-flight guard): passed
+        // through to the client when no other backend can be tried.
+        let mut last_status: Option<(Response<Incoming>, Arc<Backend>, Inflight)> = None;
+        loop {
+            let backend = match self.pick(meta, &tried, limits).await {
+                Ok(b) => b,
+                Err(e) => {
+                    // Nothing left to try: answer with the last failure.
+                    if let Some(t) = last_status.take() {
+                        return Ok(t);
+                    }
+                    return Err(last.unwrap_or(e));
+                }
+            };
+            if !backend.admit() {
+                tried.push(backend.id);
+                continue;
+            }
+            let inflight = Inflight::new(backend.clone());
+            let req = build_upstream(parts, body.clone(), &backend, peer, rid)?;
+            tracing::debug!(request_id = ?rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, attempt = tried.len(), "forwarding");
+            let attempt = match tokio::time::timeout(
+                limits.first_byte_timeout,
+                self.client.request(req),
+            )
+            .await
+            {
+                Ok(Ok(resp)) if matches!(resp.status().as_u16(), 502..=504) => {
+                    Attempt::Status(resp)
+                }
+                Ok(Ok(resp)) => {
+                    backend.record_success();
+                    if !tried.is_empty() {
+                        if let Some(w) = &meta.workflow_id {
+                            self.controller.workflows.moved(w);
+                        }
+                        tracing::info!(request_id = ?rid, backend = %backend.name, failed_attempts = tried.len(), "request moved to another backend");
+                    }
+                    return Ok((resp, backend, inflight));
+                }
+                Ok(Err(e)) => Attempt::Error(e),
+                Err(_) => Attempt::Timeout,
+            };
+            tried.push(backend.id);
+            let (kind, err) = match attempt {
+                Attempt::Status(r) => {
+                    let st = r.status();
+                    last_status = Some((r, backend.clone(), inflight));
+                    (
+                        "status",
+                        ApiError::bad_gateway(format!("backend {} answered {st}", backend.name)),
+                    )
+                }
+                Attempt::Error(e) => {
+                    drop(inflight);
+                    last_status = None;
+                    let msg = crate::error_chain(&e);
+                    let kind = if e.is_connect() { "connect" } else { "io" };
+                    (
+                        kind,
+                        ApiError::bad_gateway(format!("backend {} failed: {msg}", backend.name)),
+                    )
+                }
+                Attempt::Timeout => {
+                    drop(inflight);
+                    last_status = None;
+                    (
+                        "timeout",
+                        ApiError::gateway_timeout(format!(
+                            "backend {} sent no response within {} ms",
+                            backend.name,
+                            limits.first_byte_timeout.as_millis()
+                        )),
+                    )
+                }
+            };
+            // A refused/failed connect is a strong signal: open the circuit at once.
+            let threshold = if kind == "connect" {
+                1
+            } else {
+                settings.circuit_failures
+            };
+            backend.record_failure(threshold, settings.circuit_open);
+            self.metrics.upstream_error(&backend.name, kind);
+            tracing::warn!(request_id = ?rid, backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
+            last = Some(err);
+            let n = tried.len() as u32;
+            if n > retry.max_retries || !self.budget.try_retry(retry.budget_ratio, retry.budget_min)
+            {
+                if let Some(t) = last_status.take() {
+                    return Ok(t);
+                }
+                return Err(last.unwrap_or_else(|| ApiError::bad_gateway("upstream failed")));
+            }
+            if started.elapsed() + retry.backoff_base >= limits.total_timeout {
+                return Err(last.unwrap_or_else(|| ApiError::gateway_timeout("total timeout")));
+            }
+            self.metrics.retry(kind);
+            let backoff = retry
+                .backoff_base
+                .saturating_mul(1 << (n - 1).min(10))
+                .min(retry.backoff_max);
+            let jitter = rand::random::<f64>() * 0.2 + 0.9;
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        }
+    }
+
+    /// Picks a backend, waiting in the bounded queue while all are at their limit.
+    async fn pick(
+        &self,
+        meta: &RequestMeta,
+        tried: &[u32],
+        limits: &Limits,
+    ) -> Result<Arc<Backend>, ApiError> {
+        let deadline = Instant::now() + limits.queue_timeout;
+        let mut place = None;
+        loop {
+            let notified = self.limiter.released.notified();
+            match self
+                .controller
+                .pick(meta, tried, limits.max_concurrent_per_backend as u64)
+            {
+                Ok(b) => return Ok(b),
+                Err(NoBackend::Busy) => {
+                    if place.is_none() {
+                        place = Some(self.limiter.enter_queue()?);
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                        return Err(ApiError::overloaded(
+                            "every backend is at its concurrency limit",
+                        ));
+                    }
+                }
+                Err(NoBackend::UnknownModel) => {
+                    return Err(ApiError::model_not_found(
+                        meta.model.as_deref().unwrap_or(""),
+                    ));
+                }
+                Err(NoBackend::Empty) => {
+                    return Err(ApiError::unavailable("no backend is configured"));
+                }
+                Err(NoBackend::Unavailable) => {
+                    return Err(ApiError::unavailable("no healthy backend is available"));
+                }
             }
         }
+    }
+}
+
+/// Route label for metrics (bounded set).
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "chat",
+        "/v1/completions" => "completions",
+        "/v1/embeddings" => "embeddings",
+        "/v1/models" => "models",
+        "/health" | "/ready" => "health",
+        _ => "other",
+    }
+}
+
+/// Rejects request heads larger than `max` with 431.
+fn check_headers(req: &Request<Incoming>, max: usize) -> Result<(), ApiError> {
+    let mut size = req.uri().to_string().len() + 16;
+    for (k, v) in req.headers() {
+        size += k.as_str().len() + v.len() + 4;
+    }
+    if size > max {
+        return Err(ApiError::headers_too_large(max));
+    }
+    Ok(())
+}
+
+/// Reads the whole body, failing with 413 past `max` bytes and 408 past `timeout`.
+async fn read_body(body: Incoming, max: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    if body.size_hint().lower() > max as u64 {
+        return Err(ApiError::too_large(max));
+    }
+    let read = async {
+        let mut body = body;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::invalid_request(
+                    format!("error reading the request body: {e}"),
+                    "body_read_error",
+                )
+            })?;
+            if let Some(d) = frame.data_ref() {
+                if buf.len() + d.len() > max {
+                    return Err(ApiError::too_large(max));
+                }
+                buf.extend_from_slice(d);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::request_timeout(format!(
+            "the request body was not received within {} ms",
+            timeout.as_millis()
+        ))),
     }
 }
 
 /// The client's request id, or a new one.
 fn request_id(h: &HeaderMap) -> HeaderValue {
     h.get(H_REQUEST_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
         .cloned()
         .unwrap_or_else(|| {
             let id = format!("agentlb-{:032x}", rand::random::<u128>());
@@ -157,7 +576,6 @@ fn request_id(h: &HeaderMap) -> HeaderValue {
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
     let named: Vec<String> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -174,52 +592,50 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Rewrites a client request for `backend`.
+/// The upstream request for `backend`: same method, path, headers (minus
+/// hop-by-hop) and the original body bytes.
 fn build_upstream(
-    req: Request<Incoming>,
+    parts: &Parts,
+    body: Bytes,
     backend: &Backend,
     peer: SocketAddr,
-    request_id: &HeaderValue,
-) -> Result<Request<Incoming>, ApiError> {
-    let (mut parts, body) = req.into_parts();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    rid: &HeaderValue,
+) -> Result<Request<Full<Bytes>>, ApiError> {
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let authority = backend
         .url
         .authority()
-        .map(|a| a.as_str().to_owned())
+        .map(|a| a.as_str())
         .unwrap_or_default();
-    parts.uri = Uri::builder()
+    let uri = Uri::builder()
         .scheme("http")
-        .authority(authority.as_str())
+        .authority(authority)
         .path_and_query(pq)
         .build()
         .map_err(|e| ApiError::bad_gateway(format!("cannot build upstream URI: {e}")))?;
-    strip_hop_by_hop(&mut parts.headers);
-    if let Ok(v) = HeaderValue::from_str(&authority) {
-        parts.headers.insert(header::HOST, v);
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    if let Ok(v) = HeaderValue::from_str(authority) {
+        headers.insert(header::HOST, v);
     }
-    parts.headers.insert(H_REQUEST_ID, request_id.clone());
-    let xff = match parts
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
+    headers.insert(H_REQUEST_ID, rid.clone());
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        parts.headers.insert("x-forwarded-for", v);
+        headers.insert("x-forwarded-for", v);
     }
-    parts.version = http::Version::HTTP_11;
-    Ok(Request::from_parts(parts, body))
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
 }
 
 /// Counts a request as in flight on its backend until dropped.
-struct Inflight(Arc<Backend>);
+pub struct Inflight(Arc<Backend>);
 
 impl Inflight {
     fn new(b: Arc<Backend>) -> Self {
@@ -234,47 +650,23 @@ impl Drop for Inflight {
     }
 }
 
-/// A response body that keeps the request in flight until it is fully sent (or the
-/// client goes away and hyper drops it, which also cancels the upstream request).
-struct Tracked {
-    inner: Incoming,
-    _guard: Inflight,
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Serves the proxy on `listener` until `stop` turns true, then drains in-flight
-/// connections for at most `limits.shutdown_grace`.
+/// connections for at most `grace`.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
-    limits: Limits,
+    grace: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let settings = proxy.settings.load_full();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .keep_alive(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(settings.limits.header_read_timeout)
+        // hyper's own hard cap on the head; our JSON 431 applies below it.
+        .max_buf_size((settings.limits.max_header_bytes * 4).max(64 * 1024));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -282,7 +674,7 @@ pub async fn serve(
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }
                 };
@@ -303,8 +695,8 @@ pub async fn serve(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("proxy drained"),
-        _ = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace elapsed; closing remaining connections");
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace elapsed; closing remaining connections");
         }
     }
 }

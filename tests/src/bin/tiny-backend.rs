@@ -37,15 +37,16 @@ async fn main() -> anyhow::Result<()> {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_owned();
-                    let n = req
+                    let bytes = req
                         .into_body()
                         .collect()
                         .await
-                        .map(|b| b.to_bytes().len())
-                        .unwrap_or(0);
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     let body = serde_json::json!({
                         "backend": name, "method": method, "path": path,
-                        "body_bytes": n, "workflow_id": wf,
+                        "body_bytes": bytes.len(), "body_fnv": testkit::fnv1a(&bytes),
+                        "workflow_id": wf,
                     });
                     Ok::<_, Infallible>(
                         Response::builder()

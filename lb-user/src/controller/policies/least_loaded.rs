@@ -28,7 +28,7 @@ impl Policy for LeastLoaded {
         let start = self.start.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|k| (start + k) % n)
-            .min_by_key(|&i| backends[i].load())
+            .min_by_key(|&i| backends[i].inflight())
     }
 }
 

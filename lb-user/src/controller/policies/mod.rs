@@ -34,15 +34,12 @@ pub fn build(name: PolicyName) -> Box<dyn Policy> {
 pub(crate) fn test_backends(n: usize) -> Vec<Arc<Backend>> {
     (0..n)
         .map(|i| {
-            Arc::new(Backend {
-                id: i as u32,
-                name: format!("b{i}"),
-                url: http::Uri::from_static("http://127.0.0.1:1"),
-                addrs: vec![],
-                inflight: Default::default(),
-                requests: Default::default(),
-                errors: Default::default(),
-            })
+            Arc::new(Backend::new(
+                i as u32,
+                format!("b{i}"),
+                http::Uri::from_static("http://127.0.0.1:1"),
+                vec![],
+            ))
         })
         .collect()
 }

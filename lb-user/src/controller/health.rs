@@ -1,0 +1,162 @@
+//! Active health checking: every `health.interval`, each backend gets
+//! `GET /health`, a `GET /metrics` scrape (vLLM's load gauges, including the older
+//! `vllm:gpu_*` names) and `GET /v1/models`. Consecutive failures past
+//! `unhealthy_threshold` take a backend out of rotation; `healthy_threshold`
+//! successes bring it back. Passive health (request failures → circuit breaker)
+//! lives on [`Backend`] itself.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tokio::sync::watch;
+
+use super::Controller;
+use crate::{
+    config::HealthConfig,
+    model::{Backend, BackendLoad},
+};
+
+type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// Runs the checker until `stop` turns true. `cfg` is re-read every round, so a
+/// reload takes effect on the next round.
+pub async fn run(
+    controller: Arc<Controller>,
+    cfg: watch::Receiver<HealthConfig>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: ProbeClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(2)
+        .build(connector);
+    loop {
+        let c = cfg.borrow().clone();
+        let backends = controller.backends();
+        let probes = backends
+            .iter()
+            .map(|b| probe(&client, b.clone(), c.clone()));
+        futures_util::future::join_all(probes).await;
+        tokio::select! {
+            _ = tokio::time::sleep(c.interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn get(
+    client: &ProbeClient,
+    b: &Backend,
+    path: &str,
+    timeout: Duration,
+) -> Option<(u16, Bytes)> {
+    let uri = format!("{}{}", b.url.to_string().trim_end_matches('/'), path);
+    let req = Request::get(uri).body(Empty::new()).ok()?;
+    let fut = async {
+        let resp = client.request(req).await.ok()?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some((status, body))
+    };
+    tokio::time::timeout(timeout, fut).await.ok().flatten()
+}
+
+async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) {
+    let ok = matches!(get(client, &b, "/health", c.timeout).await, Some((200, _)));
+    let streak = if ok {
+        let s = b.probe_streak.load(Ordering::Relaxed);
+        let s = if s < 0 { 1 } else { s + 1 };
+        b.probe_streak.store(s, Ordering::Relaxed);
+        s
+    } else {
+        let s = b.probe_streak.load(Ordering::Relaxed);
+        let s = if s > 0 { -1 } else { s - 1 };
+        b.probe_streak.store(s, Ordering::Relaxed);
+        s
+    };
+    let was = b.healthy.load(Ordering::Relaxed);
+    if was && streak <= -(i64::from(c.unhealthy_threshold)) {
+        b.healthy.store(false, Ordering::Relaxed);
+        tracing::warn!(backend = %b.name, "backend unhealthy (active check)");
+    } else if !was && streak >= i64::from(c.healthy_threshold) {
+        b.healthy.store(true, Ordering::Relaxed);
+        tracing::info!(backend = %b.name, "backend healthy again (active check)");
+    }
+    if !ok {
+        return;
+    }
+    if let Some((200, body)) = get(client, &b, "/metrics", c.timeout).await {
+        b.load
+            .store(Arc::new(parse_load(&String::from_utf8_lossy(&body))));
+    }
+    if let Some((200, body)) = get(client, &b, "/v1/models", c.timeout).await
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+    {
+        let models: Vec<String> = v["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if **b.models.load() != models {
+            b.models.store(Arc::new(models));
+        }
+    }
+}
+
+/// Sums vLLM's load gauges over label sets (several engines per server).
+pub fn parse_load(text: &str) -> BackendLoad {
+    let mut load = BackendLoad::default();
+    let (mut kv_sum, mut kv_n) = (0.0, 0u32);
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((name_labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let name = name_labels.split('{').next().unwrap_or("").trim();
+        match name {
+            "vllm:num_requests_running" => load.running += v,
+            "vllm:num_requests_waiting" => load.waiting += v,
+            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                kv_sum += v;
+                kv_n += 1;
+            }
+            _ => {}
+        }
+    }
+    if kv_n > 0 {
+        load.kv_usage = kv_sum / f64::from(kv_n);
+    }
+    load
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_new_and_old_vllm_names() {
+        let text = "# HELP x\nvllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3.0\n\
+                    vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 2\n\
+                    vllm:num_requests_waiting{engine=\"0\"} 7\n\
+                    vllm:gpu_cache_usage_perc{engine=\"0\"} 0.5\n";
+        let l = parse_load(text);
+        assert_eq!((l.running, l.waiting, l.kv_usage), (5.0, 7.0, 0.5));
+    }
+}

@@ -1,0 +1,383 @@
+//! Workflow metadata extraction: headers first, then the JSON body, parsed once.
+//!
+//! Accepted shapes (header wins over body; the first present body shape wins):
+//! - workflow: `X-Workflow-Id` | body `workflow_id` | `workflow_metadata.workflow_id`
+//!   (production-stack PR #625) | `vllm_xargs.agentic_context.{task_id|program_id}`
+//!   (vllm-router; object or JSON string) | cookie `agentlb_wf`;
+//! - agent: `X-Agent-Id` | `agent_id` | `workflow_metadata.agent_id` |
+//!   `agentic_context.agent_id`;
+//! - parent: `X-Parent-Request-Id` | `parent_request_id` |
+//!   `workflow_metadata.parent_request_id` | `agentic_context.parent_program_id`;
+//! - session: a configurable header (default `x-user-id`).
+//!
+//! The body is deserialised into borrowed fields only (everything else is skipped,
+//! never re-serialised); the proxy forwards the original bytes.
+
+use std::borrow::Cow;
+
+use http::HeaderMap;
+use serde::Deserialize;
+
+use super::ApiError;
+
+/// Where the workflow id came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkflowSource {
+    /// `X-Workflow-Id`.
+    Header,
+    /// body `workflow_id`.
+    Body,
+    /// body `workflow_metadata.workflow_id`.
+    WorkflowMetadata,
+    /// body `vllm_xargs.agentic_context`.
+    AgenticContext,
+    /// cookie `agentlb_wf`.
+    Cookie,
+}
+
+/// Per-request metadata, extracted once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestMeta {
+    /// Workflow id.
+    pub workflow_id: Option<String>,
+    /// Its source.
+    pub workflow_source: Option<WorkflowSource>,
+    /// Agent id.
+    pub agent_id: Option<String>,
+    /// Parent request id (lineage).
+    pub parent_request_id: Option<String>,
+    /// Request id (the client's `X-Request-Id` or generated).
+    pub request_id: String,
+    /// Session key (configured header).
+    pub session: Option<String>,
+    /// Requested model.
+    pub model: Option<String>,
+    /// `stream: true`.
+    pub stream: bool,
+}
+
+/// Limits for ids.
+#[derive(Debug, Clone)]
+pub struct MetaLimits {
+    /// Maximum id length in bytes.
+    pub max_id_len: usize,
+    /// Header carrying the session key (lower case).
+    pub session_header: String,
+}
+
+impl Default for MetaLimits {
+    fn default() -> Self {
+        Self {
+            max_id_len: 256,
+            session_header: "x-user-id".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct BodyFields<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(borrow, default)]
+    workflow_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    agent_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    parent_request_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    workflow_metadata: Option<WorkflowMetadata<'a>>,
+    #[serde(borrow, default)]
+    vllm_xargs: Option<Xargs<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+struct WorkflowMetadata<'a> {
+    #[serde(borrow, default)]
+    workflow_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    agent_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    parent_request_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+struct Xargs<'a> {
+    #[serde(borrow, default)]
+    agentic_context: Option<AgenticField<'a>>,
+}
+
+/// `agentic_context` may be an object or a JSON string holding one.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AgenticField<'a> {
+    Object(AgenticContext<'a>),
+    #[serde(borrow)]
+    Text(Cow<'a, str>),
+}
+
+#[derive(Deserialize, Default, Clone)]
+struct AgenticContext<'a> {
+    #[serde(borrow, default)]
+    task_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    program_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    agent_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    parent_program_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+struct AgenticOwned {
+    #[serde(default)]
+    task_id: Option<String>,
+    #[serde(default)]
+    program_id: Option<String>,
+    #[serde(default)]
+    agent_id: Option<String>,
+    #[serde(default)]
+    parent_program_id: Option<String>,
+}
+
+fn header<'h>(h: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.trim()).filter(|s| !s.is_empty()))
+            .map_err(|_| {
+                ApiError::invalid_request(
+                    format!("header {name} is not valid ASCII"),
+                    "invalid_header",
+                )
+            }),
+    }
+}
+
+fn cookie<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    h.get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// Validates an id: 1..=max bytes of visible ASCII.
+fn check_id(what: &str, v: &str, limits: &MetaLimits) -> Result<String, ApiError> {
+    if v.len() > limits.max_id_len {
+        return Err(ApiError::invalid_request(
+            format!("{what} is longer than {} bytes", limits.max_id_len),
+            "invalid_id",
+        ));
+    }
+    if v.is_empty() || !v.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(ApiError::invalid_request(
+            format!(
+                "{what} must be 1-{} visible ASCII characters",
+                limits.max_id_len
+            ),
+            "invalid_id",
+        ));
+    }
+    Ok(v.to_owned())
+}
+
+fn opt_id(what: &str, v: Option<&str>, limits: &MetaLimits) -> Result<Option<String>, ApiError> {
+    v.map(|v| check_id(what, v, limits)).transpose()
+}
+
+/// Extracts metadata from headers and (for JSON requests) the body bytes.
+/// `body` is `None` for requests without a JSON body.
+pub fn extract(
+    headers: &HeaderMap,
+    body: Option<&[u8]>,
+    request_id: String,
+    limits: &MetaLimits,
+) -> Result<RequestMeta, ApiError> {
+    let fields: BodyFields<'_> = match body {
+        Some(b) if !b.is_empty() => serde_json::from_slice(b).map_err(|e| {
+            ApiError::invalid_request(
+                format!("request body is not valid JSON: {e}"),
+                "invalid_json",
+            )
+        })?,
+        Some(_) => {
+            return Err(ApiError::invalid_request(
+                "request body is empty; expected a JSON object",
+                "invalid_json",
+            ));
+        }
+        None => BodyFields::default(),
+    };
+    let agentic: Option<AgenticOwned> = match fields.vllm_xargs.and_then(|x| x.agentic_context) {
+        None => None,
+        Some(AgenticField::Object(o)) => Some(AgenticOwned {
+            task_id: o.task_id.map(Cow::into_owned),
+            program_id: o.program_id.map(Cow::into_owned),
+            agent_id: o.agent_id.map(Cow::into_owned),
+            parent_program_id: o.parent_program_id.map(Cow::into_owned),
+        }),
+        Some(AgenticField::Text(t)) => Some(serde_json::from_str(&t).map_err(|e| {
+            ApiError::invalid_request(
+                format!("vllm_xargs.agentic_context is not a JSON object: {e}"),
+                "invalid_json",
+            )
+        })?),
+    };
+    let wm = fields.workflow_metadata.unwrap_or_default();
+
+    let (workflow, source) = if let Some(v) = header(headers, "x-workflow-id")? {
+        (Some(v.to_owned()), Some(WorkflowSource::Header))
+    } else if let Some(v) = &fields.workflow_id {
+        (Some(v.to_string()), Some(WorkflowSource::Body))
+    } else if let Some(v) = &wm.workflow_id {
+        (Some(v.to_string()), Some(WorkflowSource::WorkflowMetadata))
+    } else if let Some(v) = agentic
+        .as_ref()
+        .and_then(|a| a.task_id.clone().or_else(|| a.program_id.clone()))
+    {
+        (Some(v), Some(WorkflowSource::AgenticContext))
+    } else if let Some(v) = cookie(headers, "agentlb_wf") {
+        (Some(v.to_owned()), Some(WorkflowSource::Cookie))
+    } else {
+        (None, None)
+    };
+    let agent = match header(headers, "x-agent-id")? {
+        Some(v) => Some(v.to_owned()),
+        None => fields
+            .agent_id
+            .as_deref()
+            .or(wm.agent_id.as_deref())
+            .map(str::to_owned)
+            .or_else(|| agentic.as_ref().and_then(|a| a.agent_id.clone())),
+    };
+    let parent = match header(headers, "x-parent-request-id")? {
+        Some(v) => Some(v.to_owned()),
+        None => fields
+            .parent_request_id
+            .as_deref()
+            .or(wm.parent_request_id.as_deref())
+            .map(str::to_owned)
+            .or_else(|| agentic.as_ref().and_then(|a| a.parent_program_id.clone())),
+    };
+    let session = header(headers, &limits.session_header)?;
+    Ok(RequestMeta {
+        workflow_id: opt_id("workflow id", workflow.as_deref(), limits)?,
+        workflow_source: source,
+        agent_id: opt_id("agent id", agent.as_deref(), limits)?,
+        parent_request_id: opt_id("parent request id", parent.as_deref(), limits)?,
+        request_id,
+        session: opt_id("session key", session, limits)?,
+        model: fields.model.map(Cow::into_owned),
+        stream: fields.stream.unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn ex(h: &[(&str, &str)], body: &str) -> Result<RequestMeta, ApiError> {
+        let mut m = HeaderMap::new();
+        for (k, v) in h {
+            m.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        extract(
+            &m,
+            Some(body.as_bytes()),
+            "r".into(),
+            &MetaLimits::default(),
+        )
+    }
+
+    #[test]
+    fn every_shape_is_accepted() {
+        let m = ex(
+            &[],
+            r#"{"model":"m","workflow_id":"w1","agent_id":"a","parent_request_id":"p"}"#,
+        )
+        .expect("ok");
+        assert_eq!(
+            (
+                m.workflow_id.as_deref(),
+                m.workflow_source,
+                m.agent_id.as_deref(),
+                m.parent_request_id.as_deref()
+            ),
+            (Some("w1"), Some(WorkflowSource::Body), Some("a"), Some("p"))
+        );
+        assert_eq!(m.model.as_deref(), Some("m"));
+        let m = ex(&[], r#"{"workflow_metadata":{"workflow_id":"w2","agent_id":"a2","parent_request_id":"p2"}}"#).expect("ok");
+        assert_eq!(m.workflow_id.as_deref(), Some("w2"));
+        assert_eq!(m.workflow_source, Some(WorkflowSource::WorkflowMetadata));
+        assert_eq!(m.agent_id.as_deref(), Some("a2"));
+        let m = ex(&[], r#"{"vllm_xargs":{"agentic_context":{"task_id":"w3","agent_id":"lead","parent_program_id":"p3"}}}"#).expect("ok");
+        assert_eq!(m.workflow_id.as_deref(), Some("w3"));
+        assert_eq!(m.workflow_source, Some(WorkflowSource::AgenticContext));
+        assert_eq!(m.parent_request_id.as_deref(), Some("p3"));
+        let m = ex(
+            &[],
+            r#"{"vllm_xargs":{"agentic_context":"{\"program_id\":\"w4:lead\"}"}}"#,
+        )
+        .expect("ok");
+        assert_eq!(m.workflow_id.as_deref(), Some("w4:lead"));
+        let m = ex(&[("cookie", "a=b; agentlb_wf=w5")], "{}").expect("ok");
+        assert_eq!(m.workflow_source, Some(WorkflowSource::Cookie));
+        assert_eq!(m.workflow_id.as_deref(), Some("w5"));
+    }
+
+    #[test]
+    fn header_wins_over_body() {
+        let m = ex(
+            &[
+                ("x-workflow-id", "h"),
+                ("x-agent-id", "ha"),
+                ("x-parent-request-id", "hp"),
+                ("x-user-id", "u"),
+            ],
+            r#"{"workflow_id":"b","agent_id":"ba","parent_request_id":"bp","stream":true}"#,
+        )
+        .expect("ok");
+        assert_eq!(m.workflow_id.as_deref(), Some("h"));
+        assert_eq!(m.agent_id.as_deref(), Some("ha"));
+        assert_eq!(m.parent_request_id.as_deref(), Some("hp"));
+        assert_eq!(m.session.as_deref(), Some("u"));
+        assert!(m.stream);
+    }
+
+    #[test]
+    fn bad_input_is_a_400_not_a_panic() {
+        for (h, b) in [
+            (vec![], "{not json"),
+            (vec![], ""),
+            (vec![], r#"{"workflow_id": 5}"#),
+            (vec![], r#"{"workflow_id": "has space"}"#),
+            (vec![("x-workflow-id", "x".repeat(300))], "{}"),
+            (vec![], r#"{"vllm_xargs":{"agentic_context":"nope"}}"#),
+            (vec![], r#"[1,2]"#),
+        ] {
+            let h: Vec<(&str, &str)> = h
+                .iter()
+                .map(|(k, v): &(&str, String)| (*k, v.as_str()))
+                .collect();
+            let e = ex(&h, b).expect_err(b);
+            assert_eq!(e.status, http::StatusCode::BAD_REQUEST, "{b}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let m = ex(&[], r#"{"messages":[{"role":"user","content":"hi"}],"temperature":0.5,"x":{"y":[1,2,{"z":null}]}}"#).expect("ok");
+        assert_eq!(m.workflow_id, None);
+    }
+}

@@ -1,0 +1,286 @@
+//! Closed-loop HTTP/1.1 load generator.
+//!
+//! `concurrency` keep-alive connections (hyper client, one task each), each sending
+//! the next request as soon as the previous response body has been read in full.
+//! A run is `warmup` then a measured window of `duration`: throughput counts the
+//! responses completed inside the window, latencies are those of the same
+//! responses, and the CPU sampler is called at both edges of the window (so CPU per
+//! request = CPU used in the window / responses completed in it). Responses are
+//! checked (status 200, exact body length); a failed request is counted as an
+//! error and its connection replaced. A connection the server closes between
+//! requests (e.g. `keepalive_requests` reached) is replaced without an error.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, client::conn::http1, header};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// What to send and how.
+#[derive(Clone)]
+pub struct LoadSpec {
+    /// Target address.
+    pub addr: SocketAddr,
+    /// Request path.
+    pub path: &'static str,
+    /// Request body (JSON).
+    pub body: Bytes,
+    /// Exact expected response body length.
+    pub expect_len: usize,
+    /// Open connections (= requests in flight).
+    pub concurrency: usize,
+    /// Unmeasured lead-in.
+    pub warmup: Duration,
+    /// Measured window.
+    pub duration: Duration,
+}
+
+/// What one run measured.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    /// Responses completed (and valid) inside the window.
+    pub requests: u64,
+    /// Failed requests inside the window (bad status, length, I/O).
+    pub errors: u64,
+    /// Connections replaced after the server closed them.
+    pub reconnects: u64,
+    /// Window length in seconds.
+    pub secs: f64,
+    /// Request start → end of body, ns, sorted.
+    pub total_ns: Vec<u64>,
+    /// Request start → first body bytes, ns, sorted.
+    pub ttfb_ns: Vec<u64>,
+    /// Body frames received per response (mean).
+    pub frames_per_resp: f64,
+    /// Sampler value at the start and end of the window.
+    pub cpu: (CpuSample, CpuSample),
+}
+
+/// CPU ticks of the proxy, the backend and this whole process at one instant.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuSample {
+    /// Proxy process tree (0 for direct).
+    pub proxy: u64,
+    /// Backend thread.
+    pub backend: u64,
+    /// This process: load generator + backend.
+    pub harness: u64,
+}
+
+#[derive(Default)]
+struct TaskStats {
+    ok: u64,
+    errors: u64,
+    reconnects: u64,
+    frames: u64,
+    total_ns: Vec<u64>,
+    ttfb_ns: Vec<u64>,
+}
+
+/// Runs one load run on the current runtime.
+pub async fn run(
+    spec: &LoadSpec,
+    sample: &(dyn Fn() -> Result<CpuSample> + Sync),
+) -> Result<LoadResult> {
+    let start = Instant::now();
+    let t0 = start + spec.warmup;
+    let t1 = t0 + spec.duration;
+    let spec_arc = Arc::new(spec.clone());
+    let mut tasks = Vec::with_capacity(spec.concurrency);
+    for _ in 0..spec.concurrency {
+        let s = spec_arc.clone();
+        tasks.push(tokio::spawn(async move { conn_loop(&s, t0, t1).await }));
+    }
+    tokio::time::sleep_until(t0.into()).await;
+    let c0 = sample()?;
+    let w0 = Instant::now();
+    tokio::time::sleep_until(t1.into()).await;
+    let c1 = sample()?;
+    let secs = w0.elapsed().as_secs_f64();
+
+    let mut res = LoadResult {
+        secs,
+        cpu: (c0, c1),
+        ..Default::default()
+    };
+    let mut frames = 0u64;
+    let grace = tokio::time::Instant::from(t1) + Duration::from_secs(15);
+    for t in tasks {
+        let abort = t.abort_handle();
+        match tokio::time::timeout_at(grace, t).await {
+            Ok(joined) => {
+                let st = joined.context("load task panicked")?;
+                res.requests += st.ok;
+                res.errors += st.errors;
+                res.reconnects += st.reconnects;
+                frames += st.frames;
+                res.total_ns.extend(st.total_ns);
+                res.ttfb_ns.extend(st.ttfb_ns);
+            }
+            Err(_) => {
+                abort.abort();
+                res.errors += 1;
+            }
+        }
+    }
+    res.total_ns.sort_unstable();
+    res.ttfb_ns.sort_unstable();
+    res.frames_per_resp = if res.requests > 0 {
+        frames as f64 / res.requests as f64
+    } else {
+        0.0
+    };
+    Ok(res)
+}
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+enum Outcome {
+    /// A valid response; `close`: the server closes the connection after it.
+    Ok {
+        ttfb: Duration,
+        frames: u64,
+        close: bool,
+    },
+    Bad,
+}
+
+async fn one(sender: &mut Sender, spec: &LoadSpec) -> Result<Outcome> {
+    let req = Request::post(spec.path)
+        .header(header::HOST, spec.addr.to_string())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(spec.body.clone()))?;
+    let start = Instant::now();
+    let resp = sender.send_request(req).await?;
+    let close = resp
+        .headers()
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let ok_status = resp.status().is_success();
+    let mut body = resp.into_body();
+    let mut len = 0usize;
+    let mut frames = 0u64;
+    let mut ttfb = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(d) = frame.data_ref()
+            && !d.is_empty()
+        {
+            if ttfb.is_none() {
+                ttfb = Some(start.elapsed());
+            }
+            len += d.len();
+            frames += 1;
+        }
+    }
+    if !ok_status || len != spec.expect_len {
+        return Ok(Outcome::Bad);
+    }
+    let ttfb = ttfb.unwrap_or_else(|| start.elapsed());
+    Ok(Outcome::Ok {
+        ttfb,
+        frames,
+        close,
+    })
+}
+
+async fn conn_loop(spec: &LoadSpec, t0: Instant, t1: Instant) -> TaskStats {
+    let mut st = TaskStats::default();
+    let mut sender: Option<Sender> = None;
+    while Instant::now() < t1 {
+        let s = match sender.as_mut() {
+            Some(s) if !s.is_closed() => s,
+            Some(_) => {
+                st.reconnects += 1;
+                sender = None;
+                continue;
+            }
+            None => match connect(spec.addr).await {
+                Ok(s) => sender.insert(s),
+                Err(_) => {
+                    if Instant::now() >= t0 {
+                        st.errors += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        if s.ready().await.is_err() {
+            st.reconnects += 1;
+            sender = None;
+            continue;
+        }
+        let start = Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(10), one(s, spec)).await;
+        let end = Instant::now();
+        let in_window = end >= t0 && end <= t1;
+        match out {
+            Ok(Ok(Outcome::Ok {
+                ttfb,
+                frames,
+                close,
+            })) => {
+                if in_window {
+                    st.ok += 1;
+                    st.frames += frames;
+                    st.total_ns.push((end - start).as_nanos() as u64);
+                    st.ttfb_ns.push(ttfb.as_nanos() as u64);
+                }
+                if close {
+                    st.reconnects += 1;
+                    sender = None;
+                }
+            }
+            _ => {
+                if in_window {
+                    st.errors += 1;
+                }
+                sender = None;
+            }
+        }
+    }
+    st
+}
+
+/// The `q`-quantile (0..=1) of sorted values, nearest rank.
+pub fn quantile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(quantile(&v, 0.5), 50);
+        assert_eq!(quantile(&v, 0.99), 99);
+        assert_eq!(quantile(&v, 1.0), 100);
+        assert_eq!(quantile(&[], 0.5), 0);
+    }
+}

@@ -1,0 +1,690 @@
+//! `cargo xtask bench proxy`: what agentlb's userspace proxy path costs.
+//!
+//! Measures requests/s, latency p50/p99 (and time to first chunk for streams) and
+//! CPU per request of the proxy process for these targets, all on 127.0.0.1 in the
+//! same run:
+//!
+//! - `direct`: the load generator talks to the backend itself (the baseline for
+//!   added latency);
+//! - `agentlb`: `agentlb run --no-kernel` (userspace path), `TOKIO_WORKER_THREADS`
+//!   set to `--agentlb-threads` (default 1);
+//! - `nginx`: a plain reverse proxy, `worker_processes 1`, upstream keep-alive,
+//!   `proxy_http_version 1.1`, `proxy_buffering off`;
+//! - `vllm-router` 0.1.17 (pip, in `target/venv-bench`), `--policy round_robin`,
+//!   for reference.
+//!
+//! Workloads: `small` (a small non-streaming `/v1/completions`) and `stream` (an
+//! SSE response of `--chunks` events, default 100, then `[DONE]`). The backend is
+//! built in ([`backend`]): vllm-sim runs a scheduler step per token, which would
+//! make the backend, not the proxy, the cost being measured.
+//!
+//! Layout on a machine with ≥ 2 CPUs (unless `--no-pin`): every proxy process is
+//! pinned to CPU 1, the load generator and the backend (two threads of this
+//! process) to CPU 0. So each proxy gets exactly one core, and nginx (one worker)
+//! and agentlb (one tokio worker) are compared on equal terms.
+//!
+//! Every (repeat, workload, concurrency) cell runs the targets back to back, so a
+//! ratio taken within a repeat compares runs made seconds apart; repeats give the
+//! median and min–max spread. Output: Markdown on stdout and every raw number,
+//! with the settings and machine, in `target/bench/proxy.json`.
+
+mod backend;
+mod load;
+mod procs;
+mod report;
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde_json::json;
+
+use self::{
+    backend::Backend,
+    load::{CpuSample, LoadSpec},
+    procs::{ChildGuard, TempDir},
+    report::Record,
+};
+
+/// Set when a debug xtask hands the benchmark over to its release build.
+const REEXEC_ENV: &str = "AGENTLB_BENCH_RELEASE";
+const VLLM_ROUTER_VERSION: &str = "0.1.17";
+const ALL_TARGETS: [&str; 4] = ["direct", "agentlb", "nginx", "vllm-router"];
+
+/// Options of `cargo xtask bench proxy -- [OPTIONS]`.
+///
+/// A debug build of xtask (as `cargo xtask` makes) builds `xtask` in release and
+/// runs the benchmark there, since the load generator runs in this process.
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask bench proxy --",
+    about = "Proxy overhead of agentlb vs direct, nginx and vllm-router"
+)]
+struct Args {
+    /// Small settings (~1 minute): concurrency 1,16, 2 repeats, 1 s windows.
+    #[arg(long)]
+    quick: bool,
+    /// Concurrency levels (default 1,16,64).
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Option<Vec<usize>>,
+    /// Repeats of the whole matrix (default 3).
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Measured window of each run, seconds (default 4).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Unmeasured warm-up before each window, seconds (default 1).
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Targets to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,agentlb,nginx,vllm-router"
+    )]
+    targets: Vec<String>,
+    /// Workloads: small, stream.
+    #[arg(long, value_delimiter = ',', default_value = "small,stream")]
+    workloads: Vec<String>,
+    /// SSE events per streamed response (before `[DONE]`).
+    #[arg(long, default_value_t = 100)]
+    chunks: usize,
+    /// tokio worker threads of agentlb (TOKIO_WORKER_THREADS).
+    #[arg(long, default_value_t = 1)]
+    agentlb_threads: usize,
+    /// Do not pin processes to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Do not build agentlb first (use the existing release binary).
+    #[arg(long)]
+    no_build: bool,
+    /// Do not create the vllm-router venv when it is missing (skip it instead).
+    #[arg(long)]
+    no_install: bool,
+    /// nginx binary.
+    #[arg(long, default_value = "nginx")]
+    nginx: String,
+    /// JSON output (default: <workspace>/target/bench/proxy.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Resolved settings of one benchmark run.
+struct Settings {
+    concurrency: Vec<usize>,
+    repeats: usize,
+    duration: Duration,
+    warmup: Duration,
+    workloads: Vec<String>,
+    chunks: usize,
+    harness_cpu: Option<usize>,
+    proxy_cpu: Option<usize>,
+}
+
+/// A proxy (or the backend itself) the load is sent to.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    proc: Option<ChildGuard>,
+}
+
+/// Entry point: `cargo xtask bench proxy -- [OPTIONS]`.
+pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
+    let args = match Args::try_parse_from(
+        std::iter::once("bench-proxy").chain(args_in.iter().map(String::as_str)),
+    ) {
+        Ok(a) => a,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            print!("{e}");
+            return Ok(());
+        }
+        Err(e) => bail!("{e}"),
+    };
+    for t in &args.targets {
+        if !ALL_TARGETS.contains(&t.as_str()) {
+            bail!("unknown target {t:?} (expected one of {ALL_TARGETS:?})");
+        }
+    }
+    for w in &args.workloads {
+        if w != "small" && w != "stream" {
+            bail!("unknown workload {w:?} (expected small or stream)");
+        }
+    }
+    let pin = !args.no_pin && procs::cpus() >= 2;
+    let settings = Settings {
+        concurrency: args.concurrency.clone().unwrap_or_else(|| {
+            if args.quick {
+                vec![1, 16]
+            } else {
+                vec![1, 16, 64]
+            }
+        }),
+        repeats: args
+            .repeats
+            .unwrap_or(if args.quick { 2 } else { 3 })
+            .max(1),
+        duration: Duration::from_secs_f64(args.duration.unwrap_or(if args.quick {
+            1.0
+        } else {
+            4.0
+        })),
+        warmup: Duration::from_secs_f64(args.warmup.unwrap_or(if args.quick { 0.3 } else { 1.0 })),
+        workloads: args.workloads.clone(),
+        chunks: args.chunks,
+        harness_cpu: pin.then_some(0),
+        proxy_cpu: pin.then_some(1),
+    };
+    if settings.concurrency.is_empty() || settings.concurrency.contains(&0) {
+        bail!("--concurrency needs positive values");
+    }
+    let wants = |t: &str| args.targets.iter().any(|x| x == t);
+    let mut notes: Vec<String> = Vec::new();
+
+    // Binaries.
+    let bin_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("release");
+    if cfg!(debug_assertions) && std::env::var_os(REEXEC_ENV).is_none() {
+        // The load generator and the backend live in this process: an unoptimised
+        // build would measure itself. Build xtask (and agentlb) in release and
+        // hand over to that binary.
+        let mut build = vec!["build", "--release", "--locked", "-p", "xtask"];
+        if wants("agentlb") && !args.no_build {
+            build.extend(["-p", "lb-user"]);
+        }
+        crate::cargo(root, &build)?;
+        let mut child_args: Vec<&str> = args_in.iter().map(String::as_str).collect();
+        if !args.no_build {
+            child_args.push("--no-build");
+        }
+        let exe = bin_dir.join("xtask");
+        let st = Command::new(&exe)
+            .args(["bench", "proxy", "--"])
+            .args(&child_args)
+            .env(REEXEC_ENV, "1")
+            .status()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !st.success() {
+            bail!("bench proxy (release build) failed ({st})");
+        }
+        return Ok(());
+    }
+    if wants("agentlb") && !args.no_build {
+        crate::cargo(root, &["build", "--release", "--locked", "-p", "lb-user"])?;
+    }
+    let agentlb = bin_dir.join("agentlb");
+    let nginx = which(&args.nginx);
+    let router = if wants("vllm-router") {
+        match vllm_router(root, args.no_install) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                notes.push(format!("vllm-router skipped: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let tmp = TempDir::new("agentlb-bench-proxy")?;
+    if let Some(cpu) = settings.harness_cpu {
+        procs::pin_current_thread(cpu)?;
+    }
+    let backend = Backend::start(settings.chunks, settings.harness_cpu)?;
+    let small_body = backend::request_body(false);
+    let small_len = backend::expected_len(false, settings.chunks);
+
+    // Start every requested target once, up front.
+    let mut targets: Vec<Target> = Vec::new();
+    for &name in ALL_TARGETS.iter().filter(|t| wants(t)) {
+        let started = match name {
+            "direct" => Ok(Target {
+                name,
+                addr: backend.addr,
+                proc: None,
+            }),
+            "agentlb" => start_agentlb(
+                &agentlb,
+                backend.addr,
+                &tmp,
+                &settings,
+                args.agentlb_threads,
+            ),
+            "nginx" => match &nginx {
+                Some(bin) => start_nginx(bin, backend.addr, &tmp, &settings),
+                None => Err(anyhow::anyhow!(
+                    "`{}` not found (apt-get install -y nginx-light)",
+                    args.nginx
+                )),
+            },
+            _ => match &router {
+                Some(bin) => start_router(bin, backend.addr, &tmp, &settings),
+                None => continue,
+            },
+        };
+        let mut t = match started {
+            Ok(t) => t,
+            Err(e) => {
+                notes.push(format!("{name} skipped: {e:#}"));
+                eprintln!("bench: {name} skipped: {e:#}");
+                continue;
+            }
+        };
+        if let Some(p) = t.proc.as_mut() {
+            let timeout = Duration::from_secs(if name == "vllm-router" { 60 } else { 20 });
+            if let Err(e) = procs::wait_ready(t.addr, &small_body, small_len, p, timeout) {
+                notes.push(format!("{name} skipped: {e:#}"));
+                eprintln!("bench: {name} skipped: {e:#}");
+                continue;
+            }
+        }
+        eprintln!("bench: {name} ready on {}", t.addr);
+        targets.push(t);
+    }
+    if targets.is_empty() {
+        bail!("no target could be started");
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("load generator runtime")?;
+    let tck = procs::ticks_per_sec();
+    let load_start = read_trim("/proc/loadavg");
+    let began = Instant::now();
+    let mut records: Vec<Record> = Vec::new();
+    let total_runs =
+        settings.repeats * settings.workloads.len() * settings.concurrency.len() * targets.len();
+    for rep in 0..settings.repeats {
+        for wl in &settings.workloads {
+            let stream = wl == "stream";
+            for &conc in &settings.concurrency {
+                for t in targets.iter_mut() {
+                    if let Some(p) = t.proc.as_mut() {
+                        p.check_alive()?;
+                    }
+                    let pids = t.proc.as_ref().map(ChildGuard::pids).unwrap_or_default();
+                    let spec = LoadSpec {
+                        addr: t.addr,
+                        path: "/v1/completions",
+                        body: backend::request_body(stream),
+                        expect_len: backend::expected_len(stream, settings.chunks),
+                        concurrency: conc,
+                        warmup: settings.warmup,
+                        duration: settings.duration,
+                    };
+                    let backend_ref = &backend;
+                    let sampler = move || -> Result<CpuSample> {
+                        Ok(CpuSample {
+                            proxy: procs::ticks_of(&pids),
+                            backend: backend_ref.cpu_ticks()?,
+                            harness: procs::stat_ticks("/proc/self/stat")?,
+                        })
+                    };
+                    let res = rt.block_on(load::run(&spec, &sampler))?;
+                    let rec = record(rep, t, wl, conc, &res, tck);
+                    eprintln!(
+                        "bench: [{}/{total_runs}] rep {rep} {wl:6} c={conc:<3} {:11} {:>8.0} req/s p50 {:>7.0} µs p99 {:>7.0} µs cpu/req {} err {}",
+                        records.len() + 1,
+                        t.name,
+                        rec.rps,
+                        rec.p50_us,
+                        rec.p99_us,
+                        rec.proxy_cpu_us_per_req
+                            .map_or_else(|| "–".to_owned(), |c| format!("{c:.1} µs")),
+                        rec.errors,
+                    );
+                    records.push(rec);
+                }
+            }
+        }
+    }
+    let elapsed = began.elapsed().as_secs_f64();
+    let load_end = read_trim("/proc/loadavg");
+
+    let summaries = report::summarize(&records);
+    let ratios = report::ratios(&records);
+    notes.push(layout_note(&settings, args.agentlb_threads));
+    notes.push(
+        "frames/resp: body frames the client read per streamed response (chunks + 1 = every SSE event in its own write; fewer = the proxy coalesced events that arrived together)".to_owned(),
+    );
+    if settings.harness_cpu.is_some() {
+        notes.push(
+            "client+backend cores near 1.00: the harness core was saturated, so req/s there is bounded by the load generator, not by the proxy; CPU/req stays comparable".to_owned(),
+        );
+    }
+    notes.push(format!(
+        "load average before/after: {load_start} / {load_end}; other work on the machine shows up as noise"
+    ));
+    let md = report::markdown(&summaries, &ratios, &notes);
+    let mut header = String::new();
+    let _ = writeln!(
+        header,
+        "## bench proxy: {} repeat(s) × {:.1} s windows (+{:.1} s warm-up), concurrency {:?}, {} chunks per stream; {:.0} s",
+        settings.repeats,
+        settings.duration.as_secs_f64(),
+        settings.warmup.as_secs_f64(),
+        settings.concurrency,
+        settings.chunks,
+        elapsed
+    );
+    let _ = writeln!(
+        header,
+        "\nBackend: built-in hyper HTTP/1.1 server. Values: median [min–max] over repeats; \"added\" = target − direct in the same repeat."
+    );
+    println!("{header}{md}");
+
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target/bench/proxy.json"));
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let doc = json!({
+        "benchmark": "proxy",
+        "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "elapsed_secs": elapsed,
+        "settings": {
+            "targets": targets.iter().map(|t| t.name).collect::<Vec<_>>(),
+            "workloads": settings.workloads,
+            "concurrency": settings.concurrency,
+            "repeats": settings.repeats,
+            "duration_secs": settings.duration.as_secs_f64(),
+            "warmup_secs": settings.warmup.as_secs_f64(),
+            "chunks": settings.chunks,
+            "agentlb_worker_threads": args.agentlb_threads,
+            "pinning": {"harness_cpu": settings.harness_cpu, "proxy_cpu": settings.proxy_cpu},
+            "backend": "built-in hyper HTTP/1.1 (xtask/src/bench/backend.rs)",
+            "small_request_bytes": small_body.len(),
+            "small_response_bytes": small_len,
+            "stream_response_bytes": backend::expected_len(true, settings.chunks),
+            "nginx": nginx.as_ref().map(|p| p.display().to_string()),
+            "nginx_version": nginx.as_ref().map(|p| nginx_version(p)),
+            "vllm_router_version": router.as_ref().map(|_| VLLM_ROUTER_VERSION),
+            "agentlb": agentlb.display().to_string(),
+        },
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpus": procs::cpus(),
+            "kernel": read_trim("/proc/sys/kernel/osrelease"),
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+            "clock_ticks_per_sec": tck,
+        },
+        "records": records,
+        "summaries": summaries,
+        "ratios": ratios,
+        "notes": notes,
+    });
+    fs::write(&out, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("\nRaw numbers: {}", out.display());
+    // Targets (child guards), the backend and the temp dir are dropped here, in
+    // that order; on an early `?` return the same drops run.
+    drop(targets);
+    drop(backend);
+    drop(tmp);
+    Ok(())
+}
+
+fn record(
+    rep: usize,
+    t: &Target,
+    wl: &str,
+    conc: usize,
+    res: &load::LoadResult,
+    tck: f64,
+) -> Record {
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let n = res.requests.max(1) as f64;
+    let proxy_secs = res.cpu.1.proxy.saturating_sub(res.cpu.0.proxy) as f64 / tck;
+    let backend_secs = res.cpu.1.backend.saturating_sub(res.cpu.0.backend) as f64 / tck;
+    let harness_secs = res.cpu.1.harness.saturating_sub(res.cpu.0.harness) as f64 / tck;
+    let has_proxy = t.proc.is_some();
+    Record {
+        repeat: rep,
+        target: t.name.to_owned(),
+        workload: wl.to_owned(),
+        concurrency: conc,
+        requests: res.requests,
+        errors: res.errors,
+        reconnects: res.reconnects,
+        secs: res.secs,
+        rps: res.requests as f64 / res.secs.max(1e-9),
+        p50_us: us(load::quantile(&res.total_ns, 0.50)),
+        p90_us: us(load::quantile(&res.total_ns, 0.90)),
+        p99_us: us(load::quantile(&res.total_ns, 0.99)),
+        max_us: us(load::quantile(&res.total_ns, 1.0)),
+        ttfb_p50_us: us(load::quantile(&res.ttfb_ns, 0.50)),
+        ttfb_p99_us: us(load::quantile(&res.ttfb_ns, 0.99)),
+        frames_per_resp: res.frames_per_resp,
+        proxy_cpu_us_per_req: (has_proxy && res.requests > 0).then(|| proxy_secs * 1e6 / n),
+        proxy_cores: has_proxy.then(|| proxy_secs / res.secs.max(1e-9)),
+        backend_cpu_us_per_req: backend_secs * 1e6 / n,
+        harness_cores: harness_secs / res.secs.max(1e-9),
+    }
+}
+
+fn layout_note(s: &Settings, agentlb_threads: usize) -> String {
+    let pin = match (s.harness_cpu, s.proxy_cpu) {
+        (Some(h), Some(p)) => format!(
+            "each proxy pinned to CPU {p} (one core), load generator + backend pinned to CPU {h}"
+        ),
+        _ => "no CPU pinning".to_owned(),
+    };
+    format!(
+        "{pin}; agentlb: {agentlb_threads} tokio worker thread(s), --no-kernel; nginx: worker_processes 1, upstream keepalive, proxy_buffering off; vllm-router: --policy round_robin, default threads; proxy CPU = utime+stime of the proxy's process tree (10 ms ticks)"
+    )
+}
+
+fn start_agentlb(
+    bin: &Path,
+    backend: SocketAddr,
+    tmp: &TempDir,
+    s: &Settings,
+    threads: usize,
+) -> Result<Target> {
+    if !bin.exists() {
+        bail!(
+            "{} missing (cargo build --release -p lb-user)",
+            bin.display()
+        );
+    }
+    let port = procs::free_port()?;
+    let admin = procs::free_port()?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "run",
+        "--no-kernel",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "--backend",
+        &format!("http://{backend}"),
+    ])
+    .env("TOKIO_WORKER_THREADS", threads.to_string());
+    let proc = ChildGuard::spawn("agentlb", cmd, tmp.path().join("agentlb.log"), s.proxy_cpu)?;
+    Ok(Target {
+        name: "agentlb",
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        proc: Some(proc),
+    })
+}
+
+fn start_nginx(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> Result<Target> {
+    let port = procs::free_port()?;
+    let dir = tmp.path().join("nginx");
+    fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let conf = format!(
+        r#"worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream backend {{
+        server {backend};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+    );
+    let conf_path = dir.join("nginx.conf");
+    fs::write(&conf_path, conf)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-p")
+        .arg(&dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .args(["-g", "daemon off;"]);
+    let proc = ChildGuard::spawn("nginx", cmd, tmp.path().join("nginx.log"), s.proxy_cpu)?;
+    Ok(Target {
+        name: "nginx",
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        proc: Some(proc),
+    })
+}
+
+fn start_router(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> Result<Target> {
+    let port = procs::free_port()?;
+    let prom = procs::free_port()?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        &prom.to_string(),
+        "--worker-urls",
+        &format!("http://{backend}"),
+        "--policy",
+        "round_robin",
+        "--log-level",
+        "warning",
+    ]);
+    let proc = ChildGuard::spawn(
+        "vllm-router",
+        cmd,
+        tmp.path().join("vllm-router.log"),
+        s.proxy_cpu,
+    )?;
+    Ok(Target {
+        name: "vllm-router",
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        proc: Some(proc),
+    })
+}
+
+/// `target/venv-bench/bin/vllm-router`, creating the venv when missing.
+fn vllm_router(root: &Path, no_install: bool) -> Result<PathBuf> {
+    let venv = root.join("target/venv-bench");
+    let bin = venv.join("bin/vllm-router");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    if no_install {
+        bail!("{} missing (--no-install)", bin.display());
+    }
+    eprintln!(
+        "bench: installing vllm-router=={VLLM_ROUTER_VERSION} into {}",
+        venv.display()
+    );
+    let st = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .context("python3 -m venv")?;
+    if !st.success() {
+        bail!("python3 -m venv {} failed ({st})", venv.display());
+    }
+    let st = Command::new(venv.join("bin/pip"))
+        .args([
+            "install",
+            "-q",
+            &format!("vllm-router=={VLLM_ROUTER_VERSION}"),
+        ])
+        .status()
+        .context("pip install vllm-router")?;
+    if !st.success() || !bin.exists() {
+        bail!("pip install vllm-router=={VLLM_ROUTER_VERSION} failed ({st})");
+    }
+    Ok(bin)
+}
+
+/// Resolves a program name through PATH (plus /usr/sbin, where nginx lives).
+fn which(prog: &str) -> Option<PathBuf> {
+    let p = Path::new(prog);
+    if p.components().count() > 1 {
+        return p.exists().then(|| p.to_owned());
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/usr/local/sbin"])
+        .map(|d| Path::new(d).join(prog))
+        .find(|c| c.is_file())
+}
+
+fn nginx_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn read_trim(path: &str) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}

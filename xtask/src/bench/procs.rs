@@ -1,0 +1,273 @@
+//! Processes of the benchmark: the proxies under test (agentlb, nginx, vllm-router)
+//! as child processes with kill-on-drop guards, CPU accounting from `/proc`, CPU
+//! pinning, free ports, readiness probes and a self-removing temporary directory.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// A directory removed (recursively) on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process started in its own process group; dropping it sends SIGTERM to
+/// the group, waits up to 3 s, then SIGKILLs the group and reaps the child.
+pub struct ChildGuard {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdout/stderr to `log`, in a new process group, optionally
+    /// pinned to one CPU (inherited by every thread and child it creates).
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf, cpu: Option<usize>) -> Result<Self> {
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        if let Some(cpu) = cpu {
+            // SAFETY: between fork and exec the closure only makes the
+            // sched_setaffinity system call on stack data and reads errno; it
+            // does not allocate or take locks.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if raw_affinity(0, cpu) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Fails with the end of its log if it has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{} exited ({st}); log:\n{}", self.name, self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// The process and every descendant alive now (scan of `/proc`).
+    pub fn pids(&self) -> Vec<i32> {
+        descendants(self.pid())
+    }
+}
+
+/// CPU ticks (user + system) summed over `pids`; a pid that has exited counts 0.
+pub fn ticks_of(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| stat_ticks(&format!("/proc/{p}/stat")).ok())
+        .sum()
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let pgid = self.pid();
+        // SAFETY: plain kill(2) on our own child's process group.
+        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above; also reaps stragglers left in the group.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// `pid` and all its descendants (from the ppid field of `/proc/*/stat`).
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Ok(fields) = stat_fields(&format!("/proc/{p}/stat"))
+                && let Some(ppid) = fields.get(1).and_then(|f| f.parse::<i32>().ok())
+            {
+                parent_of.push((p, ppid));
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let cur = out[i];
+        out.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp)| *pp == cur)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// Fields of a `/proc/.../stat` line after the `(comm)` field: index 0 is `state`
+/// (field 3 in proc(5)), index 1 `ppid`, 11 `utime`, 12 `stime`.
+fn stat_fields(path: &str) -> Result<Vec<String>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let rest = text
+        .rfind(')')
+        .map(|i| &text[i + 1..])
+        .with_context(|| format!("malformed {path}"))?;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime of a `/proc/.../stat` file, in clock ticks.
+pub fn stat_ticks(path: &str) -> Result<u64> {
+    let f = stat_fields(path)?;
+    let get = |i: usize| -> Result<u64> {
+        f.get(i)
+            .with_context(|| format!("{path}: field missing"))?
+            .parse::<u64>()
+            .with_context(|| format!("{path}: bad number"))
+    };
+    Ok(get(11)? + get(12)?)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// sched_setaffinity to one CPU without allocating (usable between fork and exec).
+fn raw_affinity(tid: libc::pid_t, cpu: usize) -> i32 {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it and
+    // sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    }
+}
+
+fn set_affinity(tid: libc::pid_t, cpu: usize) -> Result<()> {
+    if raw_affinity(tid, cpu) != 0 {
+        bail!(
+            "sched_setaffinity(cpu {cpu}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> Result<()> {
+    set_affinity(0, cpu)
+}
+
+/// Number of CPUs this process may run on.
+pub fn cpus() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; the race is acceptable here).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Waits until `POST http://addr/v1/completions` answers 200 with the expected body
+/// length, checking that `child` is still alive in between.
+pub fn wait_ready(
+    addr: SocketAddr,
+    body: &[u8],
+    expect_len: usize,
+    child: &mut ChildGuard,
+    timeout: Duration,
+) -> Result<()> {
+    let url = format!("http://{addr}/v1/completions");
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no attempt");
+    while Instant::now() < deadline {
+        child.check_alive()?;
+        match ureq::post(&url)
+            .timeout(Duration::from_secs(2))
+            .set("content-type", "application/json")
+            .send_bytes(body)
+        {
+            Ok(resp) => {
+                let status = resp.status();
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut resp.into_reader(), &mut buf)?;
+                if status == 200 && buf.len() == expect_len {
+                    return Ok(());
+                }
+                last = format!(
+                    "status {status}, {} body bytes (want {expect_len})",
+                    buf.len()
+                );
+            }
+            Err(e) => last = e.to_string(),
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "{url} not ready after {timeout:?} ({last}); log:\n{}",
+        child.log_tail()
+    )
+}
