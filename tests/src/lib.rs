@@ -471,3 +471,106 @@ pub fn fnv1a(data: &[u8]) -> String {
     }
     format!("{h:016x}")
 }
+
+/// Waits until `GET url` answers 200 (or `proc` exits).
+pub fn wait_http_ok(url: &str, proc_: &mut Proc, timeout: Duration) -> Result<()> {
+    let ok = wait_until(timeout, || {
+        if proc_.try_wait().is_some() {
+            return Some(false);
+        }
+        ureq::get(url)
+            .timeout(Duration::from_secs(1))
+            .call()
+            .ok()
+            .map(|_| true)
+    });
+    match ok {
+        Some(true) => Ok(()),
+        _ => bail!("{url} did not come up:\n{}", proc_.output()),
+    }
+}
+
+/// A running agentlb on loopback: process, proxy port, admin port.
+#[derive(Debug)]
+pub struct Lb {
+    /// The process.
+    pub proc_: Proc,
+    /// Proxy port.
+    pub port: u16,
+    /// Admin port.
+    pub admin: u16,
+}
+
+impl Lb {
+    /// `agentlb run --no-kernel --listen 127.0.0.1:<free> --admin 127.0.0.1:<free> ARGS`.
+    pub fn start(args: &[String]) -> Result<Self> {
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(workspace_bin("agentlb"));
+        cmd.args([
+            "run",
+            "--no-kernel",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .args(args);
+        let mut p = Proc::spawn("agentlb", cmd)?;
+        wait_http_ok(
+            &format!("http://127.0.0.1:{admin}/health"),
+            &mut p,
+            Duration::from_secs(20),
+        )?;
+        Ok(Self {
+            proc_: p,
+            port,
+            admin,
+        })
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `http://127.0.0.1:<admin><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+}
+
+/// A running `vllm-sim` with one instance on a free loopback port.
+#[derive(Debug)]
+pub struct Sim {
+    /// The process.
+    pub proc_: Proc,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Sim {
+    /// Starts `vllm-sim --instances 1 --base-port <free> ARGS` and waits for `/health`.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let port = free_port();
+        let mut cmd = Command::new(workspace_bin("vllm-sim"));
+        cmd.args(["--instances", "1", "--base-port", &port.to_string()])
+            .args(args);
+        let mut p = Proc::spawn("vllm-sim", cmd)?;
+        wait_http_ok(
+            &format!("http://127.0.0.1:{port}/health"),
+            &mut p,
+            Duration::from_secs(20),
+        )?;
+        Ok(Self { proc_: p, port })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Sets a fault (`none`, `refuse`, `503`, `hang`, `slow:K`, `reset:N`, `die`).
+    pub fn fault(&self, spec: &str) -> Result<()> {
+        sh(Command::new(workspace_bin("vllm-sim")).args(["fault", "--url", &self.url(), spec]))?;
+        Ok(())
+    }
+}

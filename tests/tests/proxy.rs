@@ -20,28 +20,8 @@ fn backend(name: &str) -> Result<(Proc, u16)> {
 }
 
 fn agentlb(args: &[String]) -> Result<(Proc, u16, u16)> {
-    let (listen, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(workspace_bin("agentlb"));
-    cmd.args([
-        "run",
-        "--no-kernel",
-        "--listen",
-        &format!("127.0.0.1:{listen}"),
-    ])
-    .args(["--admin", &format!("127.0.0.1:{admin}")])
-    .args(args);
-    let mut p = Proc::spawn("agentlb", cmd)?;
-    wait_until(Duration::from_secs(20), || {
-        if p.try_wait().is_some() {
-            return Some(false);
-        }
-        get_json(&format!("http://127.0.0.1:{admin}/health"))
-            .ok()
-            .map(|_| true)
-    })
-    .filter(|ok| *ok)
-    .with_context(|| format!("agentlb did not start:\n{}", p.output()))?;
-    Ok((p, listen, admin))
+    let lb = testkit::Lb::start(args)?;
+    Ok((lb.proc_, lb.port, lb.admin))
 }
 
 #[test]
