@@ -141,7 +141,17 @@ fn openai_sdk_streaming_and_not_through_agentlb() -> Result<()> {
 #[test]
 fn metadata_from_every_shape_reaches_router_and_admin_api() -> Result<()> {
     let s0 = Sim::start(&["--time-scale", "50"])?;
-    let lb = Lb::start(&backends(&[&s0]))?;
+    let mut a = backends(&[&s0]);
+    a.extend(
+        [
+            "--log-format",
+            "json",
+            "--log-level",
+            "info,agentlb::proxy=debug",
+        ]
+        .map(String::from),
+    );
+    let lb = Lb::start(&a)?;
     let url = lb.url("/v1/chat/completions");
     let mut body = chat(2, false);
     let (st, _, _) = post(
@@ -244,6 +254,15 @@ fn metadata_from_every_shape_reaches_router_and_admin_api() -> Result<()> {
         "r1->r2 and p0->(wf-m request)"
     );
     assert!(m.contains("agentlb_time_to_first_byte_seconds_count{route=\"chat\"} 7"));
+    assert!(m.contains("agentlb_proxy_overhead_seconds_count 7"), "{m}");
+    // Structured JSON logs carry the request id and the workflow id.
+    let logs = lb.proc_.output();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("\"forwarding\"") && l.contains("\"request_id\":\"r2\""))
+        .with_context(|| format!("no JSON log line for r2:\n{logs}"))?;
+    let v: Value = serde_json::from_str(line)?;
+    assert_eq!(v["span"]["workflow_id"], "wf-h", "{line}");
     Ok(())
 }
 
@@ -453,6 +472,13 @@ fn every_bad_input_class_gets_its_status_and_json_body() -> Result<()> {
     assert_eq!(status_of(&out), 408, "{out}");
     assert!(out.contains("request_timeout"));
     assert!(t.elapsed() < Duration::from_secs(3));
+    // Malformed HTTP: hyper answers 400 and closes that connection only.
+    let out = raw(
+        lb.port,
+        b"\x16\x03\x01 not http\r\n\r\n",
+        Duration::from_secs(5),
+    )?;
+    assert_eq!(status_of(&out), 400, "{out}");
     // Slowloris on the head: the connection is closed after the header timeout,
     // and other clients are served meanwhile.
     let mut slow = TcpStream::connect(("127.0.0.1", lb.port))?;

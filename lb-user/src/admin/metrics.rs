@@ -111,6 +111,7 @@ pub struct Metrics {
     ttfb: Family<RouteLabel, Histogram>,
     e2e: Family<RouteLabel, Histogram>,
     overhead: Histogram,
+    head: Histogram,
     upstream_errors: Family<ErrorLabels, Counter>,
     retries: Family<KindLabel, Counter>,
     endings: Family<KindLabel, Counter>,
@@ -152,11 +153,17 @@ impl Metrics {
             "Request received to last response byte",
             e2e.clone(),
         );
-        let overhead = Histogram::new(exponential_buckets(0.00001, 2.0, 20));
+        let overhead = Histogram::new(exponential_buckets(0.000_005, 2.0, 20));
+        r.register(
+            "proxy_overhead_seconds",
+            "Request received to first upstream attempt sent: agentlb's own latency (body read, parsing, admission, routing)",
+            overhead.clone(),
+        );
+        let head = Histogram::new(exponential_buckets(0.0005, 2.0, 20));
         r.register(
             "response_head_seconds",
-            "Request received to upstream response head (includes agentlb's parsing, queueing and retries)",
-            overhead.clone(),
+            "Request received to upstream response head (includes queueing and retries)",
+            head.clone(),
         );
         let upstream_errors = Family::<ErrorLabels, Counter>::default();
         r.register(
@@ -205,6 +212,7 @@ impl Metrics {
             ttfb,
             e2e,
             overhead,
+            head,
             upstream_errors,
             retries,
             endings,
@@ -233,9 +241,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Time until the upstream response head.
+    /// agentlb's own time before the first upstream attempt.
     pub fn overhead(&self, secs: f64) {
         self.overhead.observe(secs);
+    }
+
+    /// Time until the upstream response head.
+    pub fn response_head(&self, secs: f64) {
+        self.head.observe(secs);
     }
 
     /// First body byte sent.

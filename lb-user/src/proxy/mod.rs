@@ -171,14 +171,22 @@ impl Proxy {
         let rid = request_id(req.headers());
         let path = req.uri().path().to_owned();
         let route = route_label(&path);
-        let resp = match self.clone().dispatch(req, peer, started, &rid).await {
+        // Every log line of this request carries its request id and workflow id.
+        let span = tracing::info_span!("request", request_id = rid.to_str().unwrap_or(""));
+        let resp = match tracing::Instrument::instrument(
+            self.clone().dispatch(req, peer, started, &rid),
+            span.clone(),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.answered(route, "none", e.status.as_u16());
+                let _g = span.enter();
                 if e.status.is_server_error() {
-                    tracing::warn!(request_id = ?rid, status = e.status.as_u16(), error = %e.message, "request failed");
+                    tracing::warn!(status = e.status.as_u16(), error = %e.message, "request failed");
                 } else {
-                    tracing::debug!(request_id = ?rid, status = e.status.as_u16(), error = %e.message, "request rejected");
+                    tracing::debug!(status = e.status.as_u16(), error = %e.message, "request rejected");
                 }
                 e.into_response(Some(&rid))
             }
@@ -272,6 +280,11 @@ impl Proxy {
             rid.to_str().unwrap_or("").to_owned(),
             &settings.meta,
         )?;
+        let wf_span = tracing::info_span!(
+            "workflow",
+            workflow_id = meta.workflow_id.as_deref().unwrap_or(""),
+            agent_id = meta.agent_id.as_deref().unwrap_or(""),
+        );
         if let Some(m) = meta.model.as_deref()
             && !self.controller.backends().iter().any(|b| b.serves(Some(m)))
         {
@@ -281,10 +294,12 @@ impl Proxy {
         let permit = self.limiter.acquire(limits.queue_timeout).await?;
         self.budget.request();
         let route = route_label(parts.uri.path());
-        let (resp, backend, inflight) = self
-            .forward(&parts, body, &meta, &settings, peer, rid, started)
-            .await?;
-        self.metrics.overhead(started.elapsed().as_secs_f64());
+        let (resp, backend, inflight) = tracing::Instrument::instrument(
+            self.forward(&parts, body, &meta, &settings, peer, rid, started),
+            wf_span,
+        )
+        .await?;
+        self.metrics.response_head(started.elapsed().as_secs_f64());
 
         let (mut head, upstream_body) = resp.into_parts();
         strip_hop_by_hop(&mut head.headers);
@@ -377,7 +392,10 @@ impl Proxy {
             }
             let inflight = Inflight::new(backend.clone());
             let req = build_upstream(parts, body.clone(), &backend, peer, rid)?;
-            tracing::debug!(request_id = ?rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, attempt = tried.len(), "forwarding");
+            if tried.is_empty() {
+                self.metrics.overhead(started.elapsed().as_secs_f64());
+            }
+            tracing::debug!(backend = %backend.name, attempt = tried.len(), "forwarding");
             let attempt = match tokio::time::timeout(
                 limits.first_byte_timeout,
                 self.client.request(req),
@@ -393,7 +411,7 @@ impl Proxy {
                         if let Some(w) = &meta.workflow_id {
                             self.controller.workflows.moved(w);
                         }
-                        tracing::info!(request_id = ?rid, backend = %backend.name, failed_attempts = tried.len(), "request moved to another backend");
+                        tracing::info!(backend = %backend.name, failed_attempts = tried.len(), "request moved to another backend");
                     }
                     return Ok((resp, backend, inflight));
                 }
@@ -441,7 +459,7 @@ impl Proxy {
             };
             backend.record_failure(threshold, settings.circuit_open);
             self.metrics.upstream_error(&backend.name, kind);
-            tracing::warn!(request_id = ?rid, backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
+            tracing::warn!(backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
             last = Some(err);
             let n = tried.len() as u32;
             if n > retry.max_retries || !self.budget.try_retry(retry.budget_ratio, retry.budget_min)
