@@ -29,8 +29,8 @@ fn every_map_and_program_matches_lb_common() -> Result<()> {
         return Ok(());
     }
     let pins = PinDir::new();
-    std::fs::create_dir_all(pins.path())
-        .context("pin dir (bpffs must be mounted at /sys/fs/bpf)")?;
+    // Mounts bpffs at /sys/fs/bpf first if nothing is mounted there (as agentlb does).
+    agentlb::dataplane::pins::prepare_dir(pins.path(), true)?;
     let ebpf = aya::EbpfLoader::new()
         .default_map_pin_directory(pins.path())
         .load(agentlb::dataplane::kernel::object())?;
