@@ -753,3 +753,25 @@ fn client_disconnect_cancels_the_upstream_request() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn requests_are_routed_by_model() -> Result<()> {
+    let a = Sim::start(&["--time-scale", "50", "--model", "model-a"])?;
+    let b = Sim::start(&["--time-scale", "50", "--model", "model-b"])?;
+    let lb = Lb::start(&backends(&[&a, &b]))?;
+    wait_until(Duration::from_secs(10), || {
+        let v = get_json(&lb.url("/v1/models")).ok()?;
+        (v["data"].as_array()?.len() == 2).then_some(())
+    })
+    .context("models not learned")?;
+    let a_name = a.url().trim_start_matches("http://").to_owned();
+    for _ in 0..4 {
+        let mut body = chat(1, false);
+        body["model"] = json!("model-a");
+        let r = ureq::post(&lb.url("/v1/chat/completions"))
+            .set("content-type", "application/json")
+            .send_string(&body.to_string())?;
+        assert_eq!(r.header("x-agentlb-backend"), Some(a_name.as_str()));
+    }
+    Ok(())
+}
