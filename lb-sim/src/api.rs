@@ -1,0 +1,1025 @@
+//! The OpenAI-compatible HTTP API of one instance: request types, vLLM-shaped responses, SSE.
+//!
+//! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or SSE),
+//! `GET /v1/models`, `GET /health`, `POST /tokenize`, `GET /load`, `GET /metrics`,
+//! `GET /version`, `GET /kv_event_sources`, and the simulator's own `GET/POST /sim/fault`,
+//! `GET /sim/info`.
+//!
+//! Every completion response carries `usage.prompt_tokens_details.cached_tokens` (as vLLM does
+//! with `--enable-prompt-tokens-details`). Non-streaming responses also carry the engine's
+//! virtual timings in `x-sim-*` headers (seconds of simulated time), so tests can check the
+//! latency model without reading wall clocks.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::engine::{EngineHandle, FinishReason, RequestShared, RequestSpec, SubmitError};
+use crate::faults::{FaultMode, FaultSpec};
+use crate::server::{Instance, LoadGuard};
+use crate::tokenizer::{ChatTurn, Tokenizer, fnv1a64, mix64};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// The response body: a complete buffer or an SSE stream.
+pub enum SimBody {
+    /// A complete body.
+    Full(Option<Bytes>),
+    /// A live SSE stream.
+    Sse(Box<SseStream>),
+    /// A body that fails once polled (cuts the connection).
+    Cut(Option<Pin<Box<tokio::time::Sleep>>>),
+}
+
+impl SimBody {
+    fn full(b: impl Into<Bytes>) -> Self {
+        Self::Full(Some(b.into()))
+    }
+}
+
+impl Body for SimBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            SimBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            SimBody::Sse(s) => s.poll_next(cx),
+            SimBody::Cut(sleep) => {
+                if let Some(s) = sleep {
+                    if s.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    *sleep = None;
+                }
+                Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "fault: reset",
+                ))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, SimBody::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            SimBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            SimBody::Full(None) => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+use std::future::Future as _;
+
+/// A response.
+pub type Resp = Response<SimBody>;
+
+fn json_response(status: StatusCode, v: &Value) -> Resp {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(SimBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A vLLM-style error response (`{"error": {message, type, param, code}}`).
+pub fn error_response(status: StatusCode, kind: &str, message: &str, param: Option<&str>) -> Resp {
+    json_response(
+        status,
+        &json!({
+            "error": {
+                "message": message,
+                "type": kind,
+                "param": param,
+                "code": status.as_u16(),
+            }
+        }),
+    )
+}
+
+fn bad_request(message: &str) -> Resp {
+    error_response(StatusCode::BAD_REQUEST, "BadRequestError", message, None)
+}
+
+fn not_found() -> Resp {
+    json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"}))
+}
+
+fn method_not_allowed() -> Resp {
+    json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({"detail": "Method Not Allowed"}),
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Value>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    n: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    #[serde(default)]
+    model: Option<String>,
+    prompt: Value,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    n: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizeRequest {
+    #[serde(default)]
+    prompt: Option<Value>,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    add_generation_prompt: Option<bool>,
+}
+
+fn chat_turns(messages: &[ChatMessage]) -> Vec<ChatTurn<'_>> {
+    messages
+        .iter()
+        .map(|m| ChatTurn {
+            role: &m.role,
+            content: m.content.as_ref(),
+            tool_calls: m.tool_calls.as_ref(),
+        })
+        .collect()
+}
+
+/// Tokens of a completions `prompt` (string, [string], [int] or [[int]]).
+fn prompt_tokens(tok: &Tokenizer, prompt: &Value) -> Result<Vec<u32>, String> {
+    fn ids(a: &[Value]) -> Option<Vec<u32>> {
+        a.iter()
+            .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+            .collect()
+    }
+    match prompt {
+        Value::String(s) => Ok(tok.encode_prompt(s)),
+        Value::Array(a) if a.is_empty() => Err("prompt must not be empty".into()),
+        Value::Array(a) => match &a[0] {
+            Value::String(s) if a.len() == 1 => Ok(tok.encode_prompt(s)),
+            Value::Number(_) => ids(a).ok_or_else(|| "prompt token ids must be integers".into()),
+            Value::Array(inner) if a.len() == 1 => {
+                ids(inner).ok_or_else(|| "prompt token ids must be integers".into())
+            }
+            _ => Err(
+                "batched prompts are not supported by vllm-sim; send one prompt per request".into(),
+            ),
+        },
+        _ => Err("prompt must be a string, a list of strings or a list of token ids".into()),
+    }
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Box<Resp>> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = if e.is_syntax() || e.is_eof() {
+            format!("JSON decode error: {e}")
+        } else {
+            format!("1 validation error: {e}")
+        };
+        Box::new(bad_request(&msg))
+    })
+}
+
+/// Handles one HTTP request for an instance.
+pub async fn handle(
+    inst: Arc<Instance>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Resp, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if let Some(rest) = path.strip_prefix("/sim/") {
+        return Ok(sim_admin(&inst, rest, method, req).await);
+    }
+    // Faults that gate every vLLM endpoint.
+    let mut fault_rx = inst.fault_rx();
+    loop {
+        let mode = fault_rx.borrow_and_update().mode;
+        match mode {
+            FaultMode::Hang => {
+                if fault_rx.changed().await.is_err() {
+                    return Ok(error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailableError",
+                        "instance stopped",
+                        None,
+                    ));
+                }
+            }
+            FaultMode::Unavailable | FaultMode::Die => {
+                return Ok(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableError",
+                    "The server is unavailable (vllm-sim fault).",
+                    None,
+                ));
+            }
+            _ => break,
+        }
+    }
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 256)
+        .map(str::to_string);
+    let mut resp = match (method, path.as_str()) {
+        (Method::GET, "/health") => Response::new(SimBody::Full(None)),
+        (Method::GET, "/v1/models") => models(&inst),
+        (Method::GET, "/version") => json_response(StatusCode::OK, &json!({"version": "0.33.0"})),
+        (Method::GET, "/load") => json_response(
+            StatusCode::OK,
+            &json!({"server_load": inst.in_flight.load(Ordering::Relaxed)}),
+        ),
+        (Method::GET, "/metrics") => metrics(&inst),
+        (Method::GET, "/kv_event_sources") => kv_event_sources(&inst),
+        (Method::POST, "/tokenize") => match read_body(req).await {
+            Ok(b) => tokenize(&inst, &b),
+            Err(r) => *r,
+        },
+        (Method::POST, "/v1/chat/completions") => {
+            let load = inst.load_guard();
+            match read_body(req).await {
+                Ok(b) => chat(&inst, &b, request_id.clone(), load).await,
+                Err(r) => *r,
+            }
+        }
+        (Method::POST, "/v1/completions") => {
+            let load = inst.load_guard();
+            match read_body(req).await {
+                Ok(b) => completion(&inst, &b, request_id.clone(), load).await,
+                Err(r) => *r,
+            }
+        }
+        (
+            _,
+            "/health"
+            | "/v1/models"
+            | "/version"
+            | "/load"
+            | "/metrics"
+            | "/kv_event_sources"
+            | "/tokenize"
+            | "/v1/chat/completions"
+            | "/v1/completions",
+        ) => method_not_allowed(),
+        _ => not_found(),
+    };
+    if let Some(id) = request_id
+        && let Ok(v) = HeaderValue::from_str(&id)
+    {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    Ok(resp)
+}
+
+async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Box<Resp>> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(Box::new(bad_request(&format!(
+            "could not read request body: {e}"
+        )))),
+    }
+}
+
+fn models(inst: &Instance) -> Resp {
+    let c = &inst.cfg;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": [{
+                "id": c.model,
+                "object": "model",
+                "created": inst.created,
+                "owned_by": "vllm",
+                "root": c.model,
+                "parent": null,
+                "max_model_len": c.max_model_len,
+                "permission": [{
+                    "id": format!("modelperm-{}", inst.new_id()),
+                    "object": "model_permission",
+                    "created": inst.created,
+                    "allow_create_engine": false,
+                    "allow_sampling": true,
+                    "allow_logprobs": true,
+                    "allow_search_indices": false,
+                    "allow_view": true,
+                    "allow_fine_tuning": false,
+                    "organization": "*",
+                    "group": null,
+                    "is_blocking": false
+                }]
+            }]
+        }),
+    )
+}
+
+fn metrics(inst: &Instance) -> Resp {
+    let engine = inst.engine();
+    let text = {
+        let e = engine.lock();
+        crate::metrics::render(&inst.cfg.model, 0, &e.gauges(), e.metrics())
+    };
+    let mut r = Response::new(SimBody::full(text));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+fn kv_event_sources(inst: &Instance) -> Resp {
+    match &inst.kv {
+        None => json_response(StatusCode::OK, &json!({})),
+        Some(kv) => json_response(
+            StatusCode::OK,
+            &json!({
+                "0": {
+                    "enable_kv_cache_events": true,
+                    "publisher": "zmq",
+                    "endpoint": format!("tcp://{}:{}", inst.host, kv.pub_port),
+                    "replay_endpoint": format!("tcp://{}:{}", inst.host, kv.replay_port),
+                    "buffer_steps": kv.buffer_steps,
+                    "hwm": 100000,
+                    "max_queue_size": 100000,
+                    "topic": kv.topic,
+                }
+            }),
+        ),
+    }
+}
+
+fn check_model(inst: &Instance, model: Option<&str>) -> Result<(), Box<Resp>> {
+    match model {
+        Some(m) if m != inst.cfg.model => Err(Box::new(error_response(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            &format!("The model `{m}` does not exist."),
+            Some("model"),
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn tokenize(inst: &Instance, body: &[u8]) -> Resp {
+    let req: TokenizeRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let tokens = if let Some(msgs) = &req.messages {
+        inst.tokenizer.render_chat(
+            &chat_turns(msgs),
+            req.tools.as_ref(),
+            req.add_generation_prompt.unwrap_or(true),
+        )
+    } else if let Some(p) = &req.prompt {
+        match prompt_tokens(&inst.tokenizer, p) {
+            Ok(t) => t,
+            Err(m) => return bad_request(&m),
+        }
+    } else {
+        return bad_request("either `prompt` or `messages` is required");
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "count": tokens.len(),
+            "max_model_len": inst.cfg.max_model_len,
+            "tokens": tokens,
+            "token_strs": null,
+        }),
+    )
+}
+
+fn max_tokens_arg(v: Option<i64>) -> Result<Option<usize>, Box<Resp>> {
+    match v {
+        None => Ok(None),
+        Some(n) if n >= 1 => Ok(Some(n as usize)),
+        Some(n) => Err(Box::new(bad_request(&format!(
+            "max_tokens must be at least 1, got {n}."
+        )))),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+struct Prepared {
+    kind: Kind,
+    prompt: Vec<u32>,
+    max_tokens: Option<usize>,
+    stream: bool,
+    include_usage: bool,
+    seed: u64,
+}
+
+async fn chat(inst: &Arc<Instance>, body: &[u8], rid: Option<String>, load: LoadGuard) -> Resp {
+    let req: ChatRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    if let Err(r) = check_model(inst, req.model.as_deref()) {
+        return *r;
+    }
+    if req.messages.is_empty() {
+        return bad_request("messages must contain at least one message");
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return bad_request("vllm-sim supports n=1 only");
+    }
+    let max = match max_tokens_arg(req.max_completion_tokens.or(req.max_tokens)) {
+        Ok(m) => m,
+        Err(r) => return *r,
+    };
+    let prompt = inst.tokenizer.render_chat(
+        &chat_turns(&req.messages),
+        req.tools.as_ref(),
+        req.add_generation_prompt.unwrap_or(true),
+    );
+    let p = Prepared {
+        kind: Kind::Chat,
+        seed: output_seed(&prompt, req.seed),
+        prompt,
+        max_tokens: max,
+        stream: req.stream.unwrap_or(false),
+        include_usage: req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    };
+    generate(inst, p, rid, load).await
+}
+
+async fn completion(
+    inst: &Arc<Instance>,
+    body: &[u8],
+    rid: Option<String>,
+    load: LoadGuard,
+) -> Resp {
+    let req: CompletionRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    if let Err(r) = check_model(inst, req.model.as_deref()) {
+        return *r;
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return bad_request("vllm-sim supports n=1 only");
+    }
+    let max = match max_tokens_arg(req.max_tokens) {
+        Ok(m) => m,
+        Err(r) => return *r,
+    };
+    let prompt = match prompt_tokens(&inst.tokenizer, &req.prompt) {
+        Ok(p) => p,
+        Err(m) => return bad_request(&m),
+    };
+    let p = Prepared {
+        kind: Kind::Completion,
+        seed: output_seed(&prompt, req.seed),
+        prompt,
+        // vLLM's completions default is 16 tokens.
+        max_tokens: Some(max.unwrap_or(16)),
+        stream: req.stream.unwrap_or(false),
+        include_usage: req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    };
+    generate(inst, p, rid, load).await
+}
+
+/// Deterministic output seed: identical prompts give identical answers (greedy-like).
+fn output_seed(prompt: &[u32], seed: Option<i64>) -> u64 {
+    let mut h = prompt.len() as u64;
+    for &t in prompt.iter().rev().take(64) {
+        h = mix64(h ^ u64::from(t));
+    }
+    h ^ seed.map(|s| mix64(s as u64)).unwrap_or(0)
+}
+
+/// Aborts the engine request when the HTTP side goes away first.
+struct AbortGuard {
+    engine: Arc<EngineHandle>,
+    id: u64,
+    shared: Arc<RequestShared>,
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        if !self.shared.is_finished() {
+            self.engine.abort(self.id);
+        }
+    }
+}
+
+async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: LoadGuard) -> Resp {
+    let engine = inst.engine();
+    let explicit = p.max_tokens.is_some();
+    let max_tokens = p.max_tokens.unwrap_or(inst.cfg.default_max_tokens);
+    let prompt_len = p.prompt.len();
+    let spec = RequestSpec {
+        prompt: p.prompt,
+        max_tokens,
+        explicit_max_tokens: explicit,
+        seed: p.seed,
+        wake_every: if p.stream {
+            inst.cfg.stream_interval
+        } else if matches!(inst.fault().mode, FaultMode::Reset { .. }) {
+            1
+        } else {
+            usize::MAX
+        },
+    };
+    let (id, shared) = match engine.submit(spec) {
+        Ok(x) => x,
+        Err(e @ (SubmitError::TooLong { .. } | SubmitError::TooLarge { .. })) => {
+            return bad_request(&e.to_string());
+        }
+        Err(e) => return bad_request(&e.to_string()),
+    };
+    let guard = AbortGuard {
+        engine: engine.clone(),
+        id,
+        shared: shared.clone(),
+    };
+    let base = rid.unwrap_or_else(|| inst.new_id());
+    let oid = match p.kind {
+        Kind::Chat => format!("chatcmpl-{base}"),
+        Kind::Completion => format!("cmpl-{base}"),
+    };
+    let reset_after = match inst.fault_rx().borrow().mode {
+        FaultMode::Reset { after_tokens } => Some(after_tokens),
+        _ => None,
+    };
+    let created = unix_now();
+    let model_json = serde_json::to_string(&inst.cfg.model).unwrap_or_else(|_| "\"\"".into());
+    let oid_json = serde_json::to_string(&oid).unwrap_or_else(|_| "\"\"".into());
+    if p.stream {
+        let object = match p.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let prefix = format!(
+            "data: {{\"id\":{oid_json},\"object\":\"{object}\",\"created\":{created},\"model\":{model_json},\"choices\":["
+        );
+        let s = SseStream {
+            shared,
+            guard: Some(guard),
+            tokenizer: inst.tokenizer,
+            seed: p.seed,
+            kind: p.kind,
+            prefix,
+            include_usage: p.include_usage,
+            prompt_tokens: prompt_len,
+            sent_tokens: 0,
+            sent_role: false,
+            done: false,
+            reset_after,
+            cut: None,
+            _load: load,
+        };
+        let mut r = Response::new(SimBody::Sse(Box::new(s)));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        return r;
+    }
+    // Non-streaming: wait for the end (or the reset fault).
+    let finished = std::future::poll_fn(|cx| {
+        shared.waker.register(cx.waker());
+        let pr = shared.snapshot();
+        if pr.finished.is_some() || reset_after.is_some_and(|n| pr.generated >= n) {
+            Poll::Ready(pr)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    drop(guard);
+    let Some((reason, t)) = finished.finished else {
+        // Reset fault: headers, then a cut connection.
+        let mut r = Response::new(SimBody::Cut(None));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return r;
+    };
+    if reason == FinishReason::Abort {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableError",
+            "request aborted",
+            None,
+        );
+    }
+    let mut text = String::with_capacity(finished.generated * 5);
+    for j in 0..finished.generated {
+        text.push_str(inst.tokenizer.output_token(p.seed, j).1.as_str());
+    }
+    let usage = Usage {
+        prompt_tokens: prompt_len,
+        total_tokens: prompt_len + finished.generated,
+        completion_tokens: finished.generated,
+        prompt_tokens_details: PromptTokensDetails {
+            cached_tokens: finished.cached_tokens,
+        },
+    };
+    let body = match p.kind {
+        Kind::Chat => serde_json::to_vec(&ChatResponse {
+            id: &oid,
+            object: "chat.completion",
+            created,
+            model: &inst.cfg.model,
+            choices: [ChatChoice {
+                index: 0,
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: &text,
+                    refusal: None,
+                    annotations: None,
+                    audio: None,
+                    function_call: None,
+                    tool_calls: [],
+                    reasoning_content: None,
+                },
+                logprobs: None,
+                finish_reason: reason.as_str(),
+                stop_reason: None,
+            }],
+            service_tier: None,
+            system_fingerprint: None,
+            usage,
+            prompt_logprobs: None,
+            kv_transfer_params: None,
+        }),
+        Kind::Completion => serde_json::to_vec(&CompletionResponse {
+            id: &oid,
+            object: "text_completion",
+            created,
+            model: &inst.cfg.model,
+            choices: [CompletionChoice {
+                index: 0,
+                text: &text,
+                logprobs: None,
+                finish_reason: reason.as_str(),
+                stop_reason: None,
+                prompt_logprobs: None,
+            }],
+            service_tier: None,
+            system_fingerprint: None,
+            usage,
+            kv_transfer_params: None,
+        }),
+    }
+    .unwrap_or_default();
+    let mut r = Response::new(SimBody::full(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let h = r.headers_mut();
+    for (k, v) in [
+        ("x-sim-ttft", t.ttft),
+        ("x-sim-e2e", t.e2e),
+        ("x-sim-queue", t.queue),
+        ("x-sim-itl", t.mean_itl),
+        ("x-sim-time-scale", inst.cfg.time_scale),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&format!("{v:.9}")) {
+            h.insert(k, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&finished.preemptions.to_string()) {
+        h.insert("x-sim-preemptions", v);
+    }
+    r
+}
+
+#[derive(Serialize)]
+struct PromptTokensDetails {
+    cached_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+    completion_tokens: usize,
+    prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Serialize)]
+struct ChatMessageOut<'a> {
+    role: &'static str,
+    content: &'a str,
+    refusal: Option<()>,
+    annotations: Option<()>,
+    audio: Option<()>,
+    function_call: Option<()>,
+    tool_calls: [(); 0],
+    reasoning_content: Option<()>,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: ChatMessageOut<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+    stop_reason: Option<()>,
+}
+
+#[derive(Serialize)]
+struct ChatResponse<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [ChatChoice<'a>; 1],
+    service_tier: Option<()>,
+    system_fingerprint: Option<()>,
+    usage: Usage,
+    prompt_logprobs: Option<()>,
+    kv_transfer_params: Option<()>,
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    index: u32,
+    text: &'a str,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+    stop_reason: Option<()>,
+    prompt_logprobs: Option<()>,
+}
+
+#[derive(Serialize)]
+struct CompletionResponse<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [CompletionChoice<'a>; 1],
+    service_tier: Option<()>,
+    system_fingerprint: Option<()>,
+    usage: Usage,
+    kv_transfer_params: Option<()>,
+}
+
+/// An SSE stream of one request, coalescing tokens produced since the last poll into one chunk
+/// (as vLLM's output collector does when the client lags).
+pub struct SseStream {
+    shared: Arc<RequestShared>,
+    guard: Option<AbortGuard>,
+    tokenizer: Tokenizer,
+    seed: u64,
+    kind: Kind,
+    prefix: String,
+    include_usage: bool,
+    prompt_tokens: usize,
+    sent_tokens: usize,
+    sent_role: bool,
+    done: bool,
+    reset_after: Option<usize>,
+    cut: Option<Pin<Box<tokio::time::Sleep>>>,
+    _load: LoadGuard,
+}
+
+impl SseStream {
+    fn push_chunk(&self, out: &mut String, from: usize, to: usize, finish: Option<FinishReason>) {
+        out.push_str(&self.prefix);
+        match self.kind {
+            Kind::Chat => out.push_str("{\"index\":0,\"delta\":{\"content\":\""),
+            Kind::Completion => out.push_str("{\"index\":0,\"text\":\""),
+        }
+        for j in from..to {
+            out.push_str(self.tokenizer.output_token(self.seed, j).1.as_str());
+        }
+        out.push('"');
+        if self.kind == Kind::Chat {
+            out.push('}');
+        }
+        match (finish, self.kind) {
+            (None, Kind::Chat) => out.push_str(",\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
+            (None, Kind::Completion) => out.push_str(
+                ",\"logprobs\":null,\"finish_reason\":null,\"stop_reason\":null}],\"usage\":null}\n\n",
+            ),
+            (Some(f), Kind::Chat) => {
+                out.push_str(",\"logprobs\":null,\"finish_reason\":\"");
+                out.push_str(f.as_str());
+                out.push_str("\",\"stop_reason\":null}]}\n\n");
+            }
+            (Some(f), Kind::Completion) => {
+                out.push_str(",\"logprobs\":null,\"finish_reason\":\"");
+                out.push_str(f.as_str());
+                out.push_str("\",\"stop_reason\":null}],\"usage\":null}\n\n");
+            }
+        }
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if let Some(c) = &mut self.cut {
+            if c.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.done = true;
+            return Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "fault: reset mid-stream",
+            ))));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        self.shared.waker.register(cx.waker());
+        let (generated, finished, cached) = {
+            let p = self.shared.snapshot();
+            (p.generated, p.finished, p.cached_tokens)
+        };
+        let mut upto = generated;
+        let mut cut_now = false;
+        if let Some(n) = self.reset_after
+            && upto >= n
+        {
+            upto = n;
+            cut_now = true;
+        }
+        if upto == self.sent_tokens && finished.is_none() && !cut_now {
+            return Poll::Pending;
+        }
+        let mut out = String::with_capacity(self.prefix.len() * 2 + 256);
+        if !self.sent_role && self.kind == Kind::Chat && (upto > 0 || finished.is_some()) {
+            out.push_str(&self.prefix);
+            out.push_str("{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+            self.sent_role = true;
+        }
+        let finish = if cut_now { None } else { finished.map(|f| f.0) };
+        match finish {
+            Some(FinishReason::Abort) => {
+                self.done = true;
+                return Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "request aborted",
+                ))));
+            }
+            Some(f) => {
+                self.push_chunk(&mut out, self.sent_tokens, upto, Some(f));
+                self.sent_tokens = upto;
+                if self.include_usage {
+                    out.push_str(&self.prefix);
+                    out.push_str(&format!(
+                        "],\"usage\":{{\"prompt_tokens\":{},\"total_tokens\":{},\"completion_tokens\":{},\"prompt_tokens_details\":{{\"cached_tokens\":{}}}}}}}\n\n",
+                        self.prompt_tokens,
+                        self.prompt_tokens + upto,
+                        upto,
+                        cached
+                    ));
+                }
+                out.push_str("data: [DONE]\n\n");
+                self.done = true;
+                self.guard = None;
+            }
+            None => {
+                if upto > self.sent_tokens {
+                    self.push_chunk(&mut out, self.sent_tokens, upto, None);
+                    self.sent_tokens = upto;
+                }
+                if cut_now {
+                    // Let the bytes so far reach the socket, then cut.
+                    self.cut = Some(Box::pin(tokio::time::sleep(
+                        std::time::Duration::from_millis(50),
+                    )));
+                }
+            }
+        }
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+    }
+}
+
+async fn sim_admin(
+    inst: &Arc<Instance>,
+    rest: &str,
+    method: Method,
+    req: Request<hyper::body::Incoming>,
+) -> Resp {
+    match (method, rest) {
+        (Method::GET, "fault") => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(*inst.fault_rx().borrow()).unwrap_or(Value::Null),
+        ),
+        (Method::POST, "fault") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return *r,
+            };
+            let spec: FaultSpec = match parse_body(&body) {
+                Ok(s) => s,
+                Err(r) => return *r,
+            };
+            if let Err(e) = spec.validate() {
+                return bad_request(&e.to_string());
+            }
+            inst.set_fault(spec);
+            json_response(StatusCode::OK, &json!({"ok": true, "fault": spec}))
+        }
+        (Method::GET, "info") => json_response(StatusCode::OK, &inst.info()),
+        (Method::POST, "reset_prefix_cache") => {
+            let eng = inst.engine();
+            eng.lock().reset_prefix_cache();
+            json_response(StatusCode::OK, &json!({"ok": true}))
+        }
+        _ => not_found(),
+    }
+}
+
+/// A short pseudo-random hex id (32 chars, uuid4-hex-like).
+pub fn hex_id(seed: u64, n: u64) -> String {
+    let a = mix64(seed ^ n);
+    let b = mix64(a ^ fnv1a64(&n.to_le_bytes()));
+    format!("{a:016x}{b:016x}")
+}

@@ -1,0 +1,18 @@
+//! `lb-sim`: a faithful, fast simulator of vLLM 0.33 as a router sees it.
+//!
+//! One process hosts N simulated instances, each with its own engine ([`engine`]), KV block pool
+//! with automatic prefix caching ([`prefix_cache`]), OpenAI-compatible HTTP API ([`api`]),
+//! Prometheus metrics ([`metrics`]), optional KV event publisher ([`kv_events`]) and runtime
+//! faults ([`faults`]). [`server`] wires them together; `src/main.rs` is only the CLI.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod faults;
+pub mod kv_events;
+pub mod metrics;
+pub mod prefix_cache;
+pub mod server;
+pub mod tokenizer;
+
+pub use server::{Running, SimError, run, start};
