@@ -15,9 +15,8 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
@@ -27,7 +26,7 @@ use crate::{
     controller::Controller,
     dataplane::Dataplane,
     model::Backend,
-    proxy::{ApiError, ProxyBody},
+    proxy::{ApiError, ProxyBody, json, respond},
     reload::Reloader,
 };
 
@@ -43,20 +42,6 @@ pub struct Admin {
     pub reloader: Arc<Reloader>,
     /// Bearer token, if required.
     pub token: Option<String>,
-}
-
-fn json(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(v.to_string()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    r
 }
 
 fn backend_json(b: &Backend) -> serde_json::Value {
@@ -141,20 +126,11 @@ impl Admin {
                     &serde_json::json!({"ready": n > 0, "routable_backends": n}),
                 ))
             }
-            (&Method::GET, ["metrics"]) => {
-                let mut r = Response::new(
-                    Full::new(Bytes::from(self.metrics.encode()))
-                        .map_err(|never| match never {})
-                        .boxed(),
-                );
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                Ok(r)
-            }
+            (&Method::GET, ["metrics"]) => Ok(respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics.encode(),
+            )),
             (&Method::GET, ["admin", "dataplane"]) => Ok(json(
                 StatusCode::OK,
                 &serde_json::to_value(self.dataplane.status()).unwrap_or(serde_json::Value::Null),

@@ -1,9 +1,7 @@
 //! OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}`
 //! with the right status and the request id header.
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
 
 use super::ProxyBody;
 
@@ -176,17 +174,8 @@ impl ApiError {
 
     /// The full response, tagged with `request_id` when known.
     pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
-        let mut resp = Response::new(
-            Full::new(Bytes::from(self.json().to_string()))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *resp.status_mut() = self.status;
+        let mut resp = super::json(self.status, &self.json());
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
         if let Some(id) = request_id {
             h.insert(crate::model::H_REQUEST_ID, id.clone());
         }

@@ -113,25 +113,14 @@ struct Xargs<'a> {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum AgenticField<'a> {
-    Object(AgenticContext<'a>),
+    Object(AgenticContext),
     #[serde(borrow)]
     Text(Cow<'a, str>),
 }
 
-#[derive(Deserialize, Default, Clone)]
-struct AgenticContext<'a> {
-    #[serde(borrow, default)]
-    task_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    program_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    agent_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    parent_program_id: Option<Cow<'a, str>>,
-}
-
+/// The fields of vllm-router's `agentic_context` that agentlb uses (small; owned).
 #[derive(Deserialize, Default)]
-struct AgenticOwned {
+struct AgenticContext {
     #[serde(default)]
     task_id: Option<String>,
     #[serde(default)]
@@ -215,14 +204,9 @@ pub fn extract(
         }
         None => BodyFields::default(),
     };
-    let agentic: Option<AgenticOwned> = match fields.vllm_xargs.and_then(|x| x.agentic_context) {
+    let agentic: Option<AgenticContext> = match fields.vllm_xargs.and_then(|x| x.agentic_context) {
         None => None,
-        Some(AgenticField::Object(o)) => Some(AgenticOwned {
-            task_id: o.task_id.map(Cow::into_owned),
-            program_id: o.program_id.map(Cow::into_owned),
-            agent_id: o.agent_id.map(Cow::into_owned),
-            parent_program_id: o.parent_program_id.map(Cow::into_owned),
-        }),
+        Some(AgenticField::Object(o)) => Some(o),
         Some(AgenticField::Text(t)) => Some(serde_json::from_str(&t).map_err(|e| {
             ApiError::invalid_request(
                 format!("vllm_xargs.agentic_context is not a JSON object: {e}"),

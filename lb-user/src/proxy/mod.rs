@@ -108,8 +108,27 @@ pub struct Proxy {
     budget: limits::RetryBudget,
 }
 
-fn full(b: impl Into<Bytes>) -> ProxyBody {
+/// A complete (non-streaming) body.
+pub fn full(b: impl Into<Bytes>) -> ProxyBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A response with `content_type` and a complete body.
+pub fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ProxyBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
+    respond(status, "application/json", v.to_string())
 }
 
 fn json_response(
@@ -117,12 +136,7 @@ fn json_response(
     v: &serde_json::Value,
     rid: &HeaderValue,
 ) -> Response<ProxyBody> {
-    let mut r = Response::new(full(v.to_string()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    let mut r = json(status, v);
     r.headers_mut().insert(H_REQUEST_ID, rid.clone());
     r
 }
