@@ -72,6 +72,10 @@ pub struct CpuSample {
     pub backend: u64,
     /// This process: load generator + backend.
     pub harness: u64,
+    /// Run-queue wait of the proxy's threads, ns.
+    pub proxy_wait_ns: u64,
+    /// Run-queue wait of this process's threads, ns.
+    pub harness_wait_ns: u64,
 }
 
 #[derive(Default)]

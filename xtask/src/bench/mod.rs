@@ -111,6 +111,10 @@ struct Args {
     /// nginx binary.
     #[arg(long, default_value = "nginx")]
     nginx: String,
+    /// agentlb binary to use instead of building `target/release/agentlb`
+    /// (implies not building it).
+    #[arg(long)]
+    agentlb: Option<PathBuf>,
     /// JSON output (default: <workspace>/target/bench/proxy.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -202,7 +206,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
         // build would measure itself. Build xtask (and agentlb) in release and
         // hand over to that binary.
         let mut build = vec!["build", "--release", "--locked", "-p", "xtask"];
-        if wants("agentlb") && !args.no_build {
+        if wants("agentlb") && !args.no_build && args.agentlb.is_none() {
             build.extend(["-p", "lb-user"]);
         }
         crate::cargo(root, &build)?;
@@ -222,10 +226,13 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
         }
         return Ok(());
     }
-    if wants("agentlb") && !args.no_build {
+    if wants("agentlb") && !args.no_build && args.agentlb.is_none() {
         crate::cargo(root, &["build", "--release", "--locked", "-p", "lb-user"])?;
     }
-    let agentlb = bin_dir.join("agentlb");
+    let agentlb = args
+        .agentlb
+        .clone()
+        .unwrap_or_else(|| bin_dir.join("agentlb"));
     let nginx = which(&args.nginx);
     let router = if wants("vllm-router") {
         match vllm_router(root, args.no_install) {
@@ -239,6 +246,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
         None
     };
 
+    procs::install_interrupt_handler()?;
     let tmp = TempDir::new("agentlb-bench-proxy")?;
     if let Some(cpu) = settings.harness_cpu {
         procs::pin_current_thread(cpu)?;
@@ -313,6 +321,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             let stream = wl == "stream";
             for &conc in &settings.concurrency {
                 for t in targets.iter_mut() {
+                    procs::check_interrupted()?;
                     if let Some(p) = t.proc.as_mut() {
                         p.check_alive()?;
                     }
@@ -327,11 +336,14 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
                         duration: settings.duration,
                     };
                     let backend_ref = &backend;
+                    let me = [std::process::id() as i32];
                     let sampler = move || -> Result<CpuSample> {
                         Ok(CpuSample {
                             proxy: procs::ticks_of(&pids),
                             backend: backend_ref.cpu_ticks()?,
                             harness: procs::stat_ticks("/proc/self/stat")?,
+                            proxy_wait_ns: procs::wait_ns_of(&pids),
+                            harness_wait_ns: procs::wait_ns_of(&me),
                         })
                     };
                     let res = rt.block_on(load::run(&spec, &sampler))?;
@@ -366,6 +378,9 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             "client+backend cores near 1.00: the harness core was saturated, so req/s there is bounded by the load generator, not by the proxy; CPU/req stays comparable".to_owned(),
         );
     }
+    notes.push(
+        "run-queue wait: time the proxy's (or the harness's) threads were runnable but not running, per second of window, from schedstat; for the proxy, well above 0 means other work on its core took the CPU; the harness figure also counts the load generator and the backend waiting for each other on their shared core".to_owned(),
+    );
     notes.push(format!(
         "load average before/after: {load_start} / {load_end}; other work on the machine shows up as noise"
     ));
@@ -476,6 +491,21 @@ fn record(
         proxy_cores: has_proxy.then(|| proxy_secs / res.secs.max(1e-9)),
         backend_cpu_us_per_req: backend_secs * 1e6 / n,
         harness_cores: harness_secs / res.secs.max(1e-9),
+        proxy_wait_frac: has_proxy.then(|| {
+            res.cpu
+                .1
+                .proxy_wait_ns
+                .saturating_sub(res.cpu.0.proxy_wait_ns) as f64
+                / 1e9
+                / res.secs.max(1e-9)
+        }),
+        harness_wait_frac: res
+            .cpu
+            .1
+            .harness_wait_ns
+            .saturating_sub(res.cpu.0.harness_wait_ns) as f64
+            / 1e9
+            / res.secs.max(1e-9),
     }
 }
 

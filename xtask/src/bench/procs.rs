@@ -8,11 +8,45 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP into a flag ([`interrupted`]) so that the
+/// benchmark stops between runs and its guards stop every process it started.
+pub fn install_interrupt_handler() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe); the
+        // sigaction struct is zero-initialised plain data.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            bail!("sigaction({sig}): {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Fails once a termination signal has arrived.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
 
 /// A directory removed (recursively) on drop.
 pub struct TempDir(PathBuf);
@@ -58,19 +92,21 @@ impl ChildGuard {
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        if let Some(cpu) = cpu {
-            // SAFETY: between fork and exec the closure only makes the
-            // sched_setaffinity system call on stack data and reads errno; it
-            // does not allocate or take locks.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if raw_affinity(0, cpu) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+        // SAFETY: between fork and exec the closure only makes the prctl and
+        // sched_setaffinity system calls on stack data and reads errno; it does
+        // not allocate or take locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                // If this process dies without running the guards (SIGKILL), the
+                // child gets SIGTERM (nginx then stops its workers).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                match cpu {
+                    Some(cpu) if raw_affinity(0, cpu) != 0 => Err(std::io::Error::last_os_error()),
+                    _ => Ok(()),
+                }
+            });
         }
         let child = cmd
             .spawn()
@@ -163,6 +199,29 @@ fn descendants(pid: i32) -> Vec<i32> {
     out
 }
 
+/// Run-queue wait (ns) summed over every thread of `pids`, from
+/// `/proc/PID/task/TID/schedstat` (second field: time runnable but not running).
+/// Threads that exit between two samples are lost; the proxies keep theirs.
+pub fn wait_ns_of(pids: &[i32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if let Ok(text) = fs::read_to_string(e.path().join("schedstat"))
+                && let Some(w) = text
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|f| f.parse::<u64>().ok())
+            {
+                total += w;
+            }
+        }
+    }
+    total
+}
+
 /// Fields of a `/proc/.../stat` line after the `(comm)` field: index 0 is `state`
 /// (field 3 in proc(5)), index 1 `ppid`, 11 `utime`, 12 `stime`.
 fn stat_fields(path: &str) -> Result<Vec<String>> {
@@ -244,6 +303,7 @@ pub fn wait_ready(
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no attempt");
     while Instant::now() < deadline {
+        check_interrupted()?;
         child.check_alive()?;
         match ureq::post(&url)
             .timeout(Duration::from_secs(2))

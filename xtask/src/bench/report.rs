@@ -51,6 +51,10 @@ pub struct Record {
     pub backend_cpu_us_per_req: f64,
     /// CPU of the load generator + backend (this process) in the window, cores.
     pub harness_cores: f64,
+    /// Run-queue wait of the proxy's threads per second of window (none for direct).
+    pub proxy_wait_frac: Option<f64>,
+    /// Run-queue wait of the harness threads per second of window.
+    pub harness_wait_frac: f64,
 }
 
 /// Median and range of one metric over repeats.
@@ -120,6 +124,10 @@ pub struct Summary {
     pub frames_per_resp: Option<Stat>,
     /// Load generator + backend CPU, cores.
     pub harness_cores: Option<Stat>,
+    /// Proxy run-queue wait per second.
+    pub proxy_wait_frac: Option<Stat>,
+    /// Harness run-queue wait per second.
+    pub harness_wait_frac: Option<Stat>,
     /// Total errors over repeats.
     pub errors: u64,
 }
@@ -219,6 +227,8 @@ pub fn summarize(recs: &[Record]) -> Vec<Summary> {
                 proxy_cores: col(&|r| r.proxy_cores),
                 frames_per_resp: col(&|r| ok(r).then_some(r.frames_per_resp)),
                 harness_cores: col(&|r| Some(r.harness_cores)),
+                proxy_wait_frac: col(&|r| r.proxy_wait_frac),
+                harness_wait_frac: col(&|r| Some(r.harness_wait_frac)),
                 errors: rs.iter().map(|r| r.errors).sum(),
             });
         }
@@ -311,8 +321,10 @@ pub fn markdown(summaries: &[Summary], ratios: &[Ratio], notes: &[String]) -> St
             head.push_str(" first chunk p50 µs | frames/resp |");
             sep.push_str("---:|---:|");
         }
-        head.push_str(" proxy CPU µs/req | proxy cores | client+backend cores | errors |");
-        sep.push_str("---:|---:|---:|---:|");
+        head.push_str(
+            " proxy CPU µs/req | proxy cores | client+backend cores | run-queue wait proxy / harness | errors |",
+        );
+        sep.push_str("---:|---:|---:|---:|---:|");
         let _ = writeln!(md, "{head}\n{sep}");
         for s in summaries.iter().filter(|s| s.workload == wl) {
             let _ = write!(
@@ -336,10 +348,14 @@ pub fn markdown(summaries: &[Summary], ratios: &[Ratio], notes: &[String]) -> St
             }
             let _ = writeln!(
                 md,
-                " {} | {} | {} | {} |",
+                " {} | {} | {} | {} / {} | {} |",
                 fmt_stat(s.proxy_cpu_us_per_req, 1),
                 fmt_stat(s.proxy_cores, 2),
                 fmt_stat(s.harness_cores, 2),
+                s.proxy_wait_frac
+                    .map_or_else(|| "–".to_owned(), |w| format!("{:.2}", w.median)),
+                s.harness_wait_frac
+                    .map_or_else(|| "–".to_owned(), |w| format!("{:.2}", w.median)),
                 s.errors
             );
         }
@@ -405,6 +421,8 @@ mod tests {
             proxy_cores: cpu.map(|_| 0.5),
             backend_cpu_us_per_req: 1.0,
             harness_cores: 1.0,
+            proxy_wait_frac: cpu.map(|_| 0.0),
+            harness_wait_frac: 0.0,
         }
     }
 
