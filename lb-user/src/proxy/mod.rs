@@ -186,7 +186,9 @@ impl Proxy {
         let path = req.uri().path().to_owned();
         let route = route_label(&path);
         // Every log line of this request carries its request id and workflow id.
-        let span = tracing::info_span!("request", request_id = rid.to_str().unwrap_or(""));
+        // Debug level: free when not logging at debug; warnings below name the
+        // request id themselves.
+        let span = tracing::debug_span!("request", request_id = rid.to_str().unwrap_or(""));
         let resp = match tracing::Instrument::instrument(
             self.clone().dispatch(req, peer, started, &rid),
             span.clone(),
@@ -198,7 +200,7 @@ impl Proxy {
                 self.metrics.answered(route, "none", e.status.as_u16());
                 let _g = span.enter();
                 if e.status.is_server_error() {
-                    tracing::warn!(status = e.status.as_u16(), error = %e.message, "request failed");
+                    tracing::warn!(request_id = rid.to_str().unwrap_or(""), status = e.status.as_u16(), error = %e.message, "request failed");
                 } else {
                     tracing::debug!(status = e.status.as_u16(), error = %e.message, "request rejected");
                 }
@@ -294,7 +296,7 @@ impl Proxy {
             rid.to_str().unwrap_or("").to_owned(),
             &settings.meta,
         )?;
-        let wf_span = tracing::info_span!(
+        let wf_span = tracing::debug_span!(
             "workflow",
             workflow_id = meta.workflow_id.as_deref().unwrap_or(""),
             agent_id = meta.agent_id.as_deref().unwrap_or(""),
@@ -425,7 +427,7 @@ impl Proxy {
                         if let Some(w) = &meta.workflow_id {
                             self.controller.workflows.moved(w);
                         }
-                        tracing::info!(backend = %backend.name, failed_attempts = tried.len(), "request moved to another backend");
+                        tracing::info!(request_id = rid.to_str().unwrap_or(""), workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, failed_attempts = tried.len(), "request moved to another backend");
                     }
                     return Ok((resp, backend, inflight));
                 }
@@ -473,7 +475,7 @@ impl Proxy {
             };
             backend.record_failure(threshold, settings.circuit_open);
             self.metrics.upstream_error(&backend.name, kind);
-            tracing::warn!(backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
+            tracing::warn!(request_id = rid.to_str().unwrap_or(""), workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
             last = Some(err);
             let n = tried.len() as u32;
             if n > retry.max_retries || !self.budget.try_retry(retry.budget_ratio, retry.budget_min)

@@ -48,6 +48,7 @@ pub struct Streamed {
     tail: Vec<u8>,
     deadline: Pin<Box<Sleep>>,
     on_end: Option<OnEnd>,
+    deferred: Option<Next>,
     done: bool,
     _hold: Arc<dyn Send + Sync>,
 }
@@ -73,6 +74,7 @@ impl Streamed {
             tail: Vec::new(),
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             on_end: Some(on_end),
+            deferred: None,
             done: false,
             _hold: hold,
         }
@@ -105,6 +107,38 @@ impl Streamed {
     }
 }
 
+/// What comes after the data already sent.
+enum Next {
+    Frame(Frame<Bytes>),
+    Failed(String),
+    End,
+}
+
+/// Upper bound of one coalesced write.
+const COALESCE_MAX: usize = 64 * 1024;
+
+impl Streamed {
+    fn finish(&mut self, next: Next) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match next {
+            Next::Frame(f) => Poll::Ready(Some(Ok(f))),
+            Next::Failed(e) => {
+                let msg = format!("agentlb: the backend failed mid-stream: {e}");
+                tracing::warn!(error = %e, "upstream failed after the first byte");
+                self.end(Outcome::UpstreamFailed);
+                if self.sse {
+                    Poll::Ready(Some(Ok(Frame::data(Self::error_event(&msg)))))
+                } else {
+                    Poll::Ready(Some(Err(msg.into())))
+                }
+            }
+            Next::End => {
+                self.end(Outcome::Complete);
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
 impl Body for Streamed {
     type Data = Bytes;
     type Error = BoxError;
@@ -127,40 +161,80 @@ impl Body for Streamed {
                 Poll::Ready(Some(Err("total timeout exceeded".into())))
             };
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if this.ttfb.is_none() && !data.is_empty() {
-                        let t = this.started.elapsed().as_secs_f64();
-                        this.ttfb = Some(t);
-                        if let Some(f) = this.on_first.take() {
-                            f(t);
+        if let Some(next) = this.deferred.take() {
+            return this.finish(next);
+        }
+        // Coalesce every data frame that is already available into one write:
+        // hyper yields one frame per upstream chunk (one SSE event each), and a
+        // write per event costs a syscall; frames that arrived together go out
+        // together, as a buffering proxy would send them.
+        let mut batch: Option<bytes::BytesMut> = None;
+        let mut first: Option<Bytes> = None;
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        if this.ttfb.is_none() {
+                            let t = this.started.elapsed().as_secs_f64();
+                            this.ttfb = Some(t);
+                            if let Some(f) = this.on_first.take() {
+                                f(t);
+                            }
+                        }
+                        this.remember(&data);
+                        match (&mut first, &mut batch) {
+                            (None, None) => first = Some(data),
+                            (Some(f), None) => {
+                                let mut b = bytes::BytesMut::with_capacity(f.len() + data.len());
+                                b.extend_from_slice(f);
+                                b.extend_from_slice(&data);
+                                first = None;
+                                batch = Some(b);
+                            }
+                            (_, Some(b)) => b.extend_from_slice(&data),
+                        }
+                        let pending = batch.as_ref().map_or(0, |b| b.len());
+                        if pending >= COALESCE_MAX {
+                            break;
                         }
                     }
-                    this.remember(data);
+                    // Trailers: send what we have first.
+                    Err(frame) => {
+                        if first.is_none() && batch.is_none() {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        this.deferred = Some(Next::Frame(frame));
+                        break;
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    this.deferred = Some(Next::Failed(e.to_string()));
+                    break;
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let msg = format!("agentlb: the backend failed mid-stream: {e}");
-                tracing::warn!(error = %e, "upstream failed after the first byte");
-                this.end(Outcome::UpstreamFailed);
-                if this.sse {
-                    Poll::Ready(Some(Ok(Frame::data(Self::error_event(&msg)))))
-                } else {
-                    Poll::Ready(Some(Err(msg.into())))
+                Poll::Ready(None) => {
+                    this.deferred = Some(Next::End);
+                    break;
                 }
             }
-            Poll::Ready(None) => {
-                this.end(Outcome::Complete);
-                Poll::Ready(None)
-            }
+        }
+        if let Some(b) = batch {
+            return Poll::Ready(Some(Ok(Frame::data(b.freeze()))));
+        }
+        if let Some(f) = first {
+            return Poll::Ready(Some(Ok(Frame::data(f))));
+        }
+        match this.deferred.take() {
+            Some(next) => this.finish(next),
+            None => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        self.done || (self.deferred.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
