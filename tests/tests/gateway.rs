@@ -255,6 +255,14 @@ fn metadata_from_every_shape_reaches_router_and_admin_api() -> Result<()> {
     );
     assert!(m.contains("agentlb_time_to_first_byte_seconds_count{route=\"chat\"} 7"));
     assert!(m.contains("agentlb_proxy_overhead_seconds_count 7"), "{m}");
+    assert!(
+        m.contains("agentlb_response_endings_total{kind=\"complete\"} 7"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("kind=\"client_gone\""),
+        "complete responses counted as client_gone: {m}"
+    );
     // Structured JSON logs carry the request id and the workflow id.
     let logs = lb.proc_.output();
     let line = logs

@@ -354,8 +354,14 @@ impl Proxy {
             if let Some(w) = &wf {
                 this.controller.workflows.finish(w, usage);
             }
-            if outcome != stream::Outcome::Complete {
-                tracing::info!(request_id = ?rid_log, backend = %backend_name, ?outcome, "response ended early");
+            match outcome {
+                stream::Outcome::Complete => {}
+                stream::Outcome::ClientGone => {
+                    tracing::debug!(request_id = ?rid_log, backend = %backend_name, "client left before the response ended");
+                }
+                _ => {
+                    tracing::info!(request_id = ?rid_log, backend = %backend_name, ?outcome, "response ended early")
+                }
             }
             this.limiter.released.notify_waiters();
         });

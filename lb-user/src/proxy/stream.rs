@@ -245,7 +245,19 @@ impl Body for Streamed {
 impl Drop for Streamed {
     fn drop(&mut self) {
         if !self.done {
-            self.end(Outcome::ClientGone);
+            // hyper stops polling once `is_end_stream` says so (known length, all
+            // bytes sent), so a body dropped at its end is complete; otherwise the
+            // client went away mid-response.
+            let complete = match &self.deferred {
+                Some(Next::End) => true,
+                None => self.inner.is_end_stream(),
+                Some(_) => false,
+            };
+            self.end(if complete {
+                Outcome::Complete
+            } else {
+                Outcome::ClientGone
+            });
         }
     }
 }
