@@ -61,6 +61,10 @@ pub struct Backend {
     pub url: Uri,
     /// Resolved addresses (published to the kernel).
     pub addrs: Vec<SocketAddr>,
+    /// `host:port` of the URL, for upstream request URIs.
+    pub authority: http::uri::Authority,
+    /// The same as a `Host` header value.
+    pub host_header: http::HeaderValue,
     /// Requests currently being proxied to it.
     pub inflight: AtomicU64,
     /// Requests sent to it in total (attempts).
@@ -83,11 +87,19 @@ pub struct Backend {
 impl Backend {
     /// A new, healthy, closed-circuit backend.
     pub fn new(id: BackendId, name: String, url: Uri, addrs: Vec<SocketAddr>) -> Self {
+        let authority = url
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+        let host_header = http::HeaderValue::from_str(authority.as_str())
+            .unwrap_or(http::HeaderValue::from_static("localhost"));
         Self {
             id,
             name,
             url,
             addrs,
+            authority,
+            host_header,
             inflight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),

@@ -15,7 +15,6 @@ pub mod stream;
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -179,7 +178,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: HeaderValue,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         let rid = request_id(req.headers());
@@ -213,7 +212,7 @@ impl Proxy {
     async fn dispatch(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: HeaderValue,
         started: Instant,
         rid: &HeaderValue,
     ) -> Result<Response<ProxyBody>, ApiError> {
@@ -311,7 +310,7 @@ impl Proxy {
         self.budget.request();
         let route = route_label(parts.uri.path());
         let (resp, backend, inflight) = tracing::Instrument::instrument(
-            self.forward(&parts, body, &meta, &settings, peer, rid, started),
+            self.forward(&parts, body, &meta, &settings, &peer, rid, started),
             wf_span,
         )
         .await?;
@@ -386,7 +385,7 @@ impl Proxy {
         body: Bytes,
         meta: &RequestMeta,
         settings: &Settings,
-        peer: SocketAddr,
+        peer: &HeaderValue,
         rid: &HeaderValue,
         started: Instant,
     ) -> Result<(Response<Incoming>, Arc<Backend>, Inflight), ApiError> {
@@ -561,7 +560,7 @@ fn route_label(path: &str) -> &'static str {
 
 /// Rejects request heads larger than `max` with 431.
 fn check_headers(req: &Request<Incoming>, max: usize) -> Result<(), ApiError> {
-    let mut size = req.uri().to_string().len() + 16;
+    let mut size = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 16;
     for (k, v) in req.headers() {
         size += k.as_str().len() + v.len() + 4;
     }
@@ -634,38 +633,41 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// The upstream request for `backend`: same method, path, headers (minus
 /// hop-by-hop) and the original body bytes.
+const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+
 fn build_upstream(
     parts: &Parts,
     body: Bytes,
     backend: &Backend,
-    peer: SocketAddr,
+    peer: &HeaderValue,
     rid: &HeaderValue,
 ) -> Result<Request<Full<Bytes>>, ApiError> {
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let authority = backend
-        .url
-        .authority()
-        .map(|a| a.as_str())
-        .unwrap_or_default();
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
+    // Authority and Host come precomputed with the backend; the path is shared.
+    let mut up = http::uri::Parts::default();
+    up.scheme = Some(http::uri::Scheme::HTTP);
+    up.authority = Some(backend.authority.clone());
+    up.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(up)
         .map_err(|e| ApiError::bad_gateway(format!("cannot build upstream URI: {e}")))?;
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
-    if let Ok(v) = HeaderValue::from_str(authority) {
-        headers.insert(header::HOST, v);
-    }
+    headers.insert(header::HOST, backend.host_header.clone());
     headers.insert(H_REQUEST_ID, rid.clone());
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            HeaderValue::from_str(&format!("{prev}, {}", peer.to_str().unwrap_or(""))).ok()
+        }
+        None => Some(peer.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
     let mut req = Request::new(Full::new(body));
     *req.method_mut() = parts.method.clone();
@@ -720,7 +722,12 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
-                let svc = hyper::service::service_fn(move |req| proxy.clone().handle(req, peer));
+                // The client address for X-Forwarded-For, formatted once per connection.
+                let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+                    .unwrap_or(HeaderValue::from_static("unknown"));
+                let svc = hyper::service::service_fn(move |req| {
+                    proxy.clone().handle(req, peer_ip.clone())
+                });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

@@ -49,6 +49,9 @@ pub struct Streamed {
     deadline: Pin<Box<Sleep>>,
     on_end: Option<OnEnd>,
     deferred: Option<Next>,
+    held: Option<Held>,
+    yields: u8,
+    just_yielded: bool,
     done: bool,
     _hold: Arc<dyn Send + Sync>,
 }
@@ -75,6 +78,9 @@ impl Streamed {
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             on_end: Some(on_end),
             deferred: None,
+            held: None,
+            yields: 0,
+            just_yielded: false,
             done: false,
             _hold: hold,
         }
@@ -116,6 +122,23 @@ enum Next {
 
 /// Upper bound of one coalesced write.
 const COALESCE_MAX: usize = 64 * 1024;
+/// Scheduler turns given to the upstream connection per coalesced write.
+const MAX_YIELDS: u8 = 16;
+
+/// Data received but not yet handed to hyper.
+enum Held {
+    One(Bytes),
+    Many(bytes::BytesMut),
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        match self {
+            Held::One(b) => b.len(),
+            Held::Many(b) => b.len(),
+        }
+    }
+}
 
 impl Streamed {
     fn finish(&mut self, next: Next) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -164,20 +187,30 @@ impl Body for Streamed {
         if let Some(next) = this.deferred.take() {
             return this.finish(next);
         }
-        // Coalesce every data frame that is already available into one write:
-        // hyper yields one frame per upstream chunk (one SSE event each), and a
-        // write per event costs a syscall; frames that arrived together go out
-        // together, as a buffering proxy would send them.
-        let mut batch: Option<bytes::BytesMut> = None;
-        let mut first: Option<Bytes> = None;
+        // Coalesce data frames into one write: hyper yields one frame per upstream
+        // chunk (one SSE event each) and hands them over one at a time, and a
+        // write per event costs a syscall. While an SSE stream keeps producing,
+        // give the upstream connection task a turn (a self-wake) before writing,
+        // so events that are already in its socket join this write; stop at the
+        // first turn that brings nothing, after MAX_YIELDS turns, or at 64 KiB.
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => break,
+                Poll::Pending => {
+                    let have = this.held.is_some();
+                    if have && this.sse && !this.just_yielded && this.yields < MAX_YIELDS {
+                        this.yields += 1;
+                        this.just_yielded = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    break;
+                }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         if data.is_empty() {
                             continue;
                         }
+                        this.just_yielded = false;
                         if this.ttfb.is_none() {
                             let t = this.started.elapsed().as_secs_f64();
                             this.ttfb = Some(t);
@@ -186,25 +219,28 @@ impl Body for Streamed {
                             }
                         }
                         this.remember(&data);
-                        match (&mut first, &mut batch) {
-                            (None, None) => first = Some(data),
-                            (Some(f), None) => {
+                        let held = match this.held.take() {
+                            None => Held::One(data),
+                            Some(Held::One(f)) => {
                                 let mut b = bytes::BytesMut::with_capacity(f.len() + data.len());
-                                b.extend_from_slice(f);
+                                b.extend_from_slice(&f);
                                 b.extend_from_slice(&data);
-                                first = None;
-                                batch = Some(b);
+                                Held::Many(b)
                             }
-                            (_, Some(b)) => b.extend_from_slice(&data),
-                        }
-                        let pending = batch.as_ref().map_or(0, |b| b.len());
-                        if pending >= COALESCE_MAX {
+                            Some(Held::Many(mut b)) => {
+                                b.extend_from_slice(&data);
+                                Held::Many(b)
+                            }
+                        };
+                        let full = held.len() >= COALESCE_MAX;
+                        this.held = Some(held);
+                        if full {
                             break;
                         }
                     }
                     // Trailers: send what we have first.
                     Err(frame) => {
-                        if first.is_none() && batch.is_none() {
+                        if this.held.is_none() {
                             return Poll::Ready(Some(Ok(frame)));
                         }
                         this.deferred = Some(Next::Frame(frame));
@@ -221,11 +257,12 @@ impl Body for Streamed {
                 }
             }
         }
-        if let Some(b) = batch {
-            return Poll::Ready(Some(Ok(Frame::data(b.freeze()))));
-        }
-        if let Some(f) = first {
-            return Poll::Ready(Some(Ok(Frame::data(f))));
+        this.yields = 0;
+        this.just_yielded = false;
+        match this.held.take() {
+            Some(Held::One(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+            Some(Held::Many(b)) => return Poll::Ready(Some(Ok(Frame::data(b.freeze())))),
+            None => {}
         }
         match this.deferred.take() {
             Some(next) => this.finish(next),
@@ -234,7 +271,7 @@ impl Body for Streamed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || (self.deferred.is_none() && self.inner.is_end_stream())
+        self.done || (self.deferred.is_none() && self.held.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -248,11 +285,12 @@ impl Drop for Streamed {
             // hyper stops polling once `is_end_stream` says so (known length, all
             // bytes sent), so a body dropped at its end is complete; otherwise the
             // client went away mid-response.
-            let complete = match &self.deferred {
-                Some(Next::End) => true,
-                None => self.inner.is_end_stream(),
-                Some(_) => false,
-            };
+            let complete = self.held.is_none()
+                && match &self.deferred {
+                    Some(Next::End) => true,
+                    None => self.inner.is_end_stream(),
+                    Some(_) => false,
+                };
             self.end(if complete {
                 Outcome::Complete
             } else {
