@@ -578,6 +578,17 @@ fn overload_unavailable_timeout_and_bad_gateway_statuses() -> Result<()> {
         (503, Some("no_backend")),
         "{v}"
     );
+    // Readiness follows: nothing routable, on the proxy and the admin port alike.
+    assert!(matches!(
+        ureq::get(&lb2.url("/ready")).call(),
+        Err(ureq::Error::Status(503, _))
+    ));
+    assert!(matches!(
+        ureq::get(&lb2.admin_url("/ready")).call(),
+        Err(ureq::Error::Status(503, _))
+    ));
+    let ok = get_json(&lb.url("/ready"))?;
+    assert_eq!(ok["routable_backends"], 1, "{ok}");
     Ok(())
 }
 

@@ -109,23 +109,7 @@ impl Admin {
         }
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (&method, segs.as_slice()) {
-            (&Method::GET, ["ready"]) => {
-                let n = self
-                    .controller
-                    .backends()
-                    .iter()
-                    .filter(|b| b.routable())
-                    .count();
-                let st = if n > 0 {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                Ok(json(
-                    st,
-                    &serde_json::json!({"ready": n > 0, "routable_backends": n}),
-                ))
-            }
+            (&Method::GET, ["ready"]) => Ok(crate::proxy::ready(&self.controller)),
             (&Method::GET, ["metrics"]) => Ok(respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

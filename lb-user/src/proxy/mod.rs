@@ -125,6 +125,24 @@ pub fn respond(
     r
 }
 
+/// `/ready`: 200 while at least one backend is routable, else 503.
+pub fn ready(controller: &Controller) -> Response<ProxyBody> {
+    let n = controller
+        .backends()
+        .iter()
+        .filter(|b| b.routable())
+        .count();
+    let st = if n > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        st,
+        &serde_json::json!({"ready": n > 0, "routable_backends": n}),
+    )
+}
+
 /// A JSON response.
 pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
     respond(status, "application/json", v.to_string())
@@ -229,22 +247,9 @@ impl Proxy {
                 ));
             }
             ("/ready", &Method::GET) => {
-                let n = self
-                    .controller
-                    .backends()
-                    .iter()
-                    .filter(|b| b.routable())
-                    .count();
-                let st = if n > 0 {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                return Ok(json_response(
-                    st,
-                    &serde_json::json!({"ready": n > 0, "routable_backends": n}),
-                    rid,
-                ));
+                let mut r = ready(&self.controller);
+                r.headers_mut().insert(H_REQUEST_ID, rid.clone());
+                return Ok(r);
             }
             ("/v1/models", &Method::GET) => {
                 let data: Vec<_> = self
