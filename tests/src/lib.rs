@@ -201,20 +201,6 @@ pub fn veth_pair(
     Ok(())
 }
 
-/// The cgroup2 mount point (from /proc/self/mountinfo; never hard-coded).
-pub fn cgroup2_mount() -> Result<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo")?;
-    for line in text.lines() {
-        if let Some((left, right)) = line.split_once(" - ")
-            && right.split_whitespace().next() == Some("cgroup2")
-            && let Some(mp) = left.split_whitespace().nth(4)
-        {
-            return Ok(PathBuf::from(mp));
-        }
-    }
-    bail!("no cgroup2 mount")
-}
-
 /// A child cgroup of the cgroup2 root for one test. On drop its processes (and
 /// those of sub-cgroups) are killed and every directory is removed.
 #[derive(Debug)]
@@ -225,7 +211,7 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// Creates `<cgroup2>/agentlb-test-<pid>-<n>`.
     pub fn new() -> Result<Self> {
-        let path = cgroup2_mount()?.join(unique("agentlb-test"));
+        let path = agentlb::dataplane::cgroup::cgroup2_mount()?.join(unique("agentlb-test"));
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self { path })
     }

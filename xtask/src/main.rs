@@ -72,18 +72,7 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::run(&root).map(|_| ()),
         Cmd::Build => {
             setup::run(&root)?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--release",
-                    "--locked",
-                    "-p",
-                    "lb-user",
-                    "-p",
-                    "lb-sim",
-                ],
-            )
+            build_release(&root)
         }
         Cmd::Lint => {
             setup::run(&root)?;
@@ -260,7 +249,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn demo(root: &Path, backends: u16, keep_running: bool) -> Result<()> {
+/// Release build of the two binaries users run.
+fn build_release(root: &Path) -> Result<()> {
     cargo(
         root,
         &[
@@ -272,7 +262,11 @@ fn demo(root: &Path, backends: u16, keep_running: bool) -> Result<()> {
             "-p",
             "lb-sim",
         ],
-    )?;
+    )
+}
+
+fn demo(root: &Path, backends: u16, keep_running: bool) -> Result<()> {
+    build_release(root)?;
     demo::run(&root.join("target/release"), backends, keep_running)
 }
 

@@ -26,7 +26,10 @@ use super::{
     cgroup::{self, CgroupGuard},
     pins,
 };
-use crate::config::{KernelConfig, XdpAttachMode};
+use crate::{
+    config::{KernelConfig, XdpAttachMode},
+    error_chain,
+};
 
 /// The embedded eBPF object.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -58,18 +61,6 @@ fn map_err<E: std::error::Error>(what: &'static str) -> impl FnOnce(E) -> Datapl
         what,
         message: error_chain(&e),
     }
-}
-
-/// Renders an error with its sources (aya nests the errno deep inside).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl KernelDataplane {

@@ -157,6 +157,13 @@ fn cookie<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .filter(|v| !v.is_empty())
 }
 
+/// The header value if present, else the first body shape that has one.
+fn header_or<const N: usize>(header: Option<&str>, body: [Option<&str>; N]) -> Option<String> {
+    header
+        .or_else(|| body.into_iter().flatten().next())
+        .map(str::to_owned)
+}
+
 /// Validates an id: 1..=max bytes of visible ASCII.
 fn check_id(what: &str, v: &str, limits: &MetaLimits) -> Result<String, ApiError> {
     if v.len() > limits.max_id_len {
@@ -232,24 +239,24 @@ pub fn extract(
     } else {
         (None, None)
     };
-    let agent = match header(headers, "x-agent-id")? {
-        Some(v) => Some(v.to_owned()),
-        None => fields
-            .agent_id
-            .as_deref()
-            .or(wm.agent_id.as_deref())
-            .map(str::to_owned)
-            .or_else(|| agentic.as_ref().and_then(|a| a.agent_id.clone())),
-    };
-    let parent = match header(headers, "x-parent-request-id")? {
-        Some(v) => Some(v.to_owned()),
-        None => fields
-            .parent_request_id
-            .as_deref()
-            .or(wm.parent_request_id.as_deref())
-            .map(str::to_owned)
-            .or_else(|| agentic.as_ref().and_then(|a| a.parent_program_id.clone())),
-    };
+    let agent = header_or(
+        header(headers, "x-agent-id")?,
+        [
+            fields.agent_id.as_deref(),
+            wm.agent_id.as_deref(),
+            agentic.as_ref().and_then(|a| a.agent_id.as_deref()),
+        ],
+    );
+    let parent = header_or(
+        header(headers, "x-parent-request-id")?,
+        [
+            fields.parent_request_id.as_deref(),
+            wm.parent_request_id.as_deref(),
+            agentic
+                .as_ref()
+                .and_then(|a| a.parent_program_id.as_deref()),
+        ],
+    );
     let session = header(headers, &limits.session_header)?;
     Ok(RequestMeta {
         workflow_id: opt_id("workflow id", workflow.as_deref(), limits)?,
