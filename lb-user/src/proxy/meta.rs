@@ -18,6 +18,24 @@ use std::borrow::Cow;
 use http::HeaderMap;
 use serde::Deserialize;
 
+/// Read access to request headers: the engine's parsed head, or a `HeaderMap`.
+pub trait HeaderSource {
+    /// Every value of `name` (given in lower case; matched case-insensitively).
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl HeaderSource for HeaderMap {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(http::HeaderValue::as_bytes)
+    }
+}
+
+impl HeaderSource for super::h1::Head {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name)
+    }
+}
+
 use super::ApiError;
 
 /// Where the workflow id came from.
@@ -131,12 +149,14 @@ struct AgenticContext {
     parent_program_id: Option<String>,
 }
 
-fn header<'h>(h: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
-    match h.get(name) {
+fn header<'h>(h: &'h impl HeaderSource, name: &'h str) -> Result<Option<&'h str>, ApiError> {
+    match h.values(name).next() {
         None => Ok(None),
-        Some(v) => v
-            .to_str()
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .filter(|s| s.is_ascii())
             .map(|s| Some(s.trim()).filter(|s| !s.is_empty()))
+            .ok_or(())
             .map_err(|_| {
                 ApiError::invalid_request(
                     format!("header {name} is not valid ASCII"),
@@ -146,10 +166,9 @@ fn header<'h>(h: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError>
     }
 }
 
-fn cookie<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    h.get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+fn cookie<'h>(h: &'h impl HeaderSource, name: &str) -> Option<&'h str> {
+    h.values("cookie")
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == name)
@@ -191,7 +210,7 @@ fn opt_id(what: &str, v: Option<&str>, limits: &MetaLimits) -> Result<Option<Str
 /// Extracts metadata from headers and (for JSON requests) the body bytes.
 /// `body` is `None` for requests without a JSON body.
 pub fn extract(
-    headers: &HeaderMap,
+    headers: &impl HeaderSource,
     body: Option<&[u8]>,
     request_id: String,
     limits: &MetaLimits,

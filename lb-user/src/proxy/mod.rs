@@ -1,65 +1,57 @@
-//! The userspace (hyper) path: a complete OpenAI-compatible gateway on its own.
+//! The userspace path: a complete OpenAI-compatible gateway on its own.
 //!
-//! Per request: route → header-size and content-type checks → body read with a
-//! size limit and a timeout (the body is buffered up to `limits.max_body_bytes`,
-//! parsed once for metadata by [`meta`], and forwarded byte-exact) → admission
-//! ([`limits`]) → backend choice by the controller → upstream attempt with retries
-//! on other backends while nothing has reached the client (connect errors, resets,
-//! first-byte timeout, 502/503/504) → the response streamed back frame by frame
-//! ([`stream`]). Every error is an OpenAI-style JSON body ([`error`]).
+//! Per request ([`conn`]): head parse ([`h1`]) with size and time limits → route
+//! → content-type check → body read with a size limit and a timeout (buffered up
+//! to `limits.max_body_bytes`, parsed once for metadata by [`meta`], forwarded
+//! byte-exact) → admission ([`limits`]) → backend choice by the controller →
+//! upstream attempt on a pooled connection ([`upstream`]) with retries on other
+//! backends while nothing has reached the client (connect errors, resets,
+//! first-byte timeout, 502/503/504) → the response relayed as it arrives, with
+//! its bookkeeping in [`stream`]. Every error is an OpenAI-style JSON body
+//! ([`error`]).
+//!
+//! Why an HTTP/1 engine of our own (on `httparse`) instead of hyper's server and
+//! pooled client: the proxy must cost no more CPU per request than nginx. With
+//! hyper, each request crossed a connection task and a pool channel, built two
+//! header maps and re-serialised both heads, and every upstream chunk became one
+//! client write. Here one task per client connection drives both sockets: heads
+//! are forwarded from their parsed bytes, and everything one upstream read
+//! returns leaves in one client write. Owning both sockets is also what the
+//! kernel fast path needs to hand a connection pair over after its first
+//! request. The admin listener stays on hyper.
 
+pub mod conn;
 pub mod error;
+pub mod h1;
 pub mod limits;
 pub mod meta;
 pub mod stream;
+pub mod upstream;
 
 use std::{
-    convert::Infallible,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header, request::Parts,
-};
-use http_body::Body as _;
+use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
-use tokio::{net::TcpListener, sync::watch};
 
+pub use conn::serve;
 pub use error::ApiError;
 
 use crate::{
     admin::metrics::Metrics,
     config::{Config, Limits, RetryConfig},
     controller::{Controller, NoBackend},
-    model::{Backend, H_BACKEND, H_REQUEST_ID, RequestMeta},
+    model::{Backend, H_REQUEST_ID, RequestMeta},
 };
 
 /// Boxed error of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type of every response agentlb produces.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
-
-/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// The OpenAI routes agentlb proxies.
 const PROXIED: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
@@ -95,18 +87,6 @@ impl Settings {
     }
 }
 
-/// Shared proxy state.
-pub struct Proxy {
-    controller: Arc<Controller>,
-    client: Client<HttpConnector, Full<Bytes>>,
-    metrics: Arc<Metrics>,
-    /// Hot settings.
-    pub settings: ArcSwap<Settings>,
-    /// Admission.
-    pub limiter: Arc<limits::Limiter>,
-    budget: limits::RetryBudget,
-}
-
 /// A complete (non-streaming) body.
 pub fn full(b: impl Into<Bytes>) -> ProxyBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
@@ -125,8 +105,8 @@ pub fn respond(
     r
 }
 
-/// `/ready`: 200 while at least one backend is routable, else 503.
-pub fn ready(controller: &Controller) -> Response<ProxyBody> {
+/// `/ready` body and status, shared by both listeners.
+pub fn ready_state(controller: &Controller) -> (StatusCode, serde_json::Value) {
     let n = controller
         .backends()
         .iter()
@@ -137,10 +117,16 @@ pub fn ready(controller: &Controller) -> Response<ProxyBody> {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json(
+    (
         st,
-        &serde_json::json!({"ready": n > 0, "routable_backends": n}),
+        serde_json::json!({"ready": n > 0, "routable_backends": n}),
     )
+}
+
+/// `/ready`: 200 while at least one backend is routable, else 503.
+pub fn ready(controller: &Controller) -> Response<ProxyBody> {
+    let (st, v) = ready_state(controller);
+    json(st, &v)
 }
 
 /// A JSON response.
@@ -148,43 +134,51 @@ pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
     respond(status, "application/json", v.to_string())
 }
 
-fn json_response(
-    status: StatusCode,
-    v: &serde_json::Value,
-    rid: &HeaderValue,
-) -> Response<ProxyBody> {
-    let mut r = json(status, v);
-    r.headers_mut().insert(H_REQUEST_ID, rid.clone());
-    r
-}
-
 /// What went wrong with one upstream attempt.
 enum Attempt {
-    Status(Response<Incoming>),
-    Error(hyper_util::client::legacy::Error),
+    Status(upstream::UpConn, h1::Head),
+    Error { connect: bool, message: String },
     Timeout,
 }
 
+/// A response head from a backend, with the connection to read its body from.
+pub struct Upstream {
+    /// The connection (its buffer may hold the first body bytes).
+    pub conn: upstream::UpConn,
+    /// The response head.
+    pub head: h1::Head,
+    /// The backend that answered.
+    pub backend: Arc<Backend>,
+    /// Counts the request in flight on `backend` until dropped.
+    pub inflight: Inflight,
+}
+
+/// Shared proxy state.
+pub struct Proxy {
+    controller: Arc<Controller>,
+    pool: upstream::Pool,
+    metrics: Arc<Metrics>,
+    /// Hot settings.
+    pub settings: ArcSwap<Settings>,
+    /// Admission.
+    pub limiter: Arc<limits::Limiter>,
+    budget: limits::RetryBudget,
+}
+
+/// Bodies up to this size are sent in the same write as the upstream head.
+const INLINE_BODY: usize = 16 * 1024;
+
 impl Proxy {
-    /// Creates the proxy with a pooled upstream client.
+    /// Creates the proxy with an empty upstream pool.
     pub fn new(
         controller: Arc<Controller>,
         metrics: Arc<Metrics>,
         limiter: Arc<limits::Limiter>,
         config: &Config,
     ) -> Self {
-        let limits = &config.limits;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(limits.pool_max_idle_per_backend)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Self {
             controller,
-            client,
+            pool: upstream::Pool::new(config.limits.pool_max_idle_per_backend),
             metrics,
             settings: ArcSwap::from_pointee(Settings::from_config(config)),
             limiter,
@@ -192,193 +186,45 @@ impl Proxy {
         }
     }
 
-    /// Handles one request. Never fails: errors become JSON responses.
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: HeaderValue,
-    ) -> Result<Response<ProxyBody>, Infallible> {
-        let started = Instant::now();
-        let rid = request_id(req.headers());
-        let path = req.uri().path().to_owned();
-        let route = route_label(&path);
-        // Every log line of this request carries its request id and workflow id.
-        // Debug level: free when not logging at debug; warnings below name the
-        // request id themselves.
-        let span = tracing::debug_span!("request", request_id = rid.to_str().unwrap_or(""));
-        let resp = match tracing::Instrument::instrument(
-            self.clone().dispatch(req, peer, started, &rid),
-            span.clone(),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.answered(route, "none", e.status.as_u16());
-                let _g = span.enter();
-                if e.status.is_server_error() {
-                    tracing::warn!(request_id = rid.to_str().unwrap_or(""), status = e.status.as_u16(), error = %e.message, "request failed");
-                } else {
-                    tracing::debug!(status = e.status.as_u16(), error = %e.message, "request rejected");
-                }
-                e.into_response(Some(&rid))
-            }
-        };
-        Ok(resp)
+    /// Drops idle upstream connections of removed backends.
+    pub fn prune_pool(&self) {
+        let ids: Vec<_> = self.controller.backends().iter().map(|b| b.id).collect();
+        self.pool.retain(&ids);
     }
 
-    async fn dispatch(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: HeaderValue,
-        started: Instant,
-        rid: &HeaderValue,
-    ) -> Result<Response<ProxyBody>, ApiError> {
-        let settings = self.settings.load_full();
-        let path = req.uri().path();
-        let method = req.method().clone();
-        let proxied = PROXIED.contains(&path);
-        match (path, &method) {
-            ("/health", &Method::GET) => {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &serde_json::json!({"status": "ok"}),
-                    rid,
-                ));
-            }
-            ("/ready", &Method::GET) => {
-                let mut r = ready(&self.controller);
-                r.headers_mut().insert(H_REQUEST_ID, rid.clone());
-                return Ok(r);
-            }
-            ("/v1/models", &Method::GET) => {
-                let data: Vec<_> = self
-                    .controller
-                    .models()
-                    .into_iter()
-                    .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "agentlb"}))
-                    .collect();
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &serde_json::json!({"object": "list", "data": data}),
-                    rid,
-                ));
-            }
-            (_, &Method::POST) if proxied => {}
-            ("/health" | "/ready" | "/v1/models", _) => {
-                return Err(ApiError::method_not_allowed(format!(
-                    "{method} {path}: use GET"
-                )));
-            }
-            _ if proxied => {
-                return Err(ApiError::method_not_allowed(format!(
-                    "{method} {path}: use POST"
-                )));
-            }
-            _ => return Err(ApiError::not_found(format!("no route for {method} {path}"))),
-        }
-
-        let limits = &settings.limits;
-        check_headers(&req, limits.max_header_bytes)?;
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !is_json {
-            return Err(ApiError::invalid_request(
-                "Content-Type must be application/json",
-                "invalid_content_type",
-            ));
-        }
-        let (parts, body) = req.into_parts();
-        let body = read_body(body, limits.max_body_bytes, limits.body_read_timeout).await?;
-        let meta = meta::extract(
-            &parts.headers,
-            Some(&body),
-            rid.to_str().unwrap_or("").to_owned(),
-            &settings.meta,
-        )?;
-        let wf_span = tracing::debug_span!(
-            "workflow",
-            workflow_id = meta.workflow_id.as_deref().unwrap_or(""),
-            agent_id = meta.agent_id.as_deref().unwrap_or(""),
-        );
-        if let Some(m) = meta.model.as_deref()
-            && !self.controller.backends().iter().any(|b| b.serves(Some(m)))
-        {
-            return Err(ApiError::model_not_found(m));
-        }
-
-        let permit = self.limiter.acquire(limits.queue_timeout).await?;
-        self.budget.request();
-        let route = route_label(parts.uri.path());
-        let (resp, backend, inflight) = tracing::Instrument::instrument(
-            self.forward(&parts, body, &meta, &settings, &peer, rid, started),
-            wf_span,
-        )
-        .await?;
-        self.metrics.response_head(started.elapsed().as_secs_f64());
-
-        let (mut head, upstream_body) = resp.into_parts();
-        strip_hop_by_hop(&mut head.headers);
-        head.headers.insert(H_REQUEST_ID, rid.clone());
-        if let Ok(v) = HeaderValue::from_str(&backend.name) {
-            head.headers.insert(H_BACKEND, v);
-        }
-        let status = head.status.as_u16();
-        self.metrics.answered(route, &backend.name, status);
-        let sse = head
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-
-        let wf = meta.workflow_id.clone();
-        if let Some(w) = &wf {
-            if self.controller.workflows.start(
-                w,
-                meta.agent_id.as_deref(),
-                meta.parent_request_id.as_deref(),
-                &meta.request_id,
-                &backend.name,
-            ) {
-                self.metrics.lineage_edge();
-            }
-            self.metrics.workflow_request(w, meta.agent_id.as_deref());
-        }
-        let metrics = self.metrics.clone();
-        let metrics2 = self.metrics.clone();
-        let this = self.clone();
-        let backend_name = backend.name.clone();
-        let rid_log = rid.clone();
-        let on_end: stream::OnEnd = Box::new(move |outcome, usage, _ttfb| {
-            metrics.finished(route, started.elapsed().as_secs_f64(), outcome);
-            if let Some(w) = &wf {
-                this.controller.workflows.finish(w, usage);
-            }
-            match outcome {
-                stream::Outcome::Complete => {}
-                stream::Outcome::ClientGone => {
-                    tracing::debug!(request_id = ?rid_log, backend = %backend_name, "client left before the response ended");
+    /// One attempt on `backend`: a pooled connection, or a new one when the
+    /// pooled one turns out closed before any response byte.
+    async fn attempt(
+        &self,
+        backend: &Backend,
+        head: &[u8],
+        body: &[u8],
+        connect_timeout: Duration,
+    ) -> Result<(upstream::UpConn, h1::Head), Attempt> {
+        let mut fresh = false;
+        loop {
+            let mut conn = self
+                .pool
+                .checkout(backend, fresh, connect_timeout)
+                .await
+                .map_err(|e| Attempt::Error {
+                    connect: true,
+                    message: e.to_string(),
+                })?;
+            match upstream::exchange(&mut conn, head, body).await {
+                Ok(h) => return Ok((conn, h)),
+                Err(e) if conn.reused && !fresh && e.before_response() => {
+                    tracing::debug!(backend = %backend.name, error = %e, "pooled connection was closed; reconnecting");
+                    fresh = true;
                 }
-                _ => {
-                    tracing::info!(request_id = ?rid_log, backend = %backend_name, ?outcome, "response ended early")
+                Err(e) => {
+                    return Err(Attempt::Error {
+                        connect: false,
+                        message: e.to_string(),
+                    });
                 }
             }
-            this.limiter.released.notify_waiters();
-        });
-        let body = stream::Streamed::new(
-            upstream_body,
-            sse,
-            started,
-            tokio::time::Instant::from_std(started + limits.total_timeout),
-            Box::new(move |t| metrics2.first_byte(route, t)),
-            on_end,
-            Arc::new((permit, inflight)),
-        );
-        Ok(Response::from_parts(head, body.boxed()))
+        }
     }
 
     /// Sends the request upstream, retrying on other backends while nothing has
@@ -386,21 +232,22 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        parts: &Parts,
-        body: Bytes,
+        head: &h1::Head,
+        body: &Bytes,
         meta: &RequestMeta,
         settings: &Settings,
-        peer: &HeaderValue,
-        rid: &HeaderValue,
+        peer: &str,
+        rid: &str,
         started: Instant,
-    ) -> Result<(Response<Incoming>, Arc<Backend>, Inflight), ApiError> {
+    ) -> Result<Upstream, ApiError> {
         let limits = &settings.limits;
         let retry = &settings.retry;
         let mut tried: Vec<u32> = Vec::new();
         let mut last: Option<ApiError> = None;
-        // The last upstream 5xx answer (with its backend and in-flight guard): passed
-        // through to the client when no other backend can be tried.
-        let mut last_status: Option<(Response<Incoming>, Arc<Backend>, Inflight)> = None;
+        // The last upstream 5xx answer: passed through to the client when no
+        // other backend can be tried.
+        let mut last_status: Option<Upstream> = None;
+        let mut req = Vec::with_capacity(head.len() + 256 + body.len().min(INLINE_BODY));
         loop {
             let backend = match self.pick(meta, &tried, limits).await {
                 Ok(b) => b,
@@ -417,51 +264,66 @@ impl Proxy {
                 continue;
             }
             let inflight = Inflight::new(backend.clone());
-            let req = build_upstream(parts, body.clone(), &backend, peer, rid)?;
+            req.clear();
+            build_upstream(&mut req, head, &backend, peer, rid, body.len());
+            let inline = body.len() <= INLINE_BODY;
+            if inline {
+                req.extend_from_slice(body);
+            }
             if tried.is_empty() {
                 self.metrics.overhead(started.elapsed().as_secs_f64());
             }
             tracing::debug!(backend = %backend.name, attempt = tried.len(), "forwarding");
-            let attempt = match tokio::time::timeout(
-                limits.first_byte_timeout,
-                self.client.request(req),
-            )
-            .await
-            {
-                Ok(Ok(resp)) if matches!(resp.status().as_u16(), 502..=504) => {
-                    Attempt::Status(resp)
-                }
-                Ok(Ok(resp)) => {
+            let sent = self.attempt(
+                &backend,
+                &req,
+                if inline { &[] } else { body },
+                limits.connect_timeout,
+            );
+            let attempt = match tokio::time::timeout(limits.first_byte_timeout, sent).await {
+                Ok(Ok((conn, h))) if matches!(h.status, 502..=504) => Attempt::Status(conn, h),
+                Ok(Ok((conn, h))) => {
                     backend.record_success();
                     if !tried.is_empty() {
                         if let Some(w) = &meta.workflow_id {
                             self.controller.workflows.moved(w);
                         }
-                        tracing::info!(request_id = rid.to_str().unwrap_or(""), workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, failed_attempts = tried.len(), "request moved to another backend");
+                        tracing::info!(request_id = rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, failed_attempts = tried.len(), "request moved to another backend");
                     }
-                    return Ok((resp, backend, inflight));
+                    return Ok(Upstream {
+                        conn,
+                        head: h,
+                        backend,
+                        inflight,
+                    });
                 }
-                Ok(Err(e)) => Attempt::Error(e),
+                Ok(Err(e)) => e,
                 Err(_) => Attempt::Timeout,
             };
             tried.push(backend.id);
             let (kind, err) = match attempt {
-                Attempt::Status(r) => {
-                    let st = r.status();
-                    last_status = Some((r, backend.clone(), inflight));
+                Attempt::Status(conn, h) => {
+                    let st = h.status;
+                    last_status = Some(Upstream {
+                        conn,
+                        head: h,
+                        backend: backend.clone(),
+                        inflight,
+                    });
                     (
                         "status",
                         ApiError::bad_gateway(format!("backend {} answered {st}", backend.name)),
                     )
                 }
-                Attempt::Error(e) => {
+                Attempt::Error { connect, message } => {
                     drop(inflight);
                     last_status = None;
-                    let msg = crate::error_chain(&e);
-                    let kind = if e.is_connect() { "connect" } else { "io" };
                     (
-                        kind,
-                        ApiError::bad_gateway(format!("backend {} failed: {msg}", backend.name)),
+                        if connect { "connect" } else { "io" },
+                        ApiError::bad_gateway(format!(
+                            "backend {} failed: {message}",
+                            backend.name
+                        )),
                     )
                 }
                 Attempt::Timeout => {
@@ -485,7 +347,7 @@ impl Proxy {
             };
             backend.record_failure(threshold, settings.circuit_open);
             self.metrics.upstream_error(&backend.name, kind);
-            tracing::warn!(request_id = rid.to_str().unwrap_or(""), workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
+            tracing::warn!(request_id = rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
             last = Some(err);
             let n = tried.len() as u32;
             if n > retry.max_retries || !self.budget.try_retry(retry.budget_ratio, retry.budget_min)
@@ -563,129 +425,59 @@ fn route_label(path: &str) -> &'static str {
     }
 }
 
-/// Rejects request heads larger than `max` with 431.
-fn check_headers(req: &Request<Incoming>, max: usize) -> Result<(), ApiError> {
-    let mut size = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 16;
-    for (k, v) in req.headers() {
-        size += k.as_str().len() + v.len() + 4;
-    }
-    if size > max {
-        return Err(ApiError::headers_too_large(max));
-    }
-    Ok(())
-}
-
-/// Reads the whole body, failing with 413 past `max` bytes and 408 past `timeout`.
-async fn read_body(body: Incoming, max: usize, timeout: Duration) -> Result<Bytes, ApiError> {
-    if body.size_hint().lower() > max as u64 {
-        return Err(ApiError::too_large(max));
-    }
-    let read = async {
-        let mut body = body;
-        let mut buf = bytes::BytesMut::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                ApiError::invalid_request(
-                    format!("error reading the request body: {e}"),
-                    "body_read_error",
-                )
-            })?;
-            if let Some(d) = frame.data_ref() {
-                if buf.len() + d.len() > max {
-                    return Err(ApiError::too_large(max));
-                }
-                buf.extend_from_slice(d);
-            }
-        }
-        Ok(buf.freeze())
-    };
-    match tokio::time::timeout(timeout, read).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::request_timeout(format!(
-            "the request body was not received within {} ms",
-            timeout.as_millis()
-        ))),
-    }
-}
-
-/// The client's request id, or a new one.
-fn request_id(h: &HeaderMap) -> HeaderValue {
-    h.get(H_REQUEST_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
-        .cloned()
-        .unwrap_or_else(|| {
-            let id = format!("agentlb-{:032x}", rand::random::<u128>());
-            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("agentlb"))
-        })
-}
-
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter(|s| !s.is_empty())
-        .collect();
-    for n in HOP_BY_HOP
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
-    {
-        h.remove(n);
-    }
-}
-
-/// The upstream request for `backend`: same method, path, headers (minus
-/// hop-by-hop) and the original body bytes.
-const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
-
+/// Writes the upstream request head for `backend`: same method and target,
+/// the client's fields minus hop-by-hop ones, then `Host`, `X-Request-Id`,
+/// `X-Forwarded-For` (appended to) and `Content-Length` of the original body.
 fn build_upstream(
-    parts: &Parts,
-    body: Bytes,
+    out: &mut Vec<u8>,
+    head: &h1::Head,
     backend: &Backend,
-    peer: &HeaderValue,
-    rid: &HeaderValue,
-) -> Result<Request<Full<Bytes>>, ApiError> {
-    // Authority and Host come precomputed with the backend; the path is shared.
-    let mut up = http::uri::Parts::default();
-    up.scheme = Some(http::uri::Scheme::HTTP);
-    up.authority = Some(backend.authority.clone());
-    up.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    let uri = Uri::from_parts(up)
-        .map_err(|e| ApiError::bad_gateway(format!("cannot build upstream URI: {e}")))?;
-    let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    headers.insert(header::HOST, backend.host_header.clone());
-    headers.insert(H_REQUEST_ID, rid.clone());
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            HeaderValue::from_str(&format!("{prev}, {}", peer.to_str().unwrap_or(""))).ok()
+    peer: &str,
+    rid: &str,
+    body_len: usize,
+) {
+    out.extend_from_slice(head.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.path_and_query().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    h1::put_header(out, b"host", backend.host_header.as_bytes());
+    let mut xff: Vec<&[u8]> = Vec::new();
+    for (name, value) in head.headers() {
+        let skip = [
+            "host",
+            "content-length",
+            H_REQUEST_ID,
+            "expect",
+            "x-forwarded-for",
+        ]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            xff.push(value);
         }
-        None => Some(peer.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+        if skip || head.is_hop_by_hop(name) {
+            continue;
+        }
+        h1::put_header(out, name, value);
     }
-    let mut req = Request::new(Full::new(body));
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    Ok(req)
+    h1::put_header(out, H_REQUEST_ID.as_bytes(), rid.as_bytes());
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for v in xff {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer.as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    h1::put_dec(out, body_len as u64);
+    out.extend_from_slice(b"\r\n\r\n");
 }
 
 /// Counts a request as in flight on its backend until dropped.
 pub struct Inflight(Arc<Backend>);
 
 impl Inflight {
-    fn new(b: Arc<Backend>) -> Self {
+    /// Counts one more request on `b`.
+    pub fn new(b: Arc<Backend>) -> Self {
         b.inflight.fetch_add(1, Ordering::Relaxed);
         Self(b)
     }
@@ -694,61 +486,5 @@ impl Inflight {
 impl Drop for Inflight {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Serves the proxy on `listener` until `stop` turns true, then drains in-flight
-/// connections for at most `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    grace: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let graceful = GracefulShutdown::new();
-    let settings = proxy.settings.load_full();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .keep_alive(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.limits.header_read_timeout)
-        // hyper's own hard cap on the head; our JSON 431 applies below it.
-        .max_buf_size((settings.limits.max_header_bytes * 4).max(64 * 1024));
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let proxy = proxy.clone();
-                // The client address for X-Forwarded-For, formatted once per connection.
-                let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
-                    .unwrap_or(HeaderValue::from_static("unknown"));
-                let svc = hyper::service::service_fn(move |req| {
-                    proxy.clone().handle(req, peer_ip.clone())
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, %peer, "client connection ended with error");
-                    }
-                });
-            }
-            _ = stop.changed() => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("proxy drained"),
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(?grace, "shutdown grace elapsed; closing remaining connections");
-        }
     }
 }

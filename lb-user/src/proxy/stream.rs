@@ -1,25 +1,13 @@
-//! The response body agentlb sends: the upstream body passed through frame by
-//! frame (no buffering; no coalescing either: hyper's client hands over one
-//! upstream chunk at a time, and batching attempts measured no fewer writes),
-//! plus bookkeeping — time to first byte, end-to-end time, token usage from the
-//! body's tail, in-flight accounting until the last byte —
-//! and failure handling: an upstream error after the first byte ends an SSE
-//! stream with a well-formed error event and a clean close (other bodies are
-//! aborted, as the client cannot be told otherwise); the total timeout applies.
+//! Bookkeeping of one response on its way to the client: time to first byte,
+//! end-to-end time, token usage read from the body's tail, guards (admission
+//! permit, in-flight counter) held until the last byte, and how it ended.
+//!
+//! The relay itself is in [`super::conn`]; a [`Tracker`] dropped without
+//! [`Tracker::end`] (the connection task was cancelled) counts as the client
+//! having gone away.
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Instant,
-};
+use std::time::Instant;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use tokio::time::Sleep;
-
-use super::BoxError;
 use crate::controller::workflows::{Usage, usage_from_tail};
 
 const TAIL: usize = 4096;
@@ -37,65 +25,65 @@ pub enum Outcome {
     ClientGone,
 }
 
-/// Called once when the body ends or is dropped.
+/// Called once when the response ends.
 pub type OnEnd = Box<dyn FnOnce(Outcome, Option<Usage>, Option<f64>) + Send + Sync>;
 
-/// The streaming body.
-pub struct Streamed {
-    inner: Incoming,
-    sse: bool,
+/// The SSE event that ends a stream agentlb could not finish.
+pub fn error_event(message: &str) -> Vec<u8> {
+    let v = serde_json::json!({"error": {
+        "message": message, "type": "upstream_error", "param": null, "code": "stream_interrupted"
+    }});
+    format!("data: {v}\n\ndata: [DONE]\n\n").into_bytes()
+}
+
+/// Per-response bookkeeping.
+pub struct Tracker {
     started: Instant,
     ttfb: Option<f64>,
     on_first: Option<Box<dyn FnOnce(f64) + Send + Sync>>,
     tail: Vec<u8>,
-    deadline: Pin<Box<Sleep>>,
+    want_usage: bool,
     on_end: Option<OnEnd>,
-    done: bool,
-    _hold: Arc<dyn Send + Sync>,
+    _hold: Box<dyn Send + Sync>,
 }
 
-impl Streamed {
-    /// Wraps `inner`. `hold` keeps guards (permits, in-flight counters) alive until
-    /// the body is finished or dropped.
+impl Tracker {
+    /// Tracks a response whose request started at `started`. `hold` keeps guards
+    /// alive until the response ends. Usage is read from the body's tail only
+    /// when `want_usage` (someone records it).
     pub fn new(
-        inner: Incoming,
-        sse: bool,
         started: Instant,
-        deadline: tokio::time::Instant,
+        want_usage: bool,
         on_first: Box<dyn FnOnce(f64) + Send + Sync>,
         on_end: OnEnd,
-        hold: Arc<dyn Send + Sync>,
+        hold: Box<dyn Send + Sync>,
     ) -> Self {
         Self {
-            inner,
-            sse,
             started,
             ttfb: None,
             on_first: Some(on_first),
             tail: Vec::new(),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            want_usage,
             on_end: Some(on_end),
-            done: false,
             _hold: hold,
         }
     }
 
-    fn end(&mut self, outcome: Outcome) {
-        self.done = true;
-        if let Some(f) = self.on_end.take() {
-            let usage = usage_from_tail(&self.tail);
-            f(outcome, usage, self.ttfb);
+    /// Body bytes about to be sent to the client.
+    pub fn data(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
         }
-    }
-
-    fn error_event(message: &str) -> Bytes {
-        let v = serde_json::json!({"error": {
-            "message": message, "type": "upstream_error", "param": null, "code": "stream_interrupted"
-        }});
-        Bytes::from(format!("data: {v}\n\ndata: [DONE]\n\n"))
-    }
-
-    fn remember(&mut self, data: &Bytes) {
+        if self.ttfb.is_none() {
+            let t = self.started.elapsed().as_secs_f64();
+            self.ttfb = Some(t);
+            if let Some(f) = self.on_first.take() {
+                f(t);
+            }
+        }
+        if !self.want_usage {
+            return;
+        }
         if data.len() >= TAIL {
             self.tail.clear();
             self.tail.extend_from_slice(&data[data.len() - TAIL..]);
@@ -105,83 +93,71 @@ impl Streamed {
             self.tail.extend_from_slice(data);
         }
     }
-}
 
-impl Body for Streamed {
-    type Data = Bytes;
-    type Error = BoxError;
+    /// The response ended.
+    pub fn end(mut self, outcome: Outcome) {
+        self.finish(outcome);
+    }
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if this.deadline.as_mut().poll(cx).is_ready() {
-            this.end(Outcome::TimedOut);
-            return if this.sse {
-                Poll::Ready(Some(Ok(Frame::data(Self::error_event(
-                    "agentlb: the request exceeded its total time limit",
-                )))))
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(f) = self.on_end.take() {
+            let usage = if self.want_usage {
+                usage_from_tail(&self.tail)
             } else {
-                Poll::Ready(Some(Err("total timeout exceeded".into())))
+                None
             };
+            f(outcome, usage, self.ttfb);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if this.ttfb.is_none() && !data.is_empty() {
-                        let t = this.started.elapsed().as_secs_f64();
-                        this.ttfb = Some(t);
-                        if let Some(f) = this.on_first.take() {
-                            f(t);
-                        }
-                    }
-                    this.remember(data);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let msg = format!("agentlb: the backend failed mid-stream: {e}");
-                tracing::warn!(error = %e, "upstream failed after the first byte");
-                this.end(Outcome::UpstreamFailed);
-                if this.sse {
-                    Poll::Ready(Some(Ok(Frame::data(Self::error_event(&msg)))))
-                } else {
-                    Poll::Ready(Some(Err(msg.into())))
-                }
-            }
-            Poll::Ready(None) => {
-                this.end(Outcome::Complete);
-                Poll::Ready(None)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
-impl Drop for Streamed {
+impl Drop for Tracker {
     fn drop(&mut self) {
-        if !self.done {
-            // hyper stops polling once `is_end_stream` says so (known length, all
-            // bytes sent), so a body dropped at its end is complete; otherwise the
-            // client went away mid-response.
-            let complete = self.inner.is_end_stream();
-            self.end(if complete {
-                Outcome::Complete
-            } else {
-                Outcome::ClientGone
-            });
-        }
+        self.finish(Outcome::ClientGone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn tracker_reports_usage_ttfb_and_outcome_once() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let first = Arc::new(Mutex::new(0u32));
+        let f2 = first.clone();
+        let mut t = Tracker::new(
+            Instant::now(),
+            true,
+            Box::new(move |_| *f2.lock().expect("lock") += 1),
+            Box::new(move |o, u, ttfb| s2.lock().expect("lock").push((o, u, ttfb.is_some()))),
+            Box::new(()),
+        );
+        t.data(b"data: {\"usage\":{\"prompt_tokens\":3,");
+        t.data(b"\"completion_tokens\":4,\"total_tokens\":7}}\n\ndata: [DONE]\n\n");
+        t.end(Outcome::Complete);
+        let seen = seen.lock().expect("lock");
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].0, Outcome::Complete);
+        assert!(seen[0].1.is_some(), "usage parsed from the tail");
+        assert!(seen[0].2);
+        assert_eq!(*first.lock().expect("lock"), 1);
+    }
+
+    #[test]
+    fn dropped_tracker_counts_as_client_gone() {
+        let seen = Arc::new(Mutex::new(None));
+        let s2 = seen.clone();
+        drop(Tracker::new(
+            Instant::now(),
+            false,
+            Box::new(|_| {}),
+            Box::new(move |o, _, _| *s2.lock().expect("lock") = Some(o)),
+            Box::new(()),
+        ));
+        assert_eq!(*seen.lock().expect("lock"), Some(Outcome::ClientGone));
     }
 }

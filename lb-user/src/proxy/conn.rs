@@ -1,0 +1,868 @@
+//! One task per client connection: read a request, answer or proxy it, relay
+//! the response, repeat while the connection is kept alive.
+//!
+//! Limits: the request head must arrive within `limits.header_read_timeout`
+//! (the same timer closes idle keep-alive connections) and fit in
+//! `limits.max_header_bytes` (431); the body within `limits.body_read_timeout`
+//! (408) and `limits.max_body_bytes` (413). A request with an unread body that
+//! is answered with an error gets `Connection: close`. Malformed HTTP gets a
+//! 400 JSON error and the connection is closed; other connections are not
+//! affected.
+//!
+//! Relay: everything one upstream `read` returned leaves in one client write
+//! (chunked upstream bodies are decoded and re-framed as one chunk per read), so
+//! SSE events that arrive together are coalesced. While waiting for the backend
+//! the client socket is watched: a client that closes cancels the upstream
+//! request (its connection is closed, which vLLM treats as an abort).
+
+use std::{io, net::SocketAddr, sync::Arc, time::Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    time::Sleep,
+};
+
+use super::{
+    ApiError, Proxy, Settings, Upstream,
+    h1::{self, Framing, Head},
+    meta, route_label,
+    stream::{self, Outcome, Tracker},
+};
+use crate::model::{H_BACKEND, H_REQUEST_ID};
+
+const READ_BUF: usize = 8 * 1024;
+/// Bytes of a pipelined next request kept while a response is in flight.
+const MAX_PIPELINED: usize = 64 * 1024;
+
+/// Serves the proxy on `listener` until `stop` turns true, then lets in-flight
+/// requests finish for at most `grace` (idle connections close at once).
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    grace: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let pruner = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(super::upstream::IDLE_TIMEOUT / 3);
+            loop {
+                tick.tick().await;
+                proxy.prune_pool();
+            }
+        })
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = Conn::new(proxy.clone(), stream, peer, stop.clone(), done_tx.clone());
+                tokio::spawn(conn.run());
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    drop(done_tx);
+    pruner.abort();
+    tokio::select! {
+        _ = done_rx.recv() => tracing::info!("proxy drained"),
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace elapsed; closing remaining connections");
+        }
+    }
+}
+
+/// How the response body is framed towards the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 client, unknown length: the close marks the end.
+    Close,
+}
+
+/// How a relay ended.
+struct Relayed {
+    outcome: Outcome,
+    /// The upstream connection can serve another request.
+    reusable: bool,
+}
+
+/// One client connection.
+struct Conn {
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: String,
+    buf: BytesMut,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+    stop: watch::Receiver<bool>,
+    /// The current request still has body bytes unread on the socket.
+    body_pending: bool,
+    _done: mpsc::Sender<()>,
+}
+
+impl Conn {
+    fn new(
+        proxy: Arc<Proxy>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: watch::Receiver<bool>,
+        done: mpsc::Sender<()>,
+    ) -> Self {
+        Self {
+            proxy,
+            stream,
+            peer: peer.ip().to_string(),
+            buf: BytesMut::with_capacity(READ_BUF),
+            out: Vec::with_capacity(READ_BUF),
+            scratch: Vec::new(),
+            stop,
+            body_pending: false,
+            _done: done,
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            let settings = self.proxy.settings.load_full();
+            let head = match self.read_head(&settings).await {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    let rid = new_request_id();
+                    tracing::debug!(request_id = %rid, status = e.status.as_u16(), error = %e.message, "bad request head");
+                    self.proxy
+                        .metrics
+                        .answered("other", "none", e.status.as_u16());
+                    self.body_pending = true;
+                    self.send_error(e, &rid, &settings).await;
+                    break;
+                }
+            };
+            let rid = request_id(&head);
+            let span = tracing::debug_span!("request", request_id = %rid);
+            let keep =
+                tracing::Instrument::instrument(self.request(head, &rid, &settings), span).await;
+            if !keep || *self.stop.borrow() {
+                break;
+            }
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Reads the next request head. `Ok(None)`: the connection is done (closed,
+    /// idle past the header timeout, or shutting down).
+    async fn read_head(&mut self, s: &Settings) -> Result<Option<Head>, ApiError> {
+        let max = s.limits.max_header_bytes;
+        let timeout = s.limits.header_read_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.buf.is_empty() {
+                match h1::parse_request(&mut self.buf, max) {
+                    Ok(Some(h)) => return Ok(Some(h)),
+                    Ok(None) => {}
+                    Err(h1::HeadError::TooLarge | h1::HeadError::TooManyHeaders) => {
+                        return Err(ApiError::headers_too_large(max));
+                    }
+                    Err(e @ h1::HeadError::Malformed(_)) => {
+                        return Err(ApiError::invalid_request(e.to_string(), "malformed_http"));
+                    }
+                }
+            }
+            let idle = self.buf.is_empty();
+            if idle && *self.stop.borrow() {
+                return Ok(None);
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_BUF);
+            }
+            tokio::select! {
+                r = self.stream.read_buf(&mut self.buf) => match r {
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(_) => {}
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    if idle {
+                        return Ok(None);
+                    }
+                    return Err(ApiError::request_timeout(format!(
+                        "the request head was not received within {} ms",
+                        timeout.as_millis()
+                    )));
+                }
+                _ = self.stop.changed(), if idle => return Ok(None),
+            }
+        }
+    }
+
+    /// Serves one request. Returns whether the connection stays open.
+    async fn request(&mut self, head: Head, rid: &str, s: &Arc<Settings>) -> bool {
+        let started = Instant::now();
+        let route = route_label(head.path());
+        let keep = head.keep_alive();
+        let framing = match h1::request_framing(&head) {
+            Ok(f) => f,
+            Err(m) => {
+                self.body_pending = true;
+                self.reject(
+                    ApiError::invalid_request(m, "invalid_framing"),
+                    rid,
+                    route,
+                    s,
+                )
+                .await;
+                return false;
+            }
+        };
+        self.body_pending = framing != Framing::Empty;
+        enum Target {
+            Health,
+            Ready,
+            Models,
+            Proxied,
+            Refused(ApiError),
+        }
+        let target = match (head.path(), head.method()) {
+            ("/health", "GET") => Target::Health,
+            ("/ready", "GET") => Target::Ready,
+            ("/v1/models", "GET") => Target::Models,
+            (p, "POST") if super::PROXIED.contains(&p) => Target::Proxied,
+            (p @ ("/health" | "/ready" | "/v1/models"), m) => {
+                Target::Refused(ApiError::method_not_allowed(format!("{m} {p}: use GET")))
+            }
+            (p, m) if super::PROXIED.contains(&p) => {
+                Target::Refused(ApiError::method_not_allowed(format!("{m} {p}: use POST")))
+            }
+            (p, m) => Target::Refused(ApiError::not_found(format!("no route for {m} {p}"))),
+        };
+        let result = match target {
+            Target::Health => {
+                self.local(200, serde_json::json!({"status": "ok"}), rid, keep, route);
+                Ok(())
+            }
+            Target::Ready => {
+                let (st, v) = super::ready_state(&self.proxy.controller);
+                self.local(st.as_u16(), v, rid, keep, route);
+                Ok(())
+            }
+            Target::Models => {
+                let data: Vec<_> = self
+                    .proxy
+                    .controller
+                    .models()
+                    .into_iter()
+                    .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "agentlb"}))
+                    .collect();
+                self.local(
+                    200,
+                    serde_json::json!({"object": "list", "data": data}),
+                    rid,
+                    keep,
+                    route,
+                );
+                Ok(())
+            }
+            Target::Proxied => {
+                return match self.proxied(head, framing, rid, s, started, keep).await {
+                    Ok(keep) => keep,
+                    Err(e) => {
+                        let keep = keep && !self.body_pending;
+                        self.reject(e, rid, route, s).await;
+                        keep
+                    }
+                };
+            }
+            Target::Refused(e) => Err(e),
+        };
+        let keep = keep && !self.body_pending && !*self.stop.borrow();
+        match result {
+            Ok(()) => {
+                if !self.write_out(s).await {
+                    return false;
+                }
+                keep
+            }
+            Err(e) => {
+                self.reject(e, rid, route, s).await;
+                keep
+            }
+        }
+    }
+
+    /// Puts a locally generated JSON answer into `out`.
+    fn local(
+        &mut self,
+        status: u16,
+        v: serde_json::Value,
+        rid: &str,
+        keep: bool,
+        route: &'static str,
+    ) {
+        self.proxy.metrics.answered(route, "none", status);
+        let close = !keep || self.body_pending || *self.stop.borrow();
+        let body = v.to_string();
+        self.out.clear();
+        put_json_head(&mut self.out, status, body.len(), rid, None, close);
+        self.out.extend_from_slice(body.as_bytes());
+    }
+
+    /// Answers with an error (and logs it).
+    async fn reject(&mut self, e: ApiError, rid: &str, route: &'static str, s: &Settings) {
+        self.proxy
+            .metrics
+            .answered(route, "none", e.status.as_u16());
+        if e.status.is_server_error() {
+            tracing::warn!(request_id = rid, status = e.status.as_u16(), error = %e.message, "request failed");
+        } else {
+            tracing::debug!(status = e.status.as_u16(), error = %e.message, "request rejected");
+        }
+        self.send_error(e, rid, s).await;
+    }
+
+    async fn send_error(&mut self, e: ApiError, rid: &str, s: &Settings) {
+        let body = e.json().to_string();
+        let close = self.body_pending || *self.stop.borrow();
+        self.out.clear();
+        put_json_head(
+            &mut self.out,
+            e.status.as_u16(),
+            body.len(),
+            rid,
+            e.retry_after,
+            close,
+        );
+        self.out.extend_from_slice(body.as_bytes());
+        self.write_out(s).await;
+    }
+
+    /// Writes `out` within the header timeout (answers agentlb makes itself).
+    async fn write_out(&mut self, s: &Settings) -> bool {
+        let w = self.stream.write_all(&self.out);
+        matches!(
+            tokio::time::timeout(s.limits.header_read_timeout, w).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Reads the request body (`body_pending` is cleared once it is all read).
+    async fn read_body(&mut self, framing: Framing, s: &Settings) -> Result<Bytes, ApiError> {
+        let max = s.limits.max_body_bytes;
+        let timeout = s.limits.body_read_timeout;
+        let read = async {
+            match framing {
+                Framing::Empty | Framing::Close => Ok(Bytes::new()),
+                Framing::Length(n) => {
+                    let n = usize::try_from(n).unwrap_or(usize::MAX);
+                    if n > max {
+                        return Err(ApiError::too_large(max));
+                    }
+                    while self.buf.len() < n {
+                        self.buf.reserve(n - self.buf.len());
+                        if self
+                            .stream
+                            .read_buf(&mut self.buf)
+                            .await
+                            .map_err(body_err)?
+                            == 0
+                        {
+                            return Err(body_err("the client closed the connection"));
+                        }
+                    }
+                    self.body_pending = false;
+                    Ok(self.buf.split_to(n).freeze())
+                }
+                Framing::Chunked => {
+                    let mut dec = h1::Chunked::new();
+                    let mut body = Vec::new();
+                    let mut over = false;
+                    loop {
+                        let used = dec
+                            .decode(&self.buf, |d| {
+                                if body.len() + d.len() > max {
+                                    over = true;
+                                } else {
+                                    body.extend_from_slice(d);
+                                }
+                            })
+                            .map_err(|e| {
+                                ApiError::invalid_request(e.to_string(), "invalid_framing")
+                            })?;
+                        self.buf.advance(used);
+                        if over {
+                            return Err(ApiError::too_large(max));
+                        }
+                        if dec.done() {
+                            self.body_pending = false;
+                            return Ok(Bytes::from(body));
+                        }
+                        self.buf.reserve(READ_BUF);
+                        if self
+                            .stream
+                            .read_buf(&mut self.buf)
+                            .await
+                            .map_err(body_err)?
+                            == 0
+                        {
+                            return Err(body_err("the client closed the connection"));
+                        }
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, read).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::request_timeout(format!(
+                "the request body was not received within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// A proxied route: body, metadata, admission, upstream, relay.
+    async fn proxied(
+        &mut self,
+        head: Head,
+        framing: Framing,
+        rid: &str,
+        s: &Arc<Settings>,
+        started: Instant,
+        keep: bool,
+    ) -> Result<bool, ApiError> {
+        let limits = &s.limits;
+        let is_json = head
+            .get("content-type")
+            .and_then(|v| v.split(|&b| b == b';').next())
+            .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"application/json"));
+        if !is_json {
+            return Err(ApiError::invalid_request(
+                "Content-Type must be application/json",
+                "invalid_content_type",
+            ));
+        }
+        if let Framing::Length(n) = framing
+            && n > limits.max_body_bytes as u64
+        {
+            return Err(ApiError::too_large(limits.max_body_bytes));
+        }
+        if self.body_pending && head.has_token("expect", "100-continue") {
+            self.out.clear();
+            self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            if !self.write_out(s).await {
+                return Ok(false);
+            }
+        }
+        let body = self.read_body(framing, s).await?;
+        let meta = meta::extract(&head, Some(&body), rid.to_owned(), &s.meta)?;
+        let proxy = self.proxy.clone();
+        if let Some(m) = meta.model.as_deref()
+            && !proxy
+                .controller
+                .backends()
+                .iter()
+                .any(|b| b.serves(Some(m)))
+        {
+            return Err(ApiError::model_not_found(m));
+        }
+        let route = route_label(head.path());
+        let wf_span = tracing::debug_span!(
+            "workflow",
+            workflow_id = meta.workflow_id.as_deref().unwrap_or(""),
+            agent_id = meta.agent_id.as_deref().unwrap_or(""),
+        );
+        let permit = proxy.limiter.acquire(limits.queue_timeout).await?;
+        proxy.budget.request();
+
+        // Upstream, watching for the client leaving meanwhile.
+        let fwd = tracing::Instrument::instrument(
+            proxy.forward(&head, &body, &meta, s, &self.peer, rid, started),
+            wf_span,
+        );
+        let up = tokio::select! {
+            biased;
+            r = fwd => r?,
+            () = client_gone(&self.stream, &mut self.buf) => {
+                proxy.metrics.finished(route, started.elapsed().as_secs_f64(), Outcome::ClientGone);
+                tracing::debug!(request_id = rid, "client left before the response head");
+                return Ok(false);
+            }
+        };
+        proxy.metrics.response_head(started.elapsed().as_secs_f64());
+        let Upstream {
+            mut conn,
+            head: uh,
+            backend,
+            inflight,
+        } = up;
+        let ufr = h1::response_framing(&uh)
+            .map_err(|m| ApiError::bad_gateway(format!("backend {} sent {m}", backend.name)))?;
+        let cfr = match ufr {
+            Framing::Empty => ClientFraming::Empty,
+            Framing::Length(n) => ClientFraming::Length(n),
+            Framing::Chunked | Framing::Close if head.minor >= 1 => ClientFraming::Chunked,
+            Framing::Chunked | Framing::Close => ClientFraming::Close,
+        };
+        let keep = keep && cfr != ClientFraming::Close && !*self.stop.borrow();
+
+        // The client's response head, from the upstream one.
+        let out = &mut self.out;
+        out.clear();
+        h1::put_status_line(out, uh.status, uh.reason());
+        let mut sse = false;
+        for (name, value) in uh.headers() {
+            if name.eq_ignore_ascii_case(b"content-type") {
+                sse = value.starts_with(b"text/event-stream");
+            }
+            let ours = [H_REQUEST_ID, H_BACKEND, "content-length"]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
+            if ours || uh.is_hop_by_hop(name) {
+                continue;
+            }
+            h1::put_header(out, name, value);
+        }
+        h1::put_header(out, H_REQUEST_ID.as_bytes(), rid.as_bytes());
+        h1::put_header(out, H_BACKEND.as_bytes(), backend.name.as_bytes());
+        match cfr {
+            ClientFraming::Empty => out.extend_from_slice(b"content-length: 0\r\n"),
+            ClientFraming::Length(n) => {
+                out.extend_from_slice(b"content-length: ");
+                h1::put_dec(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+            ClientFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            ClientFraming::Close => {}
+        }
+        if !keep {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+
+        let status = uh.status;
+        proxy.metrics.answered(route, &backend.name, status);
+        let wf = meta.workflow_id.clone();
+        if let Some(w) = &wf {
+            if proxy.controller.workflows.start(
+                w,
+                meta.agent_id.as_deref(),
+                meta.parent_request_id.as_deref(),
+                &meta.request_id,
+                &backend.name,
+            ) {
+                proxy.metrics.lineage_edge();
+            }
+            proxy.metrics.workflow_request(w, meta.agent_id.as_deref());
+        }
+        let metrics = proxy.metrics.clone();
+        let this = proxy.clone();
+        let backend_name = backend.name.clone();
+        let rid_log = rid.to_owned();
+        let want_usage = wf.is_some();
+        let on_end: stream::OnEnd = Box::new(move |outcome, usage, _ttfb| {
+            this.metrics
+                .finished(route, started.elapsed().as_secs_f64(), outcome);
+            if let Some(w) = &wf {
+                this.controller.workflows.finish(w, usage);
+            }
+            match outcome {
+                Outcome::Complete => {}
+                Outcome::ClientGone => {
+                    tracing::debug!(request_id = %rid_log, backend = %backend_name, "client left before the response ended");
+                }
+                _ => {
+                    tracing::info!(request_id = %rid_log, backend = %backend_name, ?outcome, "response ended early");
+                }
+            }
+            this.limiter.released.notify_waiters();
+        });
+        let mut tracker = Tracker::new(
+            started,
+            want_usage,
+            Box::new(move |t| metrics.first_byte(route, t)),
+            on_end,
+            Box::new((permit, inflight)),
+        );
+        let deadline = tokio::time::Instant::from_std(started + limits.total_timeout);
+        let relayed = self
+            .relay(&mut conn, ufr, cfr, sse, &mut tracker, deadline)
+            .await;
+        tracker.end(relayed.outcome);
+        let upstream_keep = uh.keep_alive();
+        if relayed.reusable && upstream_keep {
+            proxy.pool.checkin(backend.id, conn);
+        }
+        Ok(keep && relayed.outcome == Outcome::Complete)
+    }
+
+    /// Relays the upstream body to the client.
+    async fn relay(
+        &mut self,
+        conn: &mut super::upstream::UpConn,
+        ufr: Framing,
+        cfr: ClientFraming,
+        sse: bool,
+        tracker: &mut Tracker,
+        deadline: tokio::time::Instant,
+    ) -> Relayed {
+        let mut dec = h1::Chunked::new();
+        let mut remaining = match ufr {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let sleep = tokio::time::sleep_until(deadline);
+        tokio::pin!(sleep);
+        let mut eof = false;
+        loop {
+            // Everything buffered goes out in one write.
+            let finished: bool;
+            match ufr {
+                Framing::Empty => finished = true,
+                Framing::Length(_) => {
+                    let n = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.buf.len());
+                    let data = conn.buf.split_to(n);
+                    tracker.data(&data);
+                    self.out.extend_from_slice(&data);
+                    remaining -= n as u64;
+                    finished = remaining == 0;
+                    if eof && !finished {
+                        return self
+                            .fail(
+                                Outcome::UpstreamFailed,
+                                "the backend closed the connection mid-response",
+                                cfr,
+                                sse,
+                                &mut sleep,
+                            )
+                            .await;
+                    }
+                }
+                Framing::Chunked => {
+                    self.scratch.clear();
+                    let scratch = &mut self.scratch;
+                    match dec.decode(&conn.buf, |d| scratch.extend_from_slice(d)) {
+                        Ok(used) => conn.buf.advance(used),
+                        Err(e) => {
+                            return self
+                                .fail(
+                                    Outcome::UpstreamFailed,
+                                    &e.to_string(),
+                                    cfr,
+                                    sse,
+                                    &mut sleep,
+                                )
+                                .await;
+                        }
+                    }
+                    tracker.data(&self.scratch);
+                    put_body(&mut self.out, &self.scratch, cfr);
+                    finished = dec.done();
+                    if eof && !finished {
+                        return self
+                            .fail(
+                                Outcome::UpstreamFailed,
+                                "the backend closed the connection mid-response",
+                                cfr,
+                                sse,
+                                &mut sleep,
+                            )
+                            .await;
+                    }
+                }
+                Framing::Close => {
+                    let data = conn.buf.split();
+                    tracker.data(&data);
+                    put_body(&mut self.out, &data, cfr);
+                    finished = eof;
+                }
+            }
+            if finished && cfr == ClientFraming::Chunked {
+                self.out.extend_from_slice(h1::LAST_CHUNK);
+            }
+            if !self.out.is_empty() {
+                match write_by(&mut self.stream, &self.out, &mut sleep).await {
+                    Ok(()) => self.out.clear(),
+                    Err(timeout) => {
+                        self.out.clear();
+                        return Relayed {
+                            outcome: if timeout {
+                                Outcome::TimedOut
+                            } else {
+                                Outcome::ClientGone
+                            },
+                            reusable: false,
+                        };
+                    }
+                }
+            }
+            if finished {
+                return Relayed {
+                    outcome: Outcome::Complete,
+                    reusable: ufr != Framing::Close && conn.buf.is_empty(),
+                };
+            }
+            if conn.buf.capacity() - conn.buf.len() < 4096 {
+                conn.buf.reserve(16 * 1024);
+            }
+            tokio::select! {
+                biased;
+                r = conn.stream.read_buf(&mut conn.buf) => match r {
+                    Ok(0) => eof = true,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upstream failed after the first byte");
+                        let msg = format!("the backend failed mid-stream: {e}");
+                        return self.fail(Outcome::UpstreamFailed, &msg, cfr, sse, &mut sleep).await;
+                    }
+                },
+                () = client_gone(&self.stream, &mut self.buf) => {
+                    return Relayed { outcome: Outcome::ClientGone, reusable: false };
+                }
+                () = &mut sleep => {
+                    return self
+                        .fail(Outcome::TimedOut, "the request exceeded its total time limit", cfr, sse, &mut sleep)
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Ends a response agentlb cannot finish: an SSE stream gets an error event
+    /// and a clean end; other bodies are cut (the connection closes).
+    async fn fail(
+        &mut self,
+        outcome: Outcome,
+        message: &str,
+        cfr: ClientFraming,
+        sse: bool,
+        sleep: &mut std::pin::Pin<&mut Sleep>,
+    ) -> Relayed {
+        if outcome == Outcome::UpstreamFailed {
+            tracing::warn!(error = message, "upstream failed after the first byte");
+        }
+        // `out` still holds the response head if it has not been written yet.
+        if sse && matches!(cfr, ClientFraming::Chunked | ClientFraming::Close) {
+            let event = stream::error_event(&format!("agentlb: {message}"));
+            put_body(&mut self.out, &event, cfr);
+            if cfr == ClientFraming::Chunked {
+                self.out.extend_from_slice(h1::LAST_CHUNK);
+            }
+            let _ = write_by(&mut self.stream, &self.out, sleep).await;
+        }
+        self.out.clear();
+        Relayed {
+            outcome,
+            reusable: false,
+        }
+    }
+}
+
+fn put_body(out: &mut Vec<u8>, data: &[u8], cfr: ClientFraming) {
+    match cfr {
+        ClientFraming::Chunked => h1::put_chunk(out, data),
+        _ => out.extend_from_slice(data),
+    }
+}
+
+fn body_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::invalid_request(
+        format!("error reading the request body: {e}"),
+        "body_read_error",
+    )
+}
+
+/// Writes `buf`, giving up when `sleep` fires (`Err(true)`) or the client fails
+/// (`Err(false)`). Most writes complete at once without arming anything.
+async fn write_by(
+    s: &mut TcpStream,
+    buf: &[u8],
+    sleep: &mut std::pin::Pin<&mut Sleep>,
+) -> Result<(), bool> {
+    let mut off = 0;
+    while off < buf.len() {
+        match s.try_write(&buf[off..]) {
+            Ok(0) => return Err(false),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => return Err(false),
+        }
+    }
+    if off == buf.len() {
+        return Ok(());
+    }
+    tokio::select! {
+        r = s.write_all(&buf[off..]) => r.map_err(|_| false),
+        () = sleep.as_mut() => Err(true),
+    }
+}
+
+/// Resolves when the client closes (or its socket fails). Bytes it sends
+/// meanwhile (a pipelined request) are kept in `buf`, up to a bound.
+async fn client_gone(s: &TcpStream, buf: &mut BytesMut) {
+    loop {
+        if buf.len() >= MAX_PIPELINED {
+            return std::future::pending().await;
+        }
+        if s.readable().await.is_err() {
+            return;
+        }
+        buf.reserve(READ_BUF);
+        match s.try_read_buf(buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn put_json_head(
+    out: &mut Vec<u8>,
+    status: u16,
+    len: usize,
+    rid: &str,
+    retry_after: Option<u64>,
+    close: bool,
+) {
+    h1::put_status_line(out, status, b"");
+    out.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
+    h1::put_dec(out, len as u64);
+    out.extend_from_slice(b"\r\n");
+    h1::put_header(out, H_REQUEST_ID.as_bytes(), rid.as_bytes());
+    if let Some(s) = retry_after {
+        out.extend_from_slice(b"retry-after: ");
+        h1::put_dec(out, s);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The client's request id (1–128 visible ASCII bytes), or a new one.
+fn request_id(h: &Head) -> String {
+    h.get(H_REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.iter().all(|b| (0x21..=0x7e).contains(b)))
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map_or_else(new_request_id, str::to_owned)
+}
+
+fn new_request_id() -> String {
+    format!("agentlb-{:032x}", rand::random::<u128>())
+}

@@ -1,0 +1,736 @@
+//! HTTP/1.1 wire format for the proxy engine ([`super::conn`]).
+//!
+//! Heads are parsed with `httparse` into offsets over the frozen head bytes: no
+//! header map is built and nothing is copied. Forwarded heads are written
+//! straight from those bytes (minus hop-by-hop fields). Bodies are framed by
+//! [`Framing`]; chunked bodies go through the incremental [`Chunked`] decoder,
+//! which hands out data slices so the engine can re-frame everything one
+//! upstream read delivered as a single client chunk.
+//!
+//! Request smuggling rules (RFC 9112 §6.1, §6.3): a request with both
+//! `Transfer-Encoding` and `Content-Length`, with differing `Content-Length`
+//! values, or with a transfer coding other than `chunked` is refused.
+
+use std::mem::MaybeUninit;
+
+use bytes::{Bytes, BytesMut};
+
+/// Most header fields accepted in one head (request or response).
+pub const MAX_HEADERS: usize = 128;
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// A parsed head: offsets into `buf`.
+#[derive(Debug, Clone)]
+pub struct Head {
+    buf: Bytes,
+    method: (usize, usize),
+    target: (usize, usize),
+    reason: (usize, usize),
+    /// Minor version of HTTP/1.x.
+    pub minor: u8,
+    /// Response status (0 for requests).
+    pub status: u16,
+    headers: Vec<[usize; 4]>,
+}
+
+/// Why a head could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    /// Larger than the limit (431 for requests).
+    TooLarge,
+    /// More than [`MAX_HEADERS`] fields (431 for requests).
+    TooManyHeaders,
+    /// Not HTTP/1.x (400 for requests).
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge => f.write_str("head too large"),
+            Self::TooManyHeaders => write!(f, "more than {MAX_HEADERS} header fields"),
+            Self::Malformed(m) => write!(f, "malformed HTTP head: {m}"),
+        }
+    }
+}
+
+fn offset(base: &[u8], part: &[u8]) -> (usize, usize) {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    (start, start + part.len())
+}
+
+fn map_err(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        httparse::Error::Version => HeadError::Malformed("unsupported HTTP version"),
+        httparse::Error::Token | httparse::Error::HeaderName => {
+            HeadError::Malformed("invalid token or header name")
+        }
+        httparse::Error::HeaderValue => HeadError::Malformed("invalid header value"),
+        httparse::Error::NewLine => HeadError::Malformed("invalid line ending"),
+        httparse::Error::Status => HeadError::Malformed("invalid status"),
+    }
+}
+
+fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> Vec<[usize; 4]> {
+    headers
+        .iter()
+        .map(|h| {
+            let (ns, ne) = offset(base, h.name.as_bytes());
+            let (vs, ve) = offset(base, h.value);
+            [ns, ne, vs, ve]
+        })
+        .collect()
+}
+
+/// Parses a request head from the front of `buf`. `Ok(None)`: incomplete (and
+/// still within `max`); on success the head's bytes are split off `buf`.
+pub fn parse_request(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, HeadError> {
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let base: &[u8] = buf;
+    match req.parse_with_uninit_headers(base, &mut storage) {
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > max {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(None)
+            }
+        }
+        Ok(httparse::Status::Complete(len)) => {
+            if len > max {
+                return Err(HeadError::TooLarge);
+            }
+            let method = offset(base, req.method.unwrap_or("").as_bytes());
+            let target = offset(base, req.path.unwrap_or("").as_bytes());
+            let minor = req.version.unwrap_or(1);
+            let headers = collect(base, req.headers);
+            let buf = buf.split_to(len).freeze();
+            Ok(Some(Head {
+                buf,
+                method,
+                target,
+                reason: (0, 0),
+                minor,
+                status: 0,
+                headers,
+            }))
+        }
+        Err(e) => Err(map_err(e)),
+    }
+}
+
+/// Parses a response head from the front of `buf`, like [`parse_request`].
+pub fn parse_response(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, HeadError> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut storage);
+    let base: &[u8] = buf;
+    match resp.parse(base) {
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > max {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(None)
+            }
+        }
+        Ok(httparse::Status::Complete(len)) => {
+            let reason = offset(base, resp.reason.unwrap_or("").as_bytes());
+            let status = resp.code.unwrap_or(0);
+            let minor = resp.version.unwrap_or(1);
+            let headers = collect(base, resp.headers);
+            let buf = buf.split_to(len).freeze();
+            Ok(Some(Head {
+                buf,
+                method: (0, 0),
+                target: (0, 0),
+                reason,
+                minor,
+                status,
+                headers,
+            }))
+        }
+        Err(e) => Err(map_err(e)),
+    }
+}
+
+impl Head {
+    fn str_at(&self, (s, e): (usize, usize)) -> &str {
+        // httparse only accepts token characters here.
+        std::str::from_utf8(&self.buf[s..e]).unwrap_or("")
+    }
+
+    /// Request method.
+    pub fn method(&self) -> &str {
+        self.str_at(self.method)
+    }
+
+    /// Request target as sent.
+    pub fn target(&self) -> &str {
+        self.str_at(self.target)
+    }
+
+    /// Path and query of the target (absolute-form targets are reduced to it).
+    pub fn path_and_query(&self) -> &str {
+        let t = self.target();
+        if let Some(rest) = t
+            .strip_prefix("http://")
+            .or_else(|| t.strip_prefix("https://"))
+        {
+            return rest.find('/').map_or("/", |i| &rest[i..]);
+        }
+        t
+    }
+
+    /// Path without the query.
+    pub fn path(&self) -> &str {
+        let p = self.path_and_query();
+        p.split_once('?').map_or(p, |(p, _)| p)
+    }
+
+    /// Response reason phrase.
+    pub fn reason(&self) -> &[u8] {
+        &self.buf[self.reason.0..self.reason.1]
+    }
+
+    /// Size of the head in bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the head is empty (never, once parsed).
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Every field as (name, value).
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers
+            .iter()
+            .map(|h| (&self.buf[h[0]..h[1]], &self.buf[h[2]..h[3]]))
+    }
+
+    /// Every value of `name` (ASCII case-insensitive; `name` in lower case).
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// The first value of `name`.
+    pub fn get<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
+        self.get_all(name).next()
+    }
+
+    /// Whether a comma-separated field `name` lists `token`.
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.get_all(name).any(|v| {
+            v.split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    }
+
+    /// Whether the sender wants the connection kept open after this message.
+    pub fn keep_alive(&self) -> bool {
+        if self.has_token("connection", "close") {
+            return false;
+        }
+        self.minor >= 1 || self.has_token("connection", "keep-alive")
+    }
+
+    /// Whether `name` (lower case) must not be forwarded: hop-by-hop, or listed
+    /// in this head's `Connection` field.
+    pub fn is_hop_by_hop(&self, name: &[u8]) -> bool {
+        HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+            || self.get_all("connection").any(|v| {
+                v.split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+            })
+    }
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the connection closes (responses only).
+    Close,
+}
+
+fn content_length(head: &Head) -> Result<Option<u64>, &'static str> {
+    let mut found: Option<u64> = None;
+    for v in head.get_all("content-length") {
+        for part in v.split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err("invalid Content-Length");
+            }
+            let n: u64 = std::str::from_utf8(part)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or("invalid Content-Length")?;
+            if found.is_some_and(|f| f != n) {
+                return Err("conflicting Content-Length values");
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether the final transfer coding is `chunked`.
+fn chunked_last(head: &Head) -> Option<bool> {
+    let mut last: Option<&[u8]> = None;
+    for v in head.get_all("transfer-encoding") {
+        for t in v.split(|&b| b == b',') {
+            let t = t.trim_ascii();
+            if !t.is_empty() {
+                last = Some(t);
+            }
+        }
+    }
+    last.map(|t| t.eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Body framing of a request (strict: see the module docs).
+pub fn request_framing(head: &Head) -> Result<Framing, &'static str> {
+    let te = head.get("transfer-encoding").is_some();
+    let cl = content_length(head)?;
+    if te {
+        if cl.is_some() {
+            return Err("both Transfer-Encoding and Content-Length");
+        }
+        let only_chunked = head.get_all("transfer-encoding").all(|v| {
+            v.split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|t| !t.is_empty())
+                .all(|t| t.eq_ignore_ascii_case(b"chunked"))
+        });
+        if !only_chunked || chunked_last(head) != Some(true) || head.minor == 0 {
+            return Err("unsupported Transfer-Encoding (only chunked is accepted)");
+        }
+        return Ok(Framing::Chunked);
+    }
+    Ok(match cl {
+        Some(0) | None => Framing::Empty,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+/// Body framing of a response to a POST.
+pub fn response_framing(head: &Head) -> Result<Framing, &'static str> {
+    if (100..200).contains(&head.status) || head.status == 204 || head.status == 304 {
+        return Ok(Framing::Empty);
+    }
+    if head.get("transfer-encoding").is_some() {
+        return Ok(if chunked_last(head) == Some(true) {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        });
+    }
+    Ok(match content_length(head)? {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+/// A malformed chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkError(pub &'static str);
+
+impl std::fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed chunked body: {}", self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CState {
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// Longest chunk-extension or trailer section accepted.
+const MAX_CHUNK_META: usize = 8 * 1024;
+
+/// Incremental decoder of the chunked transfer coding.
+#[derive(Debug, Clone)]
+pub struct Chunked {
+    state: CState,
+    size: u64,
+    digits: u8,
+    meta: usize,
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Chunked {
+    /// A decoder at the start of a body.
+    pub fn new() -> Self {
+        Self {
+            state: CState::Size,
+            size: 0,
+            digits: 0,
+            meta: 0,
+        }
+    }
+
+    /// Whether the last chunk and trailers have been read.
+    pub fn done(&self) -> bool {
+        self.state == CState::Done
+    }
+
+    /// Whether the decoder sits between chunks (a clean place to stop).
+    pub fn at_boundary(&self) -> bool {
+        self.state == CState::Size && self.digits == 0
+    }
+
+    /// Decodes `input`, handing every data slice to `data`. Returns the bytes
+    /// consumed: all of `input`, or fewer when the body ended inside it.
+    pub fn decode(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<usize, ChunkError> {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                CState::Size => {
+                    if let Some(d) = (b as char).to_digit(16) {
+                        if self.digits >= 15 {
+                            return Err(ChunkError("chunk size too large"));
+                        }
+                        self.size = self.size * 16 + u64::from(d);
+                        self.digits += 1;
+                    } else if self.digits == 0 {
+                        return Err(ChunkError("missing chunk size"));
+                    } else if b == b';' || b == b' ' || b == b'\t' {
+                        self.state = CState::Ext;
+                    } else if b == b'\r' {
+                        self.state = CState::SizeLf;
+                    } else {
+                        return Err(ChunkError("invalid chunk size"));
+                    }
+                    i += 1;
+                }
+                CState::Ext => {
+                    self.meta += 1;
+                    if self.meta > MAX_CHUNK_META {
+                        return Err(ChunkError("chunk extension too long"));
+                    }
+                    if b == b'\r' {
+                        self.state = CState::SizeLf;
+                    } else if b == b'\n' {
+                        return Err(ChunkError("bare LF in chunk extension"));
+                    }
+                    i += 1;
+                }
+                CState::SizeLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError("expected LF after chunk size"));
+                    }
+                    self.state = if self.size == 0 {
+                        CState::TrailerStart
+                    } else {
+                        CState::Data
+                    };
+                    i += 1;
+                }
+                CState::Data => {
+                    let n = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    data(&input[i..i + n]);
+                    self.size -= n as u64;
+                    i += n;
+                    if self.size == 0 {
+                        self.state = CState::DataCr;
+                    }
+                }
+                CState::DataCr => {
+                    if b != b'\r' {
+                        return Err(ChunkError("expected CRLF after chunk data"));
+                    }
+                    self.state = CState::DataLf;
+                    i += 1;
+                }
+                CState::DataLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError("expected CRLF after chunk data"));
+                    }
+                    self.state = CState::Size;
+                    self.digits = 0;
+                    self.size = 0;
+                    self.meta = 0;
+                    i += 1;
+                }
+                CState::TrailerStart => {
+                    self.state = if b == b'\r' {
+                        CState::EndLf
+                    } else {
+                        CState::TrailerLine
+                    };
+                    i += 1;
+                }
+                CState::TrailerLine => {
+                    self.meta += 1;
+                    if self.meta > MAX_CHUNK_META {
+                        return Err(ChunkError("trailer section too long"));
+                    }
+                    if b == b'\r' {
+                        self.state = CState::TrailerLf;
+                    }
+                    i += 1;
+                }
+                CState::TrailerLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError("expected LF in trailer"));
+                    }
+                    self.state = CState::TrailerStart;
+                    i += 1;
+                }
+                CState::EndLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError("expected LF at end of body"));
+                    }
+                    self.state = CState::Done;
+                    return Ok(i + 1);
+                }
+                CState::Done => return Ok(i),
+            }
+        }
+        Ok(i)
+    }
+}
+
+/// Appends one chunk holding `data` (nothing for empty data: an empty chunk
+/// would end the body).
+pub fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    put_hex(out, data.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk, without trailers.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+fn put_hex(out: &mut Vec<u8>, mut n: u64) {
+    let mut tmp = [0u8; 16];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b"0123456789abcdef"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
+}
+
+/// Appends a decimal number.
+pub fn put_dec(out: &mut Vec<u8>, n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
+}
+
+/// Appends `name: value\r\n`.
+pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `HTTP/1.1 <status> <reason>\r\n`.
+pub fn put_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_dec(out, u64::from(status));
+    out.push(b' ');
+    if reason.is_empty() {
+        let canonical = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Unknown");
+        out.extend_from_slice(canonical.as_bytes());
+    } else {
+        out.extend_from_slice(reason);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(text: &str) -> Result<Option<Head>, HeadError> {
+        let mut b = BytesMut::from(text.as_bytes());
+        parse_request(&mut b, 8192)
+    }
+
+    #[test]
+    fn parses_a_request_head_into_offsets() {
+        let mut b = BytesMut::from(
+            &b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nX-Workflow-Id: wf\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\nBODY"[..],
+        );
+        let h = parse_request(&mut b, 8192)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(&b[..], b"BODY", "the head is split off");
+        assert_eq!(h.method(), "POST");
+        assert_eq!(h.path(), "/v1/chat/completions");
+        assert_eq!(h.path_and_query(), "/v1/chat/completions?x=1");
+        assert_eq!(h.get("x-workflow-id"), Some(&b"wf"[..]));
+        assert!(h.keep_alive());
+        assert!(h.is_hop_by_hop(b"x-hop"));
+        assert!(h.is_hop_by_hop(b"Transfer-Encoding"));
+        assert!(!h.is_hop_by_hop(b"x-workflow-id"));
+        assert_eq!(request_framing(&h), Ok(Framing::Empty));
+    }
+
+    #[test]
+    fn partial_too_large_and_malformed_heads() {
+        assert!(req("POST / HTTP/1.1\r\nHost: a\r\n").expect("ok").is_none());
+        let mut b =
+            BytesMut::from(format!("POST / HTTP/1.1\r\nX: {}\r\n", "a".repeat(100)).as_str());
+        assert_eq!(parse_request(&mut b, 64).err(), Some(HeadError::TooLarge));
+        assert!(matches!(
+            req("\x16\x03\x01 not http\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        let many: String = (0..200).map(|i| format!("x{i}: 1\r\n")).collect();
+        assert_eq!(
+            req(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(HeadError::TooManyHeaders)
+        );
+    }
+
+    #[test]
+    fn request_framing_refuses_smuggling_shapes() {
+        let f = |h: &str| {
+            request_framing(
+                &req(&format!("POST / HTTP/1.1\r\n{h}\r\n"))
+                    .expect("ok")
+                    .expect("complete"),
+            )
+        };
+        assert_eq!(f("Content-Length: 5\r\n"), Ok(Framing::Length(5)));
+        assert_eq!(
+            f("Content-Length: 5\r\nContent-Length: 5\r\n"),
+            Ok(Framing::Length(5))
+        );
+        assert!(f("Content-Length: 5\r\nContent-Length: 6\r\n").is_err());
+        assert!(f("Content-Length: -1\r\n").is_err());
+        assert!(f("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n").is_err());
+        assert_eq!(f("Transfer-Encoding: chunked\r\n"), Ok(Framing::Chunked));
+        assert!(f("Transfer-Encoding: gzip, chunked\r\n").is_err());
+        assert!(f("Transfer-Encoding: chunked, identity\r\n").is_err());
+    }
+
+    #[test]
+    fn response_framing() {
+        let f = |t: &str| {
+            let mut b = BytesMut::from(t.as_bytes());
+            super::response_framing(&parse_response(&mut b, 8192).expect("ok").expect("complete"))
+        };
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n"),
+            Ok(Framing::Length(3))
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+            Ok(Framing::Chunked)
+        );
+        assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n"), Ok(Framing::Close));
+        assert_eq!(f("HTTP/1.1 204 No Content\r\n\r\n"), Ok(Framing::Empty));
+    }
+
+    #[test]
+    fn chunked_decoder_handles_every_split() {
+        let body =
+            b"5;ext=1\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        for split in 0..=body.len() - 4 {
+            let mut d = Chunked::new();
+            let mut got = Vec::new();
+            let n1 = d
+                .decode(&body[..split], |s| got.extend_from_slice(s))
+                .expect("valid");
+            assert_eq!(n1, split);
+            let n2 = d
+                .decode(&body[split..], |s| got.extend_from_slice(s))
+                .expect("valid");
+            assert!(d.done());
+            assert_eq!(&body[split + n2..], b"NEXT", "split {split}");
+            assert_eq!(got, b"helloabcdefghijklmnopqrstuvwxyz");
+        }
+        let mut d = Chunked::new();
+        assert!(d.decode(b"zz\r\n", |_| {}).is_err());
+        let mut d = Chunked::new();
+        assert!(d.decode(b"3\r\nabcX", |_| {}).is_err());
+        let mut d = Chunked::new();
+        assert!(d.decode(b"ffffffffffffffffff\r\n", |_| {}).is_err());
+    }
+
+    #[test]
+    fn writers() {
+        let mut out = Vec::new();
+        put_chunk(&mut out, b"hello world, this is 29 bytes");
+        put_chunk(&mut out, b"");
+        out.extend_from_slice(LAST_CHUNK);
+        assert_eq!(
+            &out[..],
+            b"1d\r\nhello world, this is 29 bytes\r\n0\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        put_status_line(&mut out, 429, b"");
+        put_dec(&mut out, 0);
+        put_dec(&mut out, 1234567);
+        assert_eq!(&out[..], b"HTTP/1.1 429 Too Many Requests\r\n01234567");
+    }
+}

@@ -1,0 +1,272 @@
+//! Upstream HTTP/1.1 connections: a keep-alive pool per backend, and one
+//! request/response-head exchange on a connection.
+//!
+//! A connection belongs to exactly one request at a time and is driven by that
+//! request's own task (no connection task, no channel hop): the engine writes the
+//! request, reads the response head and then relays the body straight from the
+//! socket, so everything one `read` returns can leave in one client write. A
+//! connection goes back to the pool only after its response ended cleanly with
+//! nothing left over; a connection whose response was cut short is closed, which
+//! is how an abandoned request is cancelled at vLLM.
+//!
+//! Pooled connections the backend closed while idle are detected on reuse: the
+//! exchange fails before any response byte, and the engine retries once on a new
+//! connection to the same backend without counting a backend failure. Idle
+//! connections older than [`IDLE_TIMEOUT`] are dropped; connections idle for more
+//! than [`CHECK_AFTER`] get a non-blocking liveness check before reuse.
+
+use std::{
+    collections::HashMap,
+    io,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::h1::{self, Head, HeadError};
+use crate::model::{Backend, BackendId};
+
+/// Idle upstream connections are closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections older than this are checked for a close before reuse.
+pub const CHECK_AFTER: Duration = Duration::from_secs(1);
+/// Largest upstream response head.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+const READ_BUF: usize = 16 * 1024;
+
+/// One upstream connection with its read buffer.
+#[derive(Debug)]
+pub struct UpConn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read and not yet consumed.
+    pub buf: BytesMut,
+    /// Whether this connection served an earlier request.
+    pub reused: bool,
+    idle_since: Instant,
+}
+
+/// Idle connections by backend.
+#[derive(Debug)]
+pub struct Pool {
+    idle: Mutex<HashMap<BackendId, Vec<UpConn>>>,
+    max_idle: usize,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// I/O error or close; `started` tells whether any response byte arrived.
+    Io {
+        /// The error.
+        error: io::Error,
+        /// Some response bytes had arrived.
+        started: bool,
+    },
+    /// The response head was not valid HTTP/1.x.
+    Malformed(HeadError),
+}
+
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io { error, .. } => write!(f, "{error}"),
+            Self::Malformed(e) => write!(f, "invalid response: {e}"),
+        }
+    }
+}
+
+impl ExchangeError {
+    /// Failed before any response byte: safe to resend on a new connection when
+    /// the connection was reused (the backend closed it while idle).
+    pub fn before_response(&self) -> bool {
+        matches!(self, Self::Io { started: false, .. })
+    }
+}
+
+impl Pool {
+    /// A pool keeping at most `max_idle` idle connections per backend.
+    pub fn new(max_idle: usize) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            max_idle,
+        }
+    }
+
+    fn take_idle(&self, id: BackendId) -> Option<UpConn> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.get_mut(&id)?;
+        // Most recently used first: the warmest connection, least likely closed.
+        while let Some(c) = list.pop() {
+            let age = c.idle_since.elapsed();
+            if age >= IDLE_TIMEOUT {
+                // Everything older sits below it.
+                list.clear();
+                return None;
+            }
+            if age < CHECK_AFTER || alive(&c.stream) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// An idle connection to `backend`, or a new one (`fresh` forces a new one).
+    pub async fn checkout(
+        &self,
+        backend: &Backend,
+        fresh: bool,
+        connect_timeout: Duration,
+    ) -> io::Result<UpConn> {
+        if !fresh && let Some(c) = self.take_idle(backend.id) {
+            return Ok(c);
+        }
+        let stream = connect(backend, connect_timeout).await?;
+        Ok(UpConn {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUF),
+            reused: false,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Returns a connection whose last response ended cleanly.
+    pub fn checkin(&self, backend: BackendId, mut conn: UpConn) {
+        if !conn.buf.is_empty() || self.max_idle == 0 {
+            return;
+        }
+        conn.reused = true;
+        conn.idle_since = Instant::now();
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.entry(backend).or_default();
+        if list.len() >= self.max_idle {
+            // Drop the oldest.
+            list.remove(0);
+        }
+        list.push(conn);
+    }
+
+    /// Drops the idle connections of backends not in `keep`.
+    pub fn retain(&self, keep: &[BackendId]) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.retain(|id, _| keep.contains(id));
+    }
+
+    /// Idle connections held now (all backends).
+    pub fn idle_count(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+}
+
+/// Whether an idle connection is still open: no EOF, error or stray bytes queued.
+fn alive(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+async fn connect(backend: &Backend, timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        let mut last = io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!("backend {} has no address", backend.name),
+        );
+        for a in &backend.addrs {
+            match TcpStream::connect(a).await {
+                Ok(s) => {
+                    s.set_nodelay(true)?;
+                    return Ok(s);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {} ms", timeout.as_millis()),
+        )),
+    }
+}
+
+/// Writes `head` and `body`, then reads until a complete final response head is
+/// buffered (1xx heads are skipped). The caller bounds it with its first-byte
+/// timeout.
+pub async fn exchange(conn: &mut UpConn, head: &[u8], body: &[u8]) -> Result<Head, ExchangeError> {
+    let io_err = |error, started| ExchangeError::Io { error, started };
+    if body.is_empty() {
+        conn.stream.write_all(head).await
+    } else {
+        write_two(&mut conn.stream, head, body).await
+    }
+    .map_err(|e| io_err(e, false))?;
+    conn.buf.clear();
+    let mut started = false;
+    loop {
+        match h1::parse_response(&mut conn.buf, MAX_RESPONSE_HEAD) {
+            Ok(Some(h)) if (100..200).contains(&h.status) => {
+                if h.status == 101 {
+                    return Err(ExchangeError::Malformed(HeadError::Malformed(
+                        "unexpected protocol switch",
+                    )));
+                }
+                continue;
+            }
+            Ok(Some(h)) => return Ok(h),
+            Ok(None) => {}
+            Err(e) => return Err(ExchangeError::Malformed(e)),
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(READ_BUF);
+        }
+        match tokio::io::AsyncReadExt::read_buf(&mut conn.stream, &mut conn.buf).await {
+            Ok(0) => {
+                return Err(io_err(
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed before a response",
+                    ),
+                    started,
+                ));
+            }
+            Ok(_) => started = true,
+            Err(e) => return Err(io_err(e, started)),
+        }
+    }
+}
+
+/// Writes `a` then `b`, with one `writev` when the socket takes both.
+async fn write_two(s: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let mut off = 0usize;
+    let total = a.len() + b.len();
+    while off < total {
+        let n = if off < a.len() {
+            let bufs = [io::IoSlice::new(&a[off..]), io::IoSlice::new(b)];
+            s.write_vectored(&bufs).await?
+        } else {
+            s.write(&b[off - a.len()..]).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        off += n;
+    }
+    Ok(())
+}
