@@ -156,8 +156,12 @@ impl Conn {
             };
             let rid = request_id(&head);
             let span = tracing::debug_span!("request", request_id = %rid);
-            let keep =
-                tracing::Instrument::instrument(self.request(head, &rid, &settings), span).await;
+            // Spans cost a little per poll even when disabled; skip them then.
+            let keep = if span.is_disabled() {
+                self.request(head, &rid, &settings).await
+            } else {
+                tracing::Instrument::instrument(self.request(head, &rid, &settings), span).await
+            };
             if !keep || *self.stop.borrow() {
                 break;
             }
@@ -488,10 +492,12 @@ impl Conn {
         proxy.budget.request();
 
         // Upstream, watching for the client leaving meanwhile.
-        let fwd = tracing::Instrument::instrument(
-            proxy.forward(&head, &body, &meta, s, &self.peer, rid, started),
-            wf_span,
-        );
+        let fwd = proxy.forward(&head, &body, &meta, s, &self.peer, rid, started);
+        let fwd = if wf_span.is_disabled() {
+            futures_util::future::Either::Left(fwd)
+        } else {
+            futures_util::future::Either::Right(tracing::Instrument::instrument(fwd, wf_span))
+        };
         let up = tokio::select! {
             biased;
             r = fwd => r?,

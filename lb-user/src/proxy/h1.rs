@@ -134,10 +134,14 @@ pub fn parse_request(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Hea
 
 /// Parses a response head from the front of `buf`, like [`parse_request`].
 pub fn parse_response(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, HeadError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut storage);
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
     let base: &[u8] = buf;
-    match resp.parse(base) {
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        base,
+        &mut storage,
+    ) {
         Ok(httparse::Status::Partial) => {
             if buf.len() > max {
                 Err(HeadError::TooLarge)
