@@ -274,7 +274,8 @@ fn expect_100_continue_and_http10_clients() -> Result<()> {
     assert_eq!(r.status, 200);
     assert!(!r.headers.contains_key("transfer-encoding"), "{:?}", r.headers);
     let text = String::from_utf8_lossy(&r.body);
-    assert_eq!(text.matches("data: {").count(), 5, "{text}");
+    assert!(text.starts_with("data: {"), "{text}");
+    assert!(text.contains(r#""finish_reason":"length""#), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     Ok(())
 }
