@@ -57,6 +57,8 @@ pub struct Backend {
     pub id: BackendId,
     /// Display name.
     pub name: String,
+    /// `name` shared with metric label sets (cloned per request without copying).
+    pub label: std::sync::Arc<String>,
     /// Base URL (`http://host:port`).
     pub url: Uri,
     /// Resolved addresses (published to the kernel).
@@ -95,6 +97,7 @@ impl Backend {
             .unwrap_or(http::HeaderValue::from_static("localhost"));
         Self {
             id,
+            label: std::sync::Arc::new(name.clone()),
             name,
             url,
             addrs,

@@ -480,13 +480,14 @@ fn every_bad_input_class_gets_its_status_and_json_body() -> Result<()> {
     assert_eq!(status_of(&out), 408, "{out}");
     assert!(out.contains("request_timeout"));
     assert!(t.elapsed() < Duration::from_secs(3));
-    // Malformed HTTP: hyper answers 400 and closes that connection only.
+    // Malformed HTTP: a JSON 400, and that connection only is closed.
     let out = raw(
         lb.port,
         b"\x16\x03\x01 not http\r\n\r\n",
         Duration::from_secs(5),
     )?;
     assert_eq!(status_of(&out), 400, "{out}");
+    assert!(out.contains("\"malformed_http\""), "{out}");
     // Slowloris on the head: the connection is closed after the header timeout,
     // and other clients are served meanwhile.
     let mut slow = TcpStream::connect(("127.0.0.1", lb.port))?;

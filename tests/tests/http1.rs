@@ -203,8 +203,8 @@ fn pipelined_requests_are_answered_in_order() -> Result<()> {
 fn chunked_request_body_is_forwarded_byte_exact() -> Result<()> {
     let (_b, port) = backend("b0", None)?;
     let lb = lb_for(port)?;
-    let body = json!({"model": "m", "prompt": "é ".repeat(3000), "workflow_id": "wf-chunked"})
-        .to_string();
+    let body =
+        json!({"model": "m", "prompt": "é ".repeat(3000), "workflow_id": "wf-chunked"}).to_string();
     let bytes = body.as_bytes();
     let (a, rest) = bytes.split_at(10);
     let (b, c) = rest.split_at(rest.len() / 2);
@@ -260,8 +260,7 @@ fn expect_100_continue_and_http10_clients() -> Result<()> {
 
     // HTTP/1.0 and a streamed answer: no chunked coding, the close ends it.
     let stream_body =
-        json!({"model": MODEL, "prompt": "hello", "max_tokens": 5, "stream": true})
-            .to_string();
+        json!({"model": MODEL, "prompt": "hello", "max_tokens": 5, "stream": true}).to_string();
     let mut c = Client::connect(lb.port)?;
     c.send(
         format!(
@@ -272,7 +271,11 @@ fn expect_100_continue_and_http10_clients() -> Result<()> {
     )?;
     let r = c.read_response()?;
     assert_eq!(r.status, 200);
-    assert!(!r.headers.contains_key("transfer-encoding"), "{:?}", r.headers);
+    assert!(
+        !r.headers.contains_key("transfer-encoding"),
+        "{:?}",
+        r.headers
+    );
     let text = String::from_utf8_lossy(&r.body);
     assert!(text.starts_with("data: {"), "{text}");
     assert!(text.contains(r#""finish_reason":"length""#), "{text}");
@@ -294,7 +297,10 @@ fn smuggling_shapes_and_huge_heads_get_json_errors() -> Result<()> {
         let r = c.read_response()?;
         assert_eq!(r.status, 400, "{head}");
         assert_eq!(r.json()?["error"]["code"], "invalid_framing", "{head}");
-        assert_eq!(r.headers.get("connection").map(String::as_str), Some("close"));
+        assert_eq!(
+            r.headers.get("connection").map(String::as_str),
+            Some("close")
+        );
         assert!(c.closed(), "the connection is closed after {head}");
     }
     // A head far beyond the limit (and any internal buffer): JSON 431, closed.
@@ -331,7 +337,11 @@ fn upstream_connections_are_reused_and_stale_ones_replaced_silently() -> Result<
         conns.push(r.json()?["connection"].as_u64().context("connection")?);
     }
     conns.dedup();
-    assert_eq!(conns.len(), 1, "20 sequential requests share one upstream connection");
+    assert_eq!(
+        conns.len(),
+        1,
+        "20 sequential requests share one upstream connection"
+    );
     let first = conns[0];
     // Let the backend close the pooled connection, then use it: under the
     // liveness-check age (a failed send, then a new connection) and over it.
@@ -339,12 +349,18 @@ fn upstream_connections_are_reused_and_stale_ones_replaced_silently() -> Result<
         std::thread::sleep(pause);
         c.send(&post("/v1/completions", "", "{}"))?;
         let r = c.read_response()?;
-        assert_eq!(r.status, 200, "after {pause:?}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            200,
+            "after {pause:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert_ne!(r.json()?["connection"].as_u64(), Some(first));
     }
     let m = ureq::get(&lb.admin_url("/metrics")).call()?.into_string()?;
     assert!(
-        !m.lines().any(|l| l.starts_with("agentlb_upstream_errors_total{") && !l.ends_with(" 0")),
+        !m.lines()
+            .any(|l| l.starts_with("agentlb_upstream_errors_total{") && !l.ends_with(" 0")),
         "a stale pooled connection is not a backend failure:\n{m}"
     );
     Ok(())

@@ -37,7 +37,7 @@ pub struct RequestLabels {
     /// Route (`chat`, `completions`, `embeddings`, `models`, `health`, `other`).
     pub route: &'static str,
     /// Backend name (`none` when no backend answered).
-    pub backend: String,
+    pub backend: Arc<String>,
     /// HTTP status returned to the client.
     pub status: u16,
 }
@@ -107,6 +107,8 @@ impl LabelCap {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The `backend` label of answers agentlb made itself.
+    none: Arc<String>,
     requests: Family<RequestLabels, Counter>,
     ttfb: Family<RouteLabel, Histogram>,
     e2e: Family<RouteLabel, Histogram>,
@@ -208,6 +210,7 @@ impl Metrics {
         }));
         Self {
             registry: r,
+            none: Arc::new("none".to_owned()),
             requests,
             ttfb,
             e2e,
@@ -230,15 +233,20 @@ impl Metrics {
         }
     }
 
-    /// A response head was sent.
-    pub fn answered(&self, route: &'static str, backend: &str, status: u16) {
+    /// A response head was sent by `backend`.
+    pub fn answered(&self, route: &'static str, backend: &Arc<String>, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {
                 route,
-                backend: backend.to_owned(),
+                backend: backend.clone(),
                 status,
             })
             .inc();
+    }
+
+    /// agentlb answered itself (no backend).
+    pub fn answered_locally(&self, route: &'static str, status: u16) {
+        self.answered(route, &self.none, status);
     }
 
     /// agentlb's own time before the first upstream attempt.

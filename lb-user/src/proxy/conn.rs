@@ -148,7 +148,7 @@ impl Conn {
                     tracing::debug!(request_id = %rid, status = e.status.as_u16(), error = %e.message, "bad request head");
                     self.proxy
                         .metrics
-                        .answered("other", "none", e.status.as_u16());
+                        .answered_locally("other", e.status.as_u16());
                     self.body_pending = true;
                     self.send_error(e, &rid, &settings).await;
                     break;
@@ -317,7 +317,7 @@ impl Conn {
         keep: bool,
         route: &'static str,
     ) {
-        self.proxy.metrics.answered(route, "none", status);
+        self.proxy.metrics.answered_locally(route, status);
         let close = !keep || self.body_pending || *self.stop.borrow();
         let body = v.to_string();
         self.out.clear();
@@ -329,7 +329,7 @@ impl Conn {
     async fn reject(&mut self, e: ApiError, rid: &str, route: &'static str, s: &Settings) {
         self.proxy
             .metrics
-            .answered(route, "none", e.status.as_u16());
+            .answered_locally(route, e.status.as_u16());
         if e.status.is_server_error() {
             tracing::warn!(request_id = rid, status = e.status.as_u16(), error = %e.message, "request failed");
         } else {
@@ -489,7 +489,7 @@ impl Conn {
             agent_id = meta.agent_id.as_deref().unwrap_or(""),
         );
         let permit = proxy.limiter.acquire(limits.queue_timeout).await?;
-        proxy.budget.request();
+        proxy.budget.request(started);
 
         // Upstream, watching for the client leaving meanwhile.
         let fwd = proxy.forward(&head, &body, &meta, s, &self.peer, rid, started);
@@ -559,7 +559,7 @@ impl Conn {
         out.extend_from_slice(b"\r\n");
 
         let status = uh.status;
-        proxy.metrics.answered(route, &backend.name, status);
+        proxy.metrics.answered(route, &backend.label, status);
         let wf = meta.workflow_id.clone();
         if let Some(w) = &wf {
             if proxy.controller.workflows.start(
@@ -870,5 +870,15 @@ fn request_id(h: &Head) -> String {
 }
 
 fn new_request_id() -> String {
-    format!("agentlb-{:032x}", rand::random::<u128>())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(40);
+    id.push_str("agentlb-");
+    let mut n = rand::random::<u128>();
+    let mut digits = [0u8; 32];
+    for d in digits.iter_mut().rev() {
+        *d = HEX[(n & 15) as usize];
+        n >>= 4;
+    }
+    id.extend(digits.iter().map(|&b| char::from(b)));
+    id
 }

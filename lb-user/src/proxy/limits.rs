@@ -79,9 +79,13 @@ impl Drop for QueuePlace<'_> {
 }
 
 /// Retries allowed per 10 s window: `min + ratio × requests`.
+///
+/// Lock-free: the window is the number of whole windows since `base`; the
+/// first caller in a new window resets the counts.
 #[derive(Debug)]
 pub struct RetryBudget {
-    window_start: std::sync::Mutex<Instant>,
+    base: Instant,
+    window: AtomicU64,
     requests: AtomicU64,
     retries: AtomicU64,
 }
@@ -91,7 +95,8 @@ const WINDOW: Duration = Duration::from_secs(10);
 impl Default for RetryBudget {
     fn default() -> Self {
         Self {
-            window_start: std::sync::Mutex::new(Instant::now()),
+            base: Instant::now(),
+            window: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
         }
@@ -99,27 +104,29 @@ impl Default for RetryBudget {
 }
 
 impl RetryBudget {
-    fn roll(&self) {
-        let mut start = self
-            .window_start
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if start.elapsed() >= WINDOW {
-            *start = Instant::now();
+    fn roll(&self, now: Instant) {
+        let w = now.saturating_duration_since(self.base).as_secs() / WINDOW.as_secs();
+        let cur = self.window.load(Ordering::Relaxed);
+        if w > cur
+            && self
+                .window
+                .compare_exchange(cur, w, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
             self.requests.store(0, Ordering::Relaxed);
             self.retries.store(0, Ordering::Relaxed);
         }
     }
 
-    /// Counts a request.
-    pub fn request(&self) {
-        self.roll();
+    /// Counts a request that arrived at `now`.
+    pub fn request(&self, now: Instant) {
+        self.roll(now);
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes a retry token if the budget allows.
     pub fn try_retry(&self, ratio: f64, min: u32) -> bool {
-        self.roll();
+        self.roll(Instant::now());
         let allowed =
             u64::from(min) + (ratio * self.requests.load(Ordering::Relaxed) as f64) as u64;
         let used = self.retries.fetch_add(1, Ordering::Relaxed);
@@ -155,7 +162,7 @@ mod tests {
     fn retry_budget() {
         let b = RetryBudget::default();
         for _ in 0..10 {
-            b.request();
+            b.request(Instant::now());
         }
         assert!(b.try_retry(0.2, 1));
         assert!(b.try_retry(0.2, 1));

@@ -74,9 +74,7 @@ async fn main() -> anyhow::Result<()> {
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_millis(ms));
             }
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
