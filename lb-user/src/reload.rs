@@ -1,9 +1,9 @@
 //! Live reconfiguration (SIGHUP or `POST /admin/reload`): boot and reload share the
 //! same parse + validate path. Backends are reconciled (unchanged ones keep their
 //! state and connections), the policy, limits, retries, health and metadata
-//! settings are swapped atomically; listeners, kernel settings, the upstream
-//! connect timeout and the global concurrency limit need a restart and are
-//! reported as such. Existing connections are never dropped by a reload.
+//! settings are swapped atomically (the proxy reads them per request); listeners,
+//! kernel settings, the upstream pool's size and idle timeout and the global
+//! concurrency limit need a restart and are reported as such. Existing connections are never dropped by a reload.
 
 use std::sync::{Arc, Mutex};
 
@@ -90,18 +90,15 @@ impl Reloader {
         if new.kernel != old.kernel {
             restart.push("kernel");
         }
-        if new.limits.connect_timeout != old.limits.connect_timeout {
-            restart.push("limits.connect_timeout_ms");
+        if new.limits.pool_max_idle_per_backend != old.limits.pool_max_idle_per_backend
+            || new.limits.pool_idle_timeout != old.limits.pool_idle_timeout
+        {
+            restart.push("limits.pool_max_idle_per_backend/pool_idle_timeout_ms");
         }
         if new.limits.max_concurrent != old.limits.max_concurrent
             || new.limits.max_queue != old.limits.max_queue
         {
             restart.push("limits.max_concurrent/max_queue");
-        }
-        if new.limits.header_read_timeout != old.limits.header_read_timeout
-            || new.limits.max_header_bytes != old.limits.max_header_bytes
-        {
-            restart.push("limits.header_read_timeout_ms/max_header_bytes (new connections only after restart)");
         }
         let (added, removed) = self
             .controller

@@ -260,7 +260,7 @@ fn metadata_from_every_shape_reaches_router_and_admin_api() -> Result<()> {
         "{m}"
     );
     assert!(
-        !m.contains("kind=\"client_gone\""),
+        m.contains("agentlb_response_endings_total{kind=\"client_gone\"} 0"),
         "complete responses counted as client_gone: {m}"
     );
     // Structured JSON logs carry the request id and the workflow id.

@@ -34,8 +34,15 @@ fn backend(name: &str, idle_close_ms: Option<u64>) -> Result<(Proc, u16)> {
     Ok((p, port))
 }
 
+/// agentlb with one worker (the single-threaded scheduler; the other suites
+/// run the multi-threaded default).
 fn lb_for(port: u16) -> Result<Lb> {
-    Lb::start(&["--backend".into(), format!("http://127.0.0.1:{port}")])
+    Lb::start(&[
+        "--backend".into(),
+        format!("http://127.0.0.1:{port}"),
+        "--workers".into(),
+        "1".into(),
+    ])
 }
 
 /// One parsed response.

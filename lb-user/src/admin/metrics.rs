@@ -103,25 +103,63 @@ impl LabelCap {
     }
 }
 
+/// A cached `requests` series: (backend label, route, status, counter).
+type AnsweredSeries = (Arc<String>, &'static str, u16, Counter);
+
 /// All metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     /// The `backend` label of answers agentlb made itself.
     none: Arc<String>,
+    /// Recently used `requests` series by (backend label, route, status): a
+    /// short scan instead of hashing the label set per request. The `Arc`s kept
+    /// here keep their addresses unique while cached.
+    answered_cache: Mutex<Vec<AnsweredSeries>>,
     requests: Family<RequestLabels, Counter>,
-    ttfb: Family<RouteLabel, Histogram>,
-    e2e: Family<RouteLabel, Histogram>,
+    /// Per-route series of the time to first byte and the duration, looked up
+    /// once here instead of per request (index: [`route_index`]).
+    ttfb_by_route: Vec<Histogram>,
+    e2e_by_route: Vec<Histogram>,
+    /// Endings by [`Outcome`] (index: [`outcome_index`]).
+    endings_by_kind: Vec<Counter>,
     overhead: Histogram,
     head: Histogram,
     upstream_errors: Family<ErrorLabels, Counter>,
     retries: Family<KindLabel, Counter>,
-    endings: Family<KindLabel, Counter>,
     lineage: Counter,
     wf_requests: Family<WorkflowLabel, Counter>,
     agent_requests: Family<AgentLabel, Counter>,
     wf_cap: LabelCap,
     agent_cap: LabelCap,
+}
+
+/// Every value of the `route` label.
+pub const ROUTES: [&str; 6] = [
+    "chat",
+    "completions",
+    "embeddings",
+    "models",
+    "health",
+    "other",
+];
+
+fn route_index(route: &str) -> usize {
+    ROUTES
+        .iter()
+        .position(|r| *r == route)
+        .unwrap_or(ROUTES.len() - 1)
+}
+
+const OUTCOMES: [(Outcome, &str); 4] = [
+    (Outcome::Complete, "complete"),
+    (Outcome::UpstreamFailed, "upstream_failed"),
+    (Outcome::TimedOut, "timed_out"),
+    (Outcome::ClientGone, "client_gone"),
+];
+
+fn outcome_index(o: Outcome) -> usize {
+    OUTCOMES.iter().position(|(k, _)| *k == o).unwrap_or(0)
 }
 
 fn latency_hist() -> Histogram {
@@ -208,17 +246,27 @@ impl Metrics {
             controller,
             limiter,
         }));
+        let series = |f: &Family<RouteLabel, Histogram>| -> Vec<Histogram> {
+            ROUTES
+                .iter()
+                .map(|route| f.get_or_create(&RouteLabel { route }).clone())
+                .collect()
+        };
         Self {
             registry: r,
             none: Arc::new("none".to_owned()),
+            answered_cache: Mutex::default(),
             requests,
-            ttfb,
-            e2e,
+            ttfb_by_route: series(&ttfb),
+            e2e_by_route: series(&e2e),
+            endings_by_kind: OUTCOMES
+                .iter()
+                .map(|(_, kind)| endings.get_or_create(&KindLabel { kind }).clone())
+                .collect(),
             overhead,
             head,
             upstream_errors,
             retries,
-            endings,
             lineage,
             wf_requests,
             agent_requests,
@@ -235,13 +283,31 @@ impl Metrics {
 
     /// A response head was sent by `backend`.
     pub fn answered(&self, route: &'static str, backend: &Arc<String>, status: u16) {
-        self.requests
+        const CACHED: usize = 64;
+        let mut cache = self
+            .answered_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((.., c)) = cache
+            .iter()
+            .find(|(b, r, s, _)| Arc::ptr_eq(b, backend) && *r == route && *s == status)
+        {
+            c.inc();
+            return;
+        }
+        let counter = self
+            .requests
             .get_or_create(&RequestLabels {
                 route,
                 backend: backend.clone(),
                 status,
             })
-            .inc();
+            .clone();
+        counter.inc();
+        if cache.len() >= CACHED {
+            cache.remove(0);
+        }
+        cache.push((backend.clone(), route, status, counter));
     }
 
     /// agentlb answered itself (no backend).
@@ -261,19 +327,13 @@ impl Metrics {
 
     /// First body byte sent.
     pub fn first_byte(&self, route: &'static str, secs: f64) {
-        self.ttfb.get_or_create(&RouteLabel { route }).observe(secs);
+        self.ttfb_by_route[route_index(route)].observe(secs);
     }
 
     /// Response finished (or ended early).
     pub fn finished(&self, route: &'static str, secs: f64, outcome: Outcome) {
-        self.e2e.get_or_create(&RouteLabel { route }).observe(secs);
-        let kind = match outcome {
-            Outcome::Complete => "complete",
-            Outcome::UpstreamFailed => "upstream_failed",
-            Outcome::TimedOut => "timed_out",
-            Outcome::ClientGone => "client_gone",
-        };
-        self.endings.get_or_create(&KindLabel { kind }).inc();
+        self.e2e_by_route[route_index(route)].observe(secs);
+        self.endings_by_kind[outcome_index(outcome)].inc();
     }
 
     /// A failed upstream attempt.

@@ -153,6 +153,8 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Idle upstream connections per backend.
     pub pool_max_idle_per_backend: usize,
+    /// Idle upstream connections are closed after this long.
+    pub pool_idle_timeout: Duration,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// Largest request body.
@@ -431,6 +433,11 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         ),
         shutdown_grace: v.millis("limits.shutdown_grace_ms", l.shutdown_grace_ms, 10_000),
         pool_max_idle_per_backend: l.pool_max_idle_per_backend.unwrap_or(64),
+        pool_idle_timeout: v.millis(
+            "limits.pool_idle_timeout_ms",
+            l.pool_idle_timeout_ms,
+            90_000,
+        ),
         max_header_bytes: v.size(
             "limits.max_header_bytes",
             l.max_header_bytes,

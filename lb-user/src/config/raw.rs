@@ -149,6 +149,8 @@ pub struct RawLimits {
     pub shutdown_grace_ms: Option<u64>,
     /// Idle upstream keep-alive connections kept per backend.
     pub pool_max_idle_per_backend: Option<usize>,
+    /// How long an idle upstream connection is kept.
+    pub pool_idle_timeout_ms: Option<u64>,
     /// Largest request head (request line + headers).
     pub max_header_bytes: Option<usize>,
     /// Largest request body.

@@ -131,22 +131,28 @@ impl Controller {
             return Err(NoBackend::Empty);
         }
         let model = meta.model.as_deref();
-        let serving: Vec<&Arc<Backend>> = snap.iter().filter(|b| b.serves(model)).collect();
-        if serving.is_empty() {
+        // One pass; the flags tell which filter emptied the set.
+        let (mut serving, mut routable) = (false, false);
+        let mut free: Vec<Arc<Backend>> = Vec::with_capacity(snap.len());
+        for b in snap.iter() {
+            if !b.serves(model) {
+                continue;
+            }
+            serving = true;
+            if exclude.contains(&b.id) || !b.routable() {
+                continue;
+            }
+            routable = true;
+            if b.inflight() < per_backend_limit {
+                free.push(b.clone());
+            }
+        }
+        if !serving {
             return Err(NoBackend::UnknownModel);
         }
-        let routable: Vec<Arc<Backend>> = serving
-            .into_iter()
-            .filter(|b| !exclude.contains(&b.id) && b.routable())
-            .cloned()
-            .collect();
-        if routable.is_empty() {
+        if !routable {
             return Err(NoBackend::Unavailable);
         }
-        let free: Vec<Arc<Backend>> = routable
-            .into_iter()
-            .filter(|b| b.inflight() < per_backend_limit)
-            .collect();
         if free.is_empty() {
             return Err(NoBackend::Busy);
         }

@@ -15,7 +15,15 @@
 //! the client socket is watched: a client that closes cancels the upstream
 //! request (its connection is closed, which vLLM treats as an abort).
 
-use std::{io, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
@@ -27,7 +35,7 @@ use tokio::{
 
 use super::{
     ApiError, Proxy, Settings, Upstream,
-    h1::{self, Framing, Head},
+    h1::{self, Framing, Head, Known},
     meta, route_label,
     stream::{self, Outcome, Tracker},
 };
@@ -46,10 +54,12 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let stopping = Arc::new(AtomicBool::new(false));
     let pruner = {
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(super::upstream::IDLE_TIMEOUT / 3);
+            let period = (proxy.pool.idle_timeout() / 3).max(std::time::Duration::from_millis(100));
+            let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
                 proxy.prune_pool();
@@ -68,12 +78,19 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = Conn::new(proxy.clone(), stream, peer, stop.clone(), done_tx.clone());
+                let conn = Conn::new(
+                    proxy.clone(),
+                    stream,
+                    peer,
+                    Stop { rx: Some(stop.clone()), flag: stopping.clone() },
+                    done_tx.clone(),
+                );
                 tokio::spawn(conn.run());
             }
             _ = stop.changed() => break,
         }
     }
+    stopping.store(true, Ordering::Relaxed);
     drop(listener);
     drop(done_tx);
     pruner.abort();
@@ -102,6 +119,14 @@ struct Relayed {
     reusable: bool,
 }
 
+/// Shutdown signal of one connection: the flag is read per request; the
+/// receiver wakes an idle connection (its wait is registered once per
+/// connection, not per request).
+struct Stop {
+    rx: Option<watch::Receiver<bool>>,
+    flag: Arc<AtomicBool>,
+}
+
 /// One client connection.
 struct Conn {
     proxy: Arc<Proxy>,
@@ -110,7 +135,7 @@ struct Conn {
     buf: BytesMut,
     out: Vec<u8>,
     scratch: Vec<u8>,
-    stop: watch::Receiver<bool>,
+    stop: Stop,
     /// The current request still has body bytes unread on the socket.
     body_pending: bool,
     _done: mpsc::Sender<()>,
@@ -121,7 +146,7 @@ impl Conn {
         proxy: Arc<Proxy>,
         stream: TcpStream,
         peer: SocketAddr,
-        stop: watch::Receiver<bool>,
+        stop: Stop,
         done: mpsc::Sender<()>,
     ) -> Self {
         Self {
@@ -137,10 +162,21 @@ impl Conn {
         }
     }
 
+    fn stopping(&self) -> bool {
+        self.stop.flag.load(Ordering::Relaxed)
+    }
+
     async fn run(mut self) {
+        let mut rx = self.stop.rx.take();
+        let stopped = async move {
+            if let Some(rx) = rx.as_mut() {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        tokio::pin!(stopped);
         loop {
             let settings = self.proxy.settings.load_full();
-            let head = match self.read_head(&settings).await {
+            let head = match self.read_head(&settings, &mut stopped).await {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => {
@@ -162,7 +198,7 @@ impl Conn {
             } else {
                 tracing::Instrument::instrument(self.request(head, &rid, &settings), span).await
             };
-            if !keep || *self.stop.borrow() {
+            if !keep || self.stopping() {
                 break;
             }
         }
@@ -171,7 +207,11 @@ impl Conn {
 
     /// Reads the next request head. `Ok(None)`: the connection is done (closed,
     /// idle past the header timeout, or shutting down).
-    async fn read_head(&mut self, s: &Settings) -> Result<Option<Head>, ApiError> {
+    async fn read_head(
+        &mut self,
+        s: &Settings,
+        stopped: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Option<Head>, ApiError> {
         let max = s.limits.max_header_bytes;
         let timeout = s.limits.header_read_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -189,7 +229,7 @@ impl Conn {
                 }
             }
             let idle = self.buf.is_empty();
-            if idle && *self.stop.borrow() {
+            if idle && self.stopping() {
                 return Ok(None);
             }
             if self.buf.capacity() - self.buf.len() < 1024 {
@@ -209,7 +249,7 @@ impl Conn {
                         timeout.as_millis()
                     )));
                 }
-                _ = self.stop.changed(), if idle => return Ok(None),
+                () = stopped.as_mut(), if idle => return Ok(None),
             }
         }
     }
@@ -217,7 +257,8 @@ impl Conn {
     /// Serves one request. Returns whether the connection stays open.
     async fn request(&mut self, head: Head, rid: &str, s: &Arc<Settings>) -> bool {
         let started = Instant::now();
-        let route = route_label(head.path());
+        let path = head.path();
+        let route = route_label(path);
         let keep = head.keep_alive();
         let framing = match h1::request_framing(&head) {
             Ok(f) => f,
@@ -241,7 +282,7 @@ impl Conn {
             Proxied,
             Refused(ApiError),
         }
-        let target = match (head.path(), head.method()) {
+        let target = match (path, head.method()) {
             ("/health", "GET") => Target::Health,
             ("/ready", "GET") => Target::Ready,
             ("/v1/models", "GET") => Target::Models,
@@ -282,9 +323,14 @@ impl Conn {
                 Ok(())
             }
             Target::Proxied => {
-                return match self.proxied(head, framing, rid, s, started, keep).await {
+                return match self
+                    .proxied(head, framing, rid, s, started, keep, route)
+                    .await
+                {
                     Ok(keep) => keep,
                     Err(e) => {
+                        // A slot may have been released without a response.
+                        self.proxy.limiter.released.notify_waiters();
                         let keep = keep && !self.body_pending;
                         self.reject(e, rid, route, s).await;
                         keep
@@ -293,7 +339,7 @@ impl Conn {
             }
             Target::Refused(e) => Err(e),
         };
-        let keep = keep && !self.body_pending && !*self.stop.borrow();
+        let keep = keep && !self.body_pending && !self.stopping();
         match result {
             Ok(()) => {
                 if !self.write_out(s).await {
@@ -318,7 +364,7 @@ impl Conn {
         route: &'static str,
     ) {
         self.proxy.metrics.answered_locally(route, status);
-        let close = !keep || self.body_pending || *self.stop.borrow();
+        let close = !keep || self.body_pending || self.stopping();
         let body = v.to_string();
         self.out.clear();
         put_json_head(&mut self.out, status, body.len(), rid, None, close);
@@ -340,7 +386,7 @@ impl Conn {
 
     async fn send_error(&mut self, e: ApiError, rid: &str, s: &Settings) {
         let body = e.json().to_string();
-        let close = self.body_pending || *self.stop.borrow();
+        let close = self.body_pending || self.stopping();
         self.out.clear();
         put_json_head(
             &mut self.out,
@@ -438,6 +484,7 @@ impl Conn {
     }
 
     /// A proxied route: body, metadata, admission, upstream, relay.
+    #[allow(clippy::too_many_arguments)]
     async fn proxied(
         &mut self,
         head: Head,
@@ -446,10 +493,12 @@ impl Conn {
         s: &Arc<Settings>,
         started: Instant,
         keep: bool,
+        route: &'static str,
     ) -> Result<bool, ApiError> {
         let limits = &s.limits;
         let is_json = head
-            .get("content-type")
+            .values_of(Known::ContentType)
+            .next()
             .and_then(|v| v.split(|&b| b == b';').next())
             .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"application/json"));
         if !is_json {
@@ -482,7 +531,6 @@ impl Conn {
         {
             return Err(ApiError::model_not_found(m));
         }
-        let route = route_label(head.path());
         let wf_span = tracing::debug_span!(
             "workflow",
             workflow_id = meta.workflow_id.as_deref().unwrap_or(""),
@@ -503,6 +551,7 @@ impl Conn {
             r = fwd => r?,
             () = client_gone(&self.stream, &mut self.buf) => {
                 proxy.metrics.finished(route, started.elapsed().as_secs_f64(), Outcome::ClientGone);
+                proxy.limiter.released.notify_waiters();
                 tracing::debug!(request_id = rid, "client left before the response head");
                 return Ok(false);
             }
@@ -522,28 +571,28 @@ impl Conn {
             Framing::Chunked | Framing::Close if head.minor >= 1 => ClientFraming::Chunked,
             Framing::Chunked | Framing::Close => ClientFraming::Close,
         };
-        let keep = keep && cfr != ClientFraming::Close && !*self.stop.borrow();
+        let keep = keep && cfr != ClientFraming::Close && !self.stopping();
 
         // The client's response head, from the upstream one.
         let out = &mut self.out;
         out.clear();
         h1::put_status_line(out, uh.status, uh.reason());
         let mut sse = false;
-        for (name, value) in uh.headers() {
-            if name.eq_ignore_ascii_case(b"content-type") {
-                sse = value.starts_with(b"text/event-stream");
+        for (kind, name, value, line) in uh.fields() {
+            match kind {
+                Known::ContentType => sse = value.starts_with(b"text/event-stream"),
+                Known::RequestId | Known::AgentlbBackend | Known::ContentLength => continue,
+                _ if uh.is_hop_by_hop_field(kind, name) => continue,
+                _ => {}
             }
-            let ours = [H_REQUEST_ID, H_BACKEND, "content-length"]
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
-            if ours || uh.is_hop_by_hop(name) {
-                continue;
-            }
-            h1::put_header(out, name, value);
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
         }
         h1::put_header(out, H_REQUEST_ID.as_bytes(), rid.as_bytes());
         h1::put_header(out, H_BACKEND.as_bytes(), backend.name.as_bytes());
         match cfr {
+            // 204 and 304 carry no Content-Length (RFC 9110 §8.6).
+            ClientFraming::Empty if matches!(uh.status, 204 | 304) => {}
             ClientFraming::Empty => out.extend_from_slice(b"content-length: 0\r\n"),
             ClientFraming::Length(n) => {
                 out.extend_from_slice(b"content-length: ");
@@ -863,22 +912,36 @@ fn put_json_head(
 
 /// The client's request id (1–128 visible ASCII bytes), or a new one.
 fn request_id(h: &Head) -> String {
-    h.get(H_REQUEST_ID)
+    h.values_of(Known::RequestId)
+        .next()
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.iter().all(|b| (0x21..=0x7e).contains(b)))
         .and_then(|v| std::str::from_utf8(v).ok())
         .map_or_else(new_request_id, str::to_owned)
 }
 
+/// `agentlb-` + 32 hex digits: a random per-process prefix and a counter, so
+/// ids are unique without drawing random numbers per request.
 fn new_request_id() -> String {
+    use std::sync::{
+        LazyLock,
+        atomic::{AtomicU64, Ordering},
+    };
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    static PREFIX: LazyLock<String> = LazyLock::new(|| {
+        let r: u64 = rand::random();
+        (0..16)
+            .map(|i| char::from(HEX[((r >> ((15 - i) * 4)) & 15) as usize]))
+            .collect()
+    });
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut id = String::with_capacity(40);
     id.push_str("agentlb-");
-    let mut n = rand::random::<u128>();
-    let mut digits = [0u8; 32];
-    for d in digits.iter_mut().rev() {
-        *d = HEX[(n & 15) as usize];
-        n >>= 4;
+    id.push_str(&PREFIX);
+    let mut digits = [b'0'; 16];
+    for (i, d) in digits.iter_mut().enumerate() {
+        *d = HEX[((n >> ((15 - i) * 4)) & 15) as usize];
     }
-    id.extend(digits.iter().map(|&b| char::from(b)));
+    id.push_str(std::str::from_utf8(&digits).unwrap_or("0"));
     id
 }

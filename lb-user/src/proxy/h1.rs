@@ -31,6 +31,80 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Header fields the engine looks at, classified once when the head is parsed
+/// so that later lookups compare a byte instead of names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// Any other field.
+    Other,
+    /// `content-length`.
+    ContentLength,
+    /// `transfer-encoding`.
+    TransferEncoding,
+    /// `connection`.
+    Connection,
+    /// Another hop-by-hop field of RFC 9110 §7.6.1.
+    HopByHop,
+    /// `host`.
+    Host,
+    /// `expect`.
+    Expect,
+    /// `content-type`.
+    ContentType,
+    /// `x-request-id`.
+    RequestId,
+    /// `x-forwarded-for`.
+    ForwardedFor,
+    /// `x-agentlb-backend`.
+    AgentlbBackend,
+}
+
+impl Known {
+    /// Classifies a field name (ASCII case-insensitive).
+    pub fn of(name: &[u8]) -> Self {
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        match name.len() {
+            2 if is("te") => Self::HopByHop,
+            4 if is("host") => Self::Host,
+            6 if is("expect") => Self::Expect,
+            7 if is("trailer") || is("upgrade") => Self::HopByHop,
+            10 if is("connection") || is("keep-alive") => {
+                if is("connection") {
+                    Self::Connection
+                } else {
+                    Self::HopByHop
+                }
+            }
+            12 if is("content-type") => Self::ContentType,
+            12 if is("x-request-id") => Self::RequestId,
+            14 if is("content-length") => Self::ContentLength,
+            15 if is("x-forwarded-for") => Self::ForwardedFor,
+            16 if is("proxy-connection") => Self::HopByHop,
+            17 if is("transfer-encoding") => Self::TransferEncoding,
+            17 if is("x-agentlb-backend") => Self::AgentlbBackend,
+            18 if is("proxy-authenticate") => Self::HopByHop,
+            19 if is("proxy-authorization") => Self::HopByHop,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether fields of this kind describe one hop (never forwarded).
+    pub fn hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Self::HopByHop | Self::Connection | Self::TransferEncoding
+        )
+    }
+}
+
+/// One field: offsets of name and value, and its kind.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    name: (u32, u32),
+    value: (u32, u32),
+    kind: Known,
+}
+
 /// A parsed head: offsets into `buf`.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -42,7 +116,9 @@ pub struct Head {
     pub minor: u8,
     /// Response status (0 for requests).
     pub status: u16,
-    headers: Vec<[usize; 4]>,
+    fields: Vec<Field>,
+    /// `Connection` lists field names other than `close`/`keep-alive`.
+    connection_names: bool,
 }
 
 /// Why a head could not be read.
@@ -66,9 +142,14 @@ impl std::fmt::Display for HeadError {
     }
 }
 
+/// Where `part` (a slice httparse returned) lies within `base`; an empty range
+/// if it does not (never expected: httparse only returns slices of its input).
 fn offset(base: &[u8], part: &[u8]) -> (usize, usize) {
-    let start = part.as_ptr() as usize - base.as_ptr() as usize;
-    (start, start + part.len())
+    let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= base.len() => (start, end),
+        _ => (0, 0),
+    }
 }
 
 fn map_err(e: httparse::Error) -> HeadError {
@@ -84,15 +165,32 @@ fn map_err(e: httparse::Error) -> HeadError {
     }
 }
 
-fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> Vec<[usize; 4]> {
-    headers
+fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> (Vec<Field>, bool) {
+    let mut connection_names = false;
+    let fields = headers
         .iter()
         .map(|h| {
             let (ns, ne) = offset(base, h.name.as_bytes());
             let (vs, ve) = offset(base, h.value);
-            [ns, ne, vs, ve]
+            let kind = Known::of(h.name.as_bytes());
+            if kind == Known::Connection {
+                connection_names |= h.value.split(|&b| b == b',').any(|t| {
+                    let t = t.trim_ascii();
+                    !t.is_empty()
+                        && !t.eq_ignore_ascii_case(b"close")
+                        && !t.eq_ignore_ascii_case(b"keep-alive")
+                });
+            }
+            // Heads are limited far below 4 GiB.
+            let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+            Field {
+                name: (u(ns), u(ne)),
+                value: (u(vs), u(ve)),
+                kind,
+            }
         })
-        .collect()
+        .collect();
+    (fields, connection_names)
 }
 
 /// Parses a request head from the front of `buf`. `Ok(None)`: incomplete (and
@@ -116,7 +214,7 @@ pub fn parse_request(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Hea
             let method = offset(base, req.method.unwrap_or("").as_bytes());
             let target = offset(base, req.path.unwrap_or("").as_bytes());
             let minor = req.version.unwrap_or(1);
-            let headers = collect(base, req.headers);
+            let (fields, connection_names) = collect(base, req.headers);
             let buf = buf.split_to(len).freeze();
             Ok(Some(Head {
                 buf,
@@ -125,7 +223,8 @@ pub fn parse_request(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Hea
                 reason: (0, 0),
                 minor,
                 status: 0,
-                headers,
+                fields,
+                connection_names,
             }))
         }
         Err(e) => Err(map_err(e)),
@@ -153,7 +252,7 @@ pub fn parse_response(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, He
             let reason = offset(base, resp.reason.unwrap_or("").as_bytes());
             let status = resp.code.unwrap_or(0);
             let minor = resp.version.unwrap_or(1);
-            let headers = collect(base, resp.headers);
+            let (fields, connection_names) = collect(base, resp.headers);
             let buf = buf.split_to(len).freeze();
             Ok(Some(Head {
                 buf,
@@ -162,7 +261,8 @@ pub fn parse_response(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, He
                 reason,
                 minor,
                 status,
-                headers,
+                fields,
+                connection_names,
             }))
         }
         Err(e) => Err(map_err(e)),
@@ -218,18 +318,53 @@ impl Head {
         self.buf.is_empty()
     }
 
+    fn name_of(&self, f: &Field) -> &[u8] {
+        &self.buf[f.name.0 as usize..f.name.1 as usize]
+    }
+
+    fn value_of(&self, f: &Field) -> &[u8] {
+        &self.buf[f.value.0 as usize..f.value.1 as usize]
+    }
+
     /// Every field as (name, value).
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.headers
+        self.fields
             .iter()
-            .map(|h| (&self.buf[h[0]..h[1]], &self.buf[h[2]..h[3]]))
+            .map(|f| (self.name_of(f), self.value_of(f)))
+    }
+
+    /// Every field as (kind, name, value, the raw `name: value` bytes).
+    pub fn fields(&self) -> impl Iterator<Item = (Known, &[u8], &[u8], &[u8])> {
+        self.fields.iter().map(|f| {
+            (
+                f.kind,
+                self.name_of(f),
+                self.value_of(f),
+                &self.buf[f.name.0 as usize..f.value.1 as usize],
+            )
+        })
+    }
+
+    /// Every value of a field of kind `kind`.
+    pub fn values_of(&self, kind: Known) -> impl Iterator<Item = &[u8]> {
+        self.fields
+            .iter()
+            .filter(move |f| f.kind == kind)
+            .map(|f| self.value_of(f))
     }
 
     /// Every value of `name` (ASCII case-insensitive; `name` in lower case).
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+        let kind = Known::of(name.as_bytes());
+        self.fields
+            .iter()
+            .filter(move |f| {
+                // Other kinds stand for exactly one name.
+                f.kind == kind
+                    && (!matches!(kind, Known::Other | Known::HopByHop)
+                        || self.name_of(f).eq_ignore_ascii_case(name.as_bytes()))
+            })
+            .map(|f| self.value_of(f))
     }
 
     /// The first value of `name`.
@@ -239,31 +374,41 @@ impl Head {
 
     /// Whether a comma-separated field `name` lists `token`.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.get_all(name).any(|v| {
-            v.split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-        })
+        self.get_all(name).any(|v| list_has(v, token))
     }
 
     /// Whether the sender wants the connection kept open after this message.
     pub fn keep_alive(&self) -> bool {
-        if self.has_token("connection", "close") {
-            return false;
+        let mut keep = self.minor >= 1;
+        for v in self.values_of(Known::Connection) {
+            if list_has(v, "close") {
+                return false;
+            }
+            keep |= list_has(v, "keep-alive");
         }
-        self.minor >= 1 || self.has_token("connection", "keep-alive")
+        keep
     }
 
-    /// Whether `name` (lower case) must not be forwarded: hop-by-hop, or listed
-    /// in this head's `Connection` field.
-    pub fn is_hop_by_hop(&self, name: &[u8]) -> bool {
-        HOP_BY_HOP
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-            || self.get_all("connection").any(|v| {
-                v.split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
-            })
+    /// Whether a field must not be forwarded: hop-by-hop by kind, or named in
+    /// this head's `Connection` field.
+    pub fn is_hop_by_hop_field(&self, kind: Known, name: &[u8]) -> bool {
+        kind.hop_by_hop()
+            || (self.connection_names
+                && self.values_of(Known::Connection).any(|v| {
+                    v.split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+                }))
     }
+
+    /// Whether `name` must not be forwarded (see [`Head::is_hop_by_hop_field`]).
+    pub fn is_hop_by_hop(&self, name: &[u8]) -> bool {
+        self.is_hop_by_hop_field(Known::of(name), name)
+    }
+}
+
+fn list_has(v: &[u8], token: &str) -> bool {
+    v.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// How a message body is delimited.
@@ -281,7 +426,7 @@ pub enum Framing {
 
 fn content_length(head: &Head) -> Result<Option<u64>, &'static str> {
     let mut found: Option<u64> = None;
-    for v in head.get_all("content-length") {
+    for v in head.values_of(Known::ContentLength) {
         for part in v.split(|&b| b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
@@ -303,7 +448,7 @@ fn content_length(head: &Head) -> Result<Option<u64>, &'static str> {
 /// Whether the final transfer coding is `chunked`.
 fn chunked_last(head: &Head) -> Option<bool> {
     let mut last: Option<&[u8]> = None;
-    for v in head.get_all("transfer-encoding") {
+    for v in head.values_of(Known::TransferEncoding) {
         for t in v.split(|&b| b == b',') {
             let t = t.trim_ascii();
             if !t.is_empty() {
@@ -316,13 +461,13 @@ fn chunked_last(head: &Head) -> Option<bool> {
 
 /// Body framing of a request (strict: see the module docs).
 pub fn request_framing(head: &Head) -> Result<Framing, &'static str> {
-    let te = head.get("transfer-encoding").is_some();
+    let te = head.values_of(Known::TransferEncoding).next().is_some();
     let cl = content_length(head)?;
     if te {
         if cl.is_some() {
             return Err("both Transfer-Encoding and Content-Length");
         }
-        let only_chunked = head.get_all("transfer-encoding").all(|v| {
+        let only_chunked = head.values_of(Known::TransferEncoding).all(|v| {
             v.split(|&b| b == b',')
                 .map(<[u8]>::trim_ascii)
                 .filter(|t| !t.is_empty())
@@ -344,7 +489,7 @@ pub fn response_framing(head: &Head) -> Result<Framing, &'static str> {
     if (100..200).contains(&head.status) || head.status == 204 || head.status == 304 {
         return Ok(Framing::Empty);
     }
-    if head.get("transfer-encoding").is_some() {
+    if head.values_of(Known::TransferEncoding).next().is_some() {
         return Ok(if chunked_last(head) == Some(true) {
             Framing::Chunked
         } else {

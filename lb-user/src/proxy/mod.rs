@@ -178,7 +178,10 @@ impl Proxy {
     ) -> Self {
         Self {
             controller,
-            pool: upstream::Pool::new(config.limits.pool_max_idle_per_backend),
+            pool: upstream::Pool::new(
+                config.limits.pool_max_idle_per_backend,
+                config.limits.pool_idle_timeout,
+            ),
             metrics,
             settings: ArcSwap::from_pointee(Settings::from_config(config)),
             limiter,
@@ -377,7 +380,7 @@ impl Proxy {
         tried: &[u32],
         limits: &Limits,
     ) -> Result<Arc<Backend>, ApiError> {
-        let deadline = Instant::now() + limits.queue_timeout;
+        let mut deadline = None;
         let mut place = None;
         loop {
             let notified = self.limiter.released.notified();
@@ -390,6 +393,8 @@ impl Proxy {
                     if place.is_none() {
                         place = Some(self.limiter.enter_queue()?);
                     }
+                    let deadline =
+                        *deadline.get_or_insert_with(|| Instant::now() + limits.queue_timeout);
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
                         return Err(ApiError::overloaded(
@@ -442,23 +447,19 @@ fn build_upstream(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     h1::put_header(out, b"host", backend.host_header.as_bytes());
     let mut xff: Vec<&[u8]> = Vec::new();
-    for (name, value) in head.headers() {
-        let skip = [
-            "host",
-            "content-length",
-            H_REQUEST_ID,
-            "expect",
-            "x-forwarded-for",
-        ]
-        .iter()
-        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            xff.push(value);
+    for (kind, name, value, line) in head.fields() {
+        match kind {
+            h1::Known::ForwardedFor => xff.push(value),
+            h1::Known::Host
+            | h1::Known::ContentLength
+            | h1::Known::RequestId
+            | h1::Known::Expect => {}
+            _ if head.is_hop_by_hop_field(kind, name) => {}
+            _ => {
+                out.extend_from_slice(line);
+                out.extend_from_slice(b"\r\n");
+            }
         }
-        if skip || head.is_hop_by_hop(name) {
-            continue;
-        }
-        h1::put_header(out, name, value);
     }
     h1::put_header(out, H_REQUEST_ID.as_bytes(), rid.as_bytes());
     out.extend_from_slice(b"x-forwarded-for: ");

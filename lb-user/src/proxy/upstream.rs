@@ -12,11 +12,11 @@
 //! Pooled connections the backend closed while idle are detected on reuse: the
 //! exchange fails before any response byte, and the engine retries once on a new
 //! connection to the same backend without counting a backend failure. Idle
-//! connections older than [`IDLE_TIMEOUT`] are dropped; connections idle for more
-//! than [`CHECK_AFTER`] get a non-blocking liveness check before reuse.
+//! connections older than `limits.pool_idle_timeout` are dropped; connections
+//! idle for more than [`CHECK_AFTER`] get a non-blocking liveness check before
+//! reuse.
 
 use std::{
-    collections::HashMap,
     io,
     sync::Mutex,
     time::{Duration, Instant},
@@ -28,8 +28,6 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use super::h1::{self, Head, HeadError};
 use crate::model::{Backend, BackendId};
 
-/// Idle upstream connections are closed after this long.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections older than this are checked for a close before reuse.
 pub const CHECK_AFTER: Duration = Duration::from_secs(1);
 /// Largest upstream response head.
@@ -51,8 +49,10 @@ pub struct UpConn {
 /// Idle connections by backend.
 #[derive(Debug)]
 pub struct Pool {
-    idle: Mutex<HashMap<BackendId, Vec<UpConn>>>,
+    /// Per backend (a short list: scanned, not hashed).
+    idle: Mutex<Vec<(BackendId, Vec<UpConn>)>>,
     max_idle: usize,
+    idle_timeout: Duration,
 }
 
 /// Why an exchange failed.
@@ -87,12 +87,19 @@ impl ExchangeError {
 }
 
 impl Pool {
-    /// A pool keeping at most `max_idle` idle connections per backend.
-    pub fn new(max_idle: usize) -> Self {
+    /// A pool keeping at most `max_idle` idle connections per backend, each for
+    /// at most `idle_timeout`.
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Vec::new()),
             max_idle,
+            idle_timeout,
         }
+    }
+
+    /// How long idle connections are kept.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 
     fn take_idle(&self, id: BackendId) -> Option<UpConn> {
@@ -100,11 +107,11 @@ impl Pool {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.get_mut(&id)?;
+        let (_, list) = idle.iter_mut().find(|(b, _)| *b == id)?;
         // Most recently used first: the warmest connection, least likely closed.
         while let Some(c) = list.pop() {
             let age = c.idle_since.elapsed();
-            if age >= IDLE_TIMEOUT {
+            if age >= self.idle_timeout {
                 // Everything older sits below it.
                 list.clear();
                 return None;
@@ -146,7 +153,14 @@ impl Pool {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.entry(backend).or_default();
+        let list = match idle.iter().position(|(b, _)| *b == backend) {
+            Some(i) => &mut idle[i].1,
+            None => {
+                idle.push((backend, Vec::new()));
+                let last = idle.len() - 1;
+                &mut idle[last].1
+            }
+        };
         if list.len() >= self.max_idle {
             // Drop the oldest.
             list.remove(0);
@@ -154,13 +168,17 @@ impl Pool {
         list.push(conn);
     }
 
-    /// Drops the idle connections of backends not in `keep`.
+    /// Drops the idle connections of backends not in `keep`, and those idle
+    /// past the timeout.
     pub fn retain(&self, keep: &[BackendId]) {
         let mut idle = self
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.retain(|id, _| keep.contains(id));
+        idle.retain(|(id, _)| keep.contains(id));
+        for (_, list) in idle.iter_mut() {
+            list.retain(|c| c.idle_since.elapsed() < self.idle_timeout);
+        }
     }
 
     /// Idle connections held now (all backends).
@@ -168,8 +186,8 @@ impl Pool {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .map(Vec::len)
+            .iter()
+            .map(|(_, l)| l.len())
             .sum()
     }
 }

@@ -6,8 +6,8 @@
 //!
 //! - `direct`: the load generator talks to the backend itself (the baseline for
 //!   added latency);
-//! - `agentlb`: `agentlb run --no-kernel` (userspace path), `TOKIO_WORKER_THREADS`
-//!   set to `--agentlb-threads` (default 1);
+//! - `agentlb`: `agentlb run --no-kernel --workers N` (userspace path), N from
+//!   `--agentlb-threads` (default 1);
 //! - `nginx`: a plain reverse proxy, `worker_processes 1`, upstream keep-alive,
 //!   `proxy_http_version 1.1`, `proxy_buffering off`;
 //! - `vllm-router` 0.1.17 (pip, in `target/venv-bench`), `--policy round_robin`,
@@ -96,7 +96,7 @@ struct Args {
     /// SSE events per streamed response (before `[DONE]`).
     #[arg(long, default_value_t = 100)]
     chunks: usize,
-    /// tokio worker threads of agentlb (TOKIO_WORKER_THREADS).
+    /// Worker threads of agentlb (`agentlb run --workers`).
     #[arg(long, default_value_t = 1)]
     agentlb_threads: usize,
     /// Do not pin processes to CPUs.
@@ -517,7 +517,7 @@ fn layout_note(s: &Settings, agentlb_threads: usize) -> String {
         _ => "no CPU pinning".to_owned(),
     };
     format!(
-        "{pin}; agentlb: {agentlb_threads} tokio worker thread(s), --no-kernel; nginx: worker_processes 1, upstream keepalive, proxy_buffering off; vllm-router: --policy round_robin, default threads; proxy CPU = utime+stime of the proxy's process tree (10 ms ticks)"
+        "{pin}; agentlb: --workers {agentlb_threads}, --no-kernel; nginx: worker_processes 1, upstream keepalive, proxy_buffering off; vllm-router: --policy round_robin, default threads; proxy CPU = utime+stime of the proxy's process tree (10 ms ticks)"
     )
 }
 
@@ -546,8 +546,9 @@ fn start_agentlb(
         &format!("127.0.0.1:{admin}"),
         "--backend",
         &format!("http://{backend}"),
-    ])
-    .env("TOKIO_WORKER_THREADS", threads.to_string());
+        "--workers",
+        &threads.to_string(),
+    ]);
     let proc = ChildGuard::spawn("agentlb", cmd, tmp.path().join("agentlb.log"), s.proxy_cpu)?;
     Ok(Target {
         name: "agentlb",
