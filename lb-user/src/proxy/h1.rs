@@ -60,30 +60,30 @@ pub enum Known {
 }
 
 impl Known {
-    /// Classifies a field name (ASCII case-insensitive).
+    /// Classifies a field name (ASCII case-insensitive). Dispatches on length
+    /// and first letter, so most names cost one comparison at most.
     pub fn of(name: &[u8]) -> Self {
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        match name.len() {
-            2 if is("te") => Self::HopByHop,
-            4 if is("host") => Self::Host,
-            6 if is("expect") => Self::Expect,
-            7 if is("trailer") || is("upgrade") => Self::HopByHop,
-            10 if is("connection") || is("keep-alive") => {
-                if is("connection") {
-                    Self::Connection
-                } else {
-                    Self::HopByHop
-                }
-            }
-            12 if is("content-type") => Self::ContentType,
-            12 if is("x-request-id") => Self::RequestId,
-            14 if is("content-length") => Self::ContentLength,
-            15 if is("x-forwarded-for") => Self::ForwardedFor,
-            16 if is("proxy-connection") => Self::HopByHop,
-            17 if is("transfer-encoding") => Self::TransferEncoding,
-            17 if is("x-agentlb-backend") => Self::AgentlbBackend,
-            18 if is("proxy-authenticate") => Self::HopByHop,
-            19 if is("proxy-authorization") => Self::HopByHop,
+        let Some(&first) = name.first() else {
+            return Self::Other;
+        };
+        match (name.len(), first | 0x20) {
+            (2, b't') if is("te") => Self::HopByHop,
+            (4, b'h') if is("host") => Self::Host,
+            (6, b'e') if is("expect") => Self::Expect,
+            (7, b't') if is("trailer") => Self::HopByHop,
+            (7, b'u') if is("upgrade") => Self::HopByHop,
+            (10, b'c') if is("connection") => Self::Connection,
+            (10, b'k') if is("keep-alive") => Self::HopByHop,
+            (12, b'c') if is("content-type") => Self::ContentType,
+            (12, b'x') if is("x-request-id") => Self::RequestId,
+            (14, b'c') if is("content-length") => Self::ContentLength,
+            (15, b'x') if is("x-forwarded-for") => Self::ForwardedFor,
+            (16, b'p') if is("proxy-connection") => Self::HopByHop,
+            (17, b't') if is("transfer-encoding") => Self::TransferEncoding,
+            (17, b'x') if is("x-agentlb-backend") => Self::AgentlbBackend,
+            (18, b'p') if is("proxy-authenticate") => Self::HopByHop,
+            (19, b'p') if is("proxy-authorization") => Self::HopByHop,
             _ => Self::Other,
         }
     }
@@ -781,6 +781,30 @@ mod tests {
         assert!(h.is_hop_by_hop(b"Transfer-Encoding"));
         assert!(!h.is_hop_by_hop(b"x-workflow-id"));
         assert_eq!(request_framing(&h), Ok(Framing::Empty));
+    }
+
+    #[test]
+    fn field_kinds_match_names_in_any_case() {
+        for (name, kind) in [
+            ("Content-Length", Known::ContentLength),
+            ("TRANSFER-ENCODING", Known::TransferEncoding),
+            ("connection", Known::Connection),
+            ("Keep-Alive", Known::HopByHop),
+            ("TE", Known::HopByHop),
+            ("Upgrade", Known::HopByHop),
+            ("Proxy-Authorization", Known::HopByHop),
+            ("Host", Known::Host),
+            ("X-Request-Id", Known::RequestId),
+            ("x-forwarded-for", Known::ForwardedFor),
+            ("X-Agentlb-Backend", Known::AgentlbBackend),
+            ("content-type", Known::ContentType),
+            ("Expect", Known::Expect),
+            ("content-lengthy", Known::Other),
+            ("x-workflow-id", Known::Other),
+            ("", Known::Other),
+        ] {
+            assert_eq!(Known::of(name.as_bytes()), kind, "{name}");
+        }
     }
 
     #[test]

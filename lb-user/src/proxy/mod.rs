@@ -242,6 +242,7 @@ impl Proxy {
         peer: &str,
         rid: &str,
         started: Instant,
+        first_byte: &mut std::pin::Pin<Box<tokio::time::Sleep>>,
     ) -> Result<Upstream, ApiError> {
         let limits = &settings.limits;
         let retry = &settings.retry;
@@ -283,7 +284,15 @@ impl Proxy {
                 if inline { &[] } else { body },
                 limits.connect_timeout,
             );
-            let attempt = match tokio::time::timeout(limits.first_byte_timeout, sent).await {
+            first_byte
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limits.first_byte_timeout);
+            let timed = tokio::select! {
+                biased;
+                r = sent => Ok(r),
+                () = first_byte.as_mut() => Err(()),
+            };
+            let attempt = match timed {
                 Ok(Ok((conn, h))) if matches!(h.status, 502..=504) => Attempt::Status(conn, h),
                 Ok(Ok((conn, h))) => {
                     backend.record_success();

@@ -29,6 +29,7 @@
 //! with the settings and machine, in `target/bench/proxy.json`.
 
 mod backend;
+mod instr;
 mod load;
 mod procs;
 mod report;
@@ -115,6 +116,13 @@ struct Args {
     /// (implies not building it).
     #[arg(long)]
     agentlb: Option<PathBuf>,
+    /// Also count user-space instructions per request of agentlb and nginx with
+    /// callgrind (valgrind): N measured requests per target and workload; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    instructions: usize,
+    /// Only the instruction counts (no timed runs); needs --instructions.
+    #[arg(long)]
+    instructions_only: bool,
     /// JSON output (default: <workspace>/target/bench/proxy.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -254,6 +262,43 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
     let backend = Backend::start(settings.chunks, settings.harness_cpu)?;
     let small_body = backend::request_body(false);
     let small_len = backend::expected_len(false, settings.chunks);
+
+    // Instruction counts first: nothing else runs meanwhile.
+    if args.instructions_only && args.instructions == 0 {
+        bail!("--instructions-only needs --instructions N");
+    }
+    let instructions = if args.instructions == 0 {
+        None
+    } else if !instr::available() {
+        notes.push("instruction counts skipped: valgrind is not installed".to_owned());
+        None
+    } else {
+        Some(count_instructions(
+            &args,
+            &settings,
+            &agentlb,
+            nginx.as_deref(),
+            backend.addr,
+            &tmp,
+        )?)
+    };
+    if args.instructions_only {
+        if let Some(v) = &instructions {
+            println!("{}", instructions_markdown(v, &settings.workloads));
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| root.join("target/bench/proxy-instructions.json"));
+            if let Some(dir) = out.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            fs::write(&out, serde_json::to_string_pretty(v)?)?;
+            println!("\nRaw numbers: {}", out.display());
+        } else {
+            println!("{}", notes.join("\n"));
+        }
+        return Ok(());
+    }
 
     // Start every requested target once, up front.
     let mut targets: Vec<Target> = Vec::new();
@@ -400,7 +445,11 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
         header,
         "\nBackend: built-in hyper HTTP/1.1 server. Values: median [min–max] over repeats; \"added\" = target − direct in the same repeat."
     );
-    println!("{header}{md}");
+    let instr_md = instructions
+        .as_ref()
+        .map(|v| instructions_markdown(v, &settings.workloads))
+        .unwrap_or_default();
+    println!("{header}{md}{instr_md}");
 
     let out = args
         .out
@@ -440,6 +489,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             "loadavg_end": load_end,
             "clock_ticks_per_sec": tck,
         },
+        "instructions": instructions,
         "records": records,
         "summaries": summaries,
         "ratios": ratios,
@@ -560,7 +610,27 @@ fn start_agentlb(
 fn start_nginx(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> Result<Target> {
     let port = procs::free_port()?;
     let dir = tmp.path().join("nginx");
-    fs::create_dir_all(&dir)?;
+    let conf_path = nginx_conf(&dir, backend, port)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-p")
+        .arg(&dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .args(["-g", "daemon off;"]);
+    let proc = ChildGuard::spawn("nginx", cmd, tmp.path().join("nginx.log"), s.proxy_cpu)?;
+    Ok(Target {
+        name: "nginx",
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        proc: Some(proc),
+    })
+}
+
+/// Writes the benchmark's nginx configuration (one worker, upstream keep-alive,
+/// no buffering) into `dir`.
+fn nginx_conf(dir: &Path, backend: SocketAddr, port: u16) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
     let d = dir.display();
     let conf = format!(
         r#"worker_processes 1;
@@ -596,20 +666,108 @@ http {{
     );
     let conf_path = dir.join("nginx.conf");
     fs::write(&conf_path, conf)?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("-p")
-        .arg(&dir)
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-c")
-        .arg(&conf_path)
-        .args(["-g", "daemon off;"]);
-    let proc = ChildGuard::spawn("nginx", cmd, tmp.path().join("nginx.log"), s.proxy_cpu)?;
-    Ok(Target {
-        name: "nginx",
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        proc: Some(proc),
-    })
+    Ok(conf_path)
+}
+
+/// Instruction counts per request (callgrind) for agentlb and nginx.
+fn count_instructions(
+    args: &Args,
+    settings: &Settings,
+    agentlb: &Path,
+    nginx: Option<&Path>,
+    backend_addr: SocketAddr,
+    tmp: &TempDir,
+) -> Result<serde_json::Value> {
+    let n = args.instructions;
+    let wants = |t: &str| args.targets.iter().any(|x| x == t);
+    let dir = tmp.path().join("callgrind");
+    fs::create_dir_all(&dir)?;
+    let threads = args.agentlb_threads;
+    let agentlb_launch = || -> Result<instr::Launch> {
+        let port = procs::free_port()?;
+        let admin = procs::free_port()?;
+        Ok(instr::Launch {
+            argv: vec![
+                agentlb.display().to_string(),
+                "run".into(),
+                "--no-kernel".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--admin".into(),
+                format!("127.0.0.1:{admin}"),
+                "--backend".into(),
+                format!("http://{backend_addr}"),
+                "--workers".into(),
+                threads.to_string(),
+            ],
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    };
+    let nginx_dir = dir.join("nginx");
+    let nginx_launch = || -> Result<instr::Launch> {
+        let bin = nginx.context("nginx not found")?;
+        let port = procs::free_port()?;
+        let conf = nginx_conf(&nginx_dir, backend_addr, port)?;
+        Ok(instr::Launch {
+            argv: vec![
+                bin.display().to_string(),
+                "-p".into(),
+                nginx_dir.display().to_string(),
+                "-e".into(),
+                nginx_dir.join("error.log").display().to_string(),
+                "-c".into(),
+                conf.display().to_string(),
+                "-g".into(),
+                "daemon off; master_process off;".into(),
+            ],
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    };
+    let mut per = serde_json::Map::new();
+    for (name, launch) in [
+        (
+            "agentlb",
+            &agentlb_launch as &dyn Fn() -> Result<instr::Launch>,
+        ),
+        ("nginx", &nginx_launch),
+    ] {
+        if !wants(name) {
+            continue;
+        }
+        let mut by_wl = serde_json::Map::new();
+        for wl in &settings.workloads {
+            let v = instr::per_request(name, launch, n, wl == "stream", settings.chunks, &dir)?;
+            eprintln!("bench: callgrind {name:8} {wl:6} {v:>10.0} instructions per request");
+            by_wl.insert(wl.clone(), json!(v));
+        }
+        per.insert(name.to_owned(), serde_json::Value::Object(by_wl));
+    }
+    Ok(json!({"requests": n, "warmup_requests": instr::WARMUP, "per_request": per}))
+}
+
+/// Markdown for the instruction counts.
+fn instructions_markdown(v: &serde_json::Value, workloads: &[String]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\n### User-space instructions per request (callgrind, one keep-alive client, {} requests after {} warm-up)\n",
+        v["requests"], v["warmup_requests"]
+    );
+    let _ = writeln!(
+        md,
+        "| workload | agentlb | nginx | agentlb ÷ nginx |\n|---|---:|---:|---:|"
+    );
+    for wl in workloads {
+        let a = v["per_request"]["agentlb"][wl].as_f64();
+        let n = v["per_request"]["nginx"][wl].as_f64();
+        let fmt = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |x| format!("{x:.0}"));
+        let ratio = match (a, n) {
+            (Some(a), Some(n)) if n > 0.0 => format!("{:.2}", a / n),
+            _ => "–".to_owned(),
+        };
+        let _ = writeln!(md, "| {wl} | {} | {} | {ratio} |", fmt(a), fmt(n));
+    }
+    md
 }
 
 fn start_router(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> Result<Target> {

@@ -138,6 +138,23 @@ impl ChildGuard {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// Sends SIGTERM to the group and waits up to `wait` for a clean exit
+    /// (the guard's drop then only reaps).
+    pub fn terminate(&mut self, wait: Duration) -> Result<std::process::ExitStatus> {
+        // SAFETY: plain kill(2) on our own child's process group.
+        unsafe { libc::kill(-self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {wait:?} of SIGTERM", self.name);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The process and every descendant alive now (scan of `/proc`).
     pub fn pids(&self) -> Vec<i32> {
         descendants(self.pid())
