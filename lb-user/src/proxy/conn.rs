@@ -671,7 +671,7 @@ impl Conn {
         let backend_name = backend.name.clone();
         let rid_log = rid.to_owned();
         let want_usage = wf.is_some();
-        let on_end: stream::OnEnd = Box::new(move |outcome, usage, _ttfb| {
+        let on_end = move |outcome: Outcome, usage, _ttfb: Option<f64>| {
             this.metrics
                 .finished(route, started.elapsed().as_secs_f64(), outcome);
             if let Some(w) = &wf {
@@ -687,13 +687,13 @@ impl Conn {
                 }
             }
             this.limiter.released.notify_waiters();
-        });
+        };
         let mut tracker = Tracker::new(
             started,
             want_usage,
-            Box::new(move |t| metrics.first_byte(route, t)),
+            move |t| metrics.first_byte(route, t),
             on_end,
-            Box::new((permit, inflight)),
+            (permit, inflight),
         );
         let deadline = tokio::time::Instant::from_std(started + limits.total_timeout);
         let relayed = self
@@ -708,15 +708,19 @@ impl Conn {
     }
 
     /// Relays the upstream body to the client.
-    async fn relay(
+    async fn relay<F, E, H>(
         &mut self,
         conn: &mut super::upstream::UpConn,
         ufr: Framing,
         cfr: ClientFraming,
         sse: bool,
-        tracker: &mut Tracker,
+        tracker: &mut Tracker<F, E, H>,
         deadline: tokio::time::Instant,
-    ) -> Relayed {
+    ) -> Relayed
+    where
+        F: FnOnce(f64),
+        E: FnOnce(Outcome, Option<crate::controller::workflows::Usage>, Option<f64>),
+    {
         let mut dec = h1::Chunked::new();
         let mut remaining = match ufr {
             Framing::Length(n) => n,

@@ -25,9 +25,6 @@ pub enum Outcome {
     ClientGone,
 }
 
-/// Called once when the response ends.
-pub type OnEnd = Box<dyn FnOnce(Outcome, Option<Usage>, Option<f64>) + Send + Sync>;
-
 /// The SSE event that ends a stream agentlb could not finish.
 pub fn error_event(message: &str) -> Vec<u8> {
     let v = serde_json::json!({"error": {
@@ -36,28 +33,32 @@ pub fn error_event(message: &str) -> Vec<u8> {
     format!("data: {v}\n\ndata: [DONE]\n\n").into_bytes()
 }
 
-/// Per-response bookkeeping.
-pub struct Tracker {
+/// Per-response bookkeeping. Generic over its callbacks and the guards it
+/// holds, so a request allocates none of them.
+pub struct Tracker<F, E, H>
+where
+    F: FnOnce(f64),
+    E: FnOnce(Outcome, Option<Usage>, Option<f64>),
+{
     started: Instant,
     ttfb: Option<f64>,
-    on_first: Option<Box<dyn FnOnce(f64) + Send + Sync>>,
+    on_first: Option<F>,
     tail: Vec<u8>,
     want_usage: bool,
-    on_end: Option<OnEnd>,
-    _hold: Box<dyn Send + Sync>,
+    on_end: Option<E>,
+    _hold: H,
 }
 
-impl Tracker {
-    /// Tracks a response whose request started at `started`. `hold` keeps guards
-    /// alive until the response ends. Usage is read from the body's tail only
-    /// when `want_usage` (someone records it).
-    pub fn new(
-        started: Instant,
-        want_usage: bool,
-        on_first: Box<dyn FnOnce(f64) + Send + Sync>,
-        on_end: OnEnd,
-        hold: Box<dyn Send + Sync>,
-    ) -> Self {
+impl<F, E, H> Tracker<F, E, H>
+where
+    F: FnOnce(f64),
+    E: FnOnce(Outcome, Option<Usage>, Option<f64>),
+{
+    /// Tracks a response whose request started at `started`: `on_first` gets
+    /// the time to the first body byte, `on_end` how it ended; `hold` keeps
+    /// guards alive until then. Usage is read from the body's tail only when
+    /// `want_usage` (someone records it).
+    pub fn new(started: Instant, want_usage: bool, on_first: F, on_end: E, hold: H) -> Self {
         Self {
             started,
             ttfb: None,
@@ -111,7 +112,11 @@ impl Tracker {
     }
 }
 
-impl Drop for Tracker {
+impl<F, E, H> Drop for Tracker<F, E, H>
+where
+    F: FnOnce(f64),
+    E: FnOnce(Outcome, Option<Usage>, Option<f64>),
+{
     fn drop(&mut self) {
         self.finish(Outcome::ClientGone);
     }
@@ -132,9 +137,9 @@ mod tests {
         let mut t = Tracker::new(
             Instant::now(),
             true,
-            Box::new(move |_| *f2.lock().expect("lock") += 1),
-            Box::new(move |o, u, ttfb| s2.lock().expect("lock").push((o, u, ttfb.is_some()))),
-            Box::new(()),
+            move |_| *f2.lock().expect("lock") += 1,
+            move |o, u, ttfb: Option<f64>| s2.lock().expect("lock").push((o, u, ttfb.is_some())),
+            (),
         );
         t.data(b"data: {\"usage\":{\"prompt_tokens\":3,");
         t.data(b"\"completion_tokens\":4,\"total_tokens\":7}}\n\ndata: [DONE]\n\n");
@@ -154,9 +159,9 @@ mod tests {
         drop(Tracker::new(
             Instant::now(),
             false,
-            Box::new(|_| {}),
-            Box::new(move |o, _, _| *s2.lock().expect("lock") = Some(o)),
-            Box::new(()),
+            |_| {},
+            move |o, _, _| *s2.lock().expect("lock") = Some(o),
+            (),
         ));
         assert_eq!(*seen.lock().expect("lock"), Some(Outcome::ClientGone));
     }
