@@ -23,9 +23,9 @@
 //! process) to CPU 0. So each proxy gets exactly one core, and nginx (one worker)
 //! and agentlb (one tokio worker) are compared on equal terms.
 //!
-//! Every (repeat, workload, concurrency) cell runs the targets back to back, so a
-//! ratio taken within a repeat compares runs made seconds apart; repeats give the
-//! median and min–max spread. Output: Markdown on stdout and every raw number,
+//! Every (repeat, workload, concurrency) cell runs the targets back to back (in
+//! reverse order on odd repeats), so a ratio taken within a repeat compares runs
+//! made seconds apart; repeats give the median and min–max spread. Output: Markdown on stdout and every raw number,
 //! with the settings and machine, in `target/bench/proxy.json`.
 
 mod backend;
@@ -365,7 +365,16 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
         for wl in &settings.workloads {
             let stream = wl == "stream";
             for &conc in &settings.concurrency {
-                for t in targets.iter_mut() {
+                // Odd repeats run the targets in reverse order, so no target
+                // always follows the same neighbour.
+                let n = targets.len();
+                let order: Vec<usize> = if rep % 2 == 0 {
+                    (0..n).collect()
+                } else {
+                    (0..n).rev().collect()
+                };
+                for &i in &order {
+                    let t = &mut targets[i];
                     procs::check_interrupted()?;
                     if let Some(p) = t.proc.as_mut() {
                         p.check_alive()?;
