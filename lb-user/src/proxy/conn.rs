@@ -444,6 +444,20 @@ impl Conn {
         )
     }
 
+    /// Reads more of the request body into `buf`; a close is an error.
+    async fn read_more(&mut self) -> Result<(), ApiError> {
+        if self
+            .stream
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(body_err)?
+            == 0
+        {
+            return Err(body_err("the client closed the connection"));
+        }
+        Ok(())
+    }
+
     /// Reads the request body (`body_pending` is cleared once it is all read).
     async fn read_body(&mut self, framing: Framing, s: &Settings) -> Result<Bytes, ApiError> {
         let max = s.limits.max_body_bytes;
@@ -458,15 +472,7 @@ impl Conn {
                     }
                     while self.buf.len() < n {
                         self.buf.reserve(n - self.buf.len());
-                        if self
-                            .stream
-                            .read_buf(&mut self.buf)
-                            .await
-                            .map_err(body_err)?
-                            == 0
-                        {
-                            return Err(body_err("the client closed the connection"));
-                        }
+                        self.read_more().await?;
                     }
                     self.body_pending = false;
                     Ok(self.buf.split_to(n).freeze())
@@ -496,15 +502,7 @@ impl Conn {
                             return Ok(Bytes::from(body));
                         }
                         self.buf.reserve(READ_BUF);
-                        if self
-                            .stream
-                            .read_buf(&mut self.buf)
-                            .await
-                            .map_err(body_err)?
-                            == 0
-                        {
-                            return Err(body_err("the client closed the connection"));
-                        }
+                        self.read_more().await?;
                     }
                 }
             }
@@ -742,16 +740,6 @@ impl Conn {
                     self.out.extend_from_slice(&data);
                     remaining -= n as u64;
                     finished = remaining == 0;
-                    if eof && !finished {
-                        return self
-                            .fail(
-                                Outcome::UpstreamFailed,
-                                "the backend closed the connection mid-response",
-                                cfr,
-                                sse,
-                            )
-                            .await;
-                    }
                 }
                 Framing::Chunked => {
                     self.scratch.clear();
@@ -767,16 +755,6 @@ impl Conn {
                     tracker.data(&self.scratch);
                     put_body(&mut self.out, &self.scratch, cfr);
                     finished = dec.done();
-                    if eof && !finished {
-                        return self
-                            .fail(
-                                Outcome::UpstreamFailed,
-                                "the backend closed the connection mid-response",
-                                cfr,
-                                sse,
-                            )
-                            .await;
-                    }
                 }
                 Framing::Close => {
                     let data = conn.buf.split();
@@ -784,6 +762,17 @@ impl Conn {
                     put_body(&mut self.out, &data, cfr);
                     finished = eof;
                 }
+            }
+            if eof && !finished {
+                // A length-delimited or chunked body cut short.
+                return self
+                    .fail(
+                        Outcome::UpstreamFailed,
+                        "the backend closed the connection mid-response",
+                        cfr,
+                        sse,
+                    )
+                    .await;
             }
             if finished && cfr == ClientFraming::Chunked {
                 self.out.extend_from_slice(h1::LAST_CHUNK);

@@ -193,42 +193,68 @@ fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> (Vec<Field>, bool) 
     (fields, connection_names)
 }
 
+/// Offsets of a parsed head, taken while httparse still borrows the buffer.
+struct Parts {
+    method: (usize, usize),
+    target: (usize, usize),
+    reason: (usize, usize),
+    minor: u8,
+    status: u16,
+    fields: Vec<Field>,
+    connection_names: bool,
+}
+
+/// The result of one parse attempt: `Ok(None)` while incomplete and within
+/// `max`; on success the head's `len` bytes are split off `buf`.
+fn settle(
+    buf: &mut BytesMut,
+    max: usize,
+    parsed: Result<httparse::Status<(usize, Parts)>, httparse::Error>,
+) -> Result<Option<Head>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Partial) if buf.len() > max => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Ok(httparse::Status::Complete((len, p))) => Ok(Some(Head {
+            buf: buf.split_to(len).freeze(),
+            method: p.method,
+            target: p.target,
+            reason: p.reason,
+            minor: p.minor,
+            status: p.status,
+            fields: p.fields,
+            connection_names: p.connection_names,
+        })),
+        Err(e) => Err(map_err(e)),
+    }
+}
+
 /// Parses a request head from the front of `buf`. `Ok(None)`: incomplete (and
 /// still within `max`); on success the head's bytes are split off `buf`.
 pub fn parse_request(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, HeadError> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let base: &[u8] = buf;
-    match req.parse_with_uninit_headers(base, &mut storage) {
-        Ok(httparse::Status::Partial) => {
-            if buf.len() > max {
-                Err(HeadError::TooLarge)
-            } else {
-                Ok(None)
-            }
-        }
+    let parsed = match req.parse_with_uninit_headers(base, &mut storage) {
+        Ok(httparse::Status::Complete(len)) if len > max => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Complete(len)) => {
-            if len > max {
-                return Err(HeadError::TooLarge);
-            }
-            let method = offset(base, req.method.unwrap_or("").as_bytes());
-            let target = offset(base, req.path.unwrap_or("").as_bytes());
-            let minor = req.version.unwrap_or(1);
             let (fields, connection_names) = collect(base, req.headers);
-            let buf = buf.split_to(len).freeze();
-            Ok(Some(Head {
-                buf,
-                method,
-                target,
-                reason: (0, 0),
-                minor,
-                status: 0,
-                fields,
-                connection_names,
-            }))
+            Ok(httparse::Status::Complete((
+                len,
+                Parts {
+                    method: offset(base, req.method.unwrap_or("").as_bytes()),
+                    target: offset(base, req.path.unwrap_or("").as_bytes()),
+                    reason: (0, 0),
+                    minor: req.version.unwrap_or(1),
+                    status: 0,
+                    fields,
+                    connection_names,
+                },
+            )))
         }
-        Err(e) => Err(map_err(e)),
-    }
+        Ok(httparse::Status::Partial) => Ok(httparse::Status::Partial),
+        Err(e) => Err(e),
+    };
+    settle(buf, max, parsed)
 }
 
 /// Parses a response head from the front of `buf`, like [`parse_request`].
@@ -236,37 +262,30 @@ pub fn parse_response(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, He
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let base: &[u8] = buf;
-    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+    let parsed = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut resp,
         base,
         &mut storage,
     ) {
-        Ok(httparse::Status::Partial) => {
-            if buf.len() > max {
-                Err(HeadError::TooLarge)
-            } else {
-                Ok(None)
-            }
-        }
         Ok(httparse::Status::Complete(len)) => {
-            let reason = offset(base, resp.reason.unwrap_or("").as_bytes());
-            let status = resp.code.unwrap_or(0);
-            let minor = resp.version.unwrap_or(1);
             let (fields, connection_names) = collect(base, resp.headers);
-            let buf = buf.split_to(len).freeze();
-            Ok(Some(Head {
-                buf,
-                method: (0, 0),
-                target: (0, 0),
-                reason,
-                minor,
-                status,
-                fields,
-                connection_names,
-            }))
+            Ok(httparse::Status::Complete((
+                len,
+                Parts {
+                    method: (0, 0),
+                    target: (0, 0),
+                    reason: offset(base, resp.reason.unwrap_or("").as_bytes()),
+                    minor: resp.version.unwrap_or(1),
+                    status: resp.code.unwrap_or(0),
+                    fields,
+                    connection_names,
+                },
+            )))
         }
-        Err(e) => Err(map_err(e)),
-    }
+        Ok(httparse::Status::Partial) => Ok(httparse::Status::Partial),
+        Err(e) => Err(e),
+    };
+    settle(buf, max, parsed)
 }
 
 impl Head {
@@ -567,6 +586,15 @@ impl Chunked {
         self.state == CState::Size && self.digits == 0
     }
 
+    /// Counts one byte of chunk extension or trailer against the bound.
+    fn count_meta(&mut self, what: &'static str) -> Result<(), ChunkError> {
+        self.meta += 1;
+        if self.meta > MAX_CHUNK_META {
+            return Err(ChunkError(what));
+        }
+        Ok(())
+    }
+
     /// Decodes `input`, handing every data slice to `data`. Returns the bytes
     /// consumed: all of `input`, or fewer when the body ended inside it.
     pub fn decode(
@@ -597,10 +625,7 @@ impl Chunked {
                     i += 1;
                 }
                 CState::Ext => {
-                    self.meta += 1;
-                    if self.meta > MAX_CHUNK_META {
-                        return Err(ChunkError("chunk extension too long"));
-                    }
+                    self.count_meta("chunk extension too long")?;
                     if b == b'\r' {
                         self.state = CState::SizeLf;
                     } else if b == b'\n' {
@@ -609,9 +634,7 @@ impl Chunked {
                     i += 1;
                 }
                 CState::SizeLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("expected LF after chunk size"));
-                    }
+                    expect(b, b'\n', "expected LF after chunk size")?;
                     self.state = if self.size == 0 {
                         CState::TrailerStart
                     } else {
@@ -629,16 +652,12 @@ impl Chunked {
                     }
                 }
                 CState::DataCr => {
-                    if b != b'\r' {
-                        return Err(ChunkError("expected CRLF after chunk data"));
-                    }
+                    expect(b, b'\r', "expected CRLF after chunk data")?;
                     self.state = CState::DataLf;
                     i += 1;
                 }
                 CState::DataLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("expected CRLF after chunk data"));
-                    }
+                    expect(b, b'\n', "expected CRLF after chunk data")?;
                     self.state = CState::Size;
                     self.digits = 0;
                     self.size = 0;
@@ -654,26 +673,19 @@ impl Chunked {
                     i += 1;
                 }
                 CState::TrailerLine => {
-                    self.meta += 1;
-                    if self.meta > MAX_CHUNK_META {
-                        return Err(ChunkError("trailer section too long"));
-                    }
+                    self.count_meta("trailer section too long")?;
                     if b == b'\r' {
                         self.state = CState::TrailerLf;
                     }
                     i += 1;
                 }
                 CState::TrailerLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("expected LF in trailer"));
-                    }
+                    expect(b, b'\n', "expected LF in trailer")?;
                     self.state = CState::TrailerStart;
                     i += 1;
                 }
                 CState::EndLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("expected LF at end of body"));
-                    }
+                    expect(b, b'\n', "expected LF at end of body")?;
                     self.state = CState::Done;
                     return Ok(i + 1);
                 }
@@ -681,6 +693,14 @@ impl Chunked {
             }
         }
         Ok(i)
+    }
+}
+
+fn expect(got: u8, want: u8, what: &'static str) -> Result<(), ChunkError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(ChunkError(what))
     }
 }
 
