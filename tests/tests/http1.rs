@@ -323,6 +323,17 @@ fn smuggling_shapes_and_huge_heads_get_json_errors() -> Result<()> {
     let r = c.read_response()?;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()?["error"]["code"], "malformed_http");
+    // An error to a client that asked to close says so, and closes.
+    let mut c = Client::connect(lb.port)?;
+    c.send(b"GET /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+    let r = c.read_response()?;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()?["error"]["code"], "not_found");
+    assert_eq!(
+        r.headers.get("connection").map(String::as_str),
+        Some("close")
+    );
+    assert!(c.closed());
     // Others are still served.
     let mut c = Client::connect(lb.port)?;
     c.send(&post("/v1/completions", "", "{}"))?;

@@ -139,6 +139,9 @@ struct Conn {
     stop: Stop,
     /// The current request still has body bytes unread on the socket.
     body_pending: bool,
+    /// The client asked to close after this request (`Connection: close`, or
+    /// HTTP/1.0 without keep-alive).
+    client_closes: bool,
     /// Deadlines, one timer each per connection. Each is only ever moved later
     /// between requests, which tokio does with one atomic update instead of a
     /// timer-wheel removal and insertion (two of those per request measured
@@ -189,6 +192,7 @@ impl Conn {
             scratch: Vec::new(),
             stop,
             body_pending: false,
+            client_closes: false,
             timers: Timers::new(),
             _done: done,
         }
@@ -295,6 +299,7 @@ impl Conn {
         let path = head.path();
         let route = route_label(path);
         let keep = head.keep_alive();
+        self.client_closes = !keep;
         let framing = match h1::request_framing(&head) {
             Ok(f) => f,
             Err(m) => {
@@ -421,7 +426,7 @@ impl Conn {
 
     async fn send_error(&mut self, e: ApiError, rid: &str, s: &Settings) {
         let body = e.json().to_string();
-        let close = self.body_pending || self.stopping();
+        let close = self.body_pending || self.client_closes || self.stopping();
         self.out.clear();
         put_json_head(
             &mut self.out,
