@@ -136,6 +136,8 @@ struct Conn {
     buf: BytesMut,
     out: Vec<u8>,
     scratch: Vec<u8>,
+    /// The upstream request head being built (kept to reuse its allocation).
+    upstream_head: Vec<u8>,
     stop: Stop,
     /// The current request still has body bytes unread on the socket.
     body_pending: bool,
@@ -190,6 +192,7 @@ impl Conn {
             buf: BytesMut::with_capacity(READ_BUF),
             out: Vec::with_capacity(READ_BUF),
             scratch: Vec::new(),
+            upstream_head: Vec::new(),
             stop,
             body_pending: false,
             client_closes: false,
@@ -587,6 +590,7 @@ impl Conn {
             rid,
             started,
             &mut self.timers.first_byte,
+            &mut self.upstream_head,
         );
         let fwd = if wf_span.is_disabled() {
             futures_util::future::Either::Left(fwd)
@@ -656,8 +660,7 @@ impl Conn {
 
         let status = uh.status;
         proxy.metrics.answered(route, &backend.label, status);
-        let wf = meta.workflow_id.clone();
-        if let Some(w) = &wf {
+        if let Some(w) = &meta.workflow_id {
             if proxy.controller.workflows.start(
                 w,
                 meta.agent_id.as_deref(),
@@ -669,10 +672,11 @@ impl Conn {
             }
             proxy.metrics.workflow_request(w, meta.agent_id.as_deref());
         }
+        let wf = meta.workflow_id;
         let metrics = proxy.metrics.clone();
         let this = proxy.clone();
-        let backend_name = backend.name.clone();
-        let rid_log = rid.to_owned();
+        let backend_log = backend.clone();
+        let rid_log = meta.request_id;
         let want_usage = wf.is_some();
         let on_end = move |outcome: Outcome, usage, _ttfb: Option<f64>| {
             this.metrics
@@ -683,10 +687,10 @@ impl Conn {
             match outcome {
                 Outcome::Complete => {}
                 Outcome::ClientGone => {
-                    tracing::debug!(request_id = %rid_log, backend = %backend_name, "client left before the response ended");
+                    tracing::debug!(request_id = %rid_log, backend = %backend_log.name, "client left before the response ended");
                 }
                 _ => {
-                    tracing::info!(request_id = %rid_log, backend = %backend_name, ?outcome, "response ended early");
+                    tracing::info!(request_id = %rid_log, backend = %backend_log.name, ?outcome, "response ended early");
                 }
             }
             this.limiter.released.notify_waiters();

@@ -243,6 +243,7 @@ impl Proxy {
         rid: &str,
         started: Instant,
         first_byte: &mut std::pin::Pin<Box<tokio::time::Sleep>>,
+        req: &mut Vec<u8>,
     ) -> Result<Upstream, ApiError> {
         let limits = &settings.limits;
         let retry = &settings.retry;
@@ -251,7 +252,6 @@ impl Proxy {
         // The last upstream 5xx answer: passed through to the client when no
         // other backend can be tried.
         let mut last_status: Option<Upstream> = None;
-        let mut req = Vec::with_capacity(head.len() + 256 + body.len().min(INLINE_BODY));
         loop {
             let backend = match self.pick(meta, &tried, limits).await {
                 Ok(b) => b,
@@ -269,24 +269,26 @@ impl Proxy {
             }
             let inflight = Inflight::new(backend.clone());
             req.clear();
-            build_upstream(&mut req, head, &backend, peer, rid, body.len());
+            build_upstream(req, head, &backend, peer, rid, body.len());
             let inline = body.len() <= INLINE_BODY;
             if inline {
                 req.extend_from_slice(body);
             }
+            let now = Instant::now();
             if tried.is_empty() {
-                self.metrics.overhead(started.elapsed().as_secs_f64());
+                self.metrics
+                    .overhead(now.saturating_duration_since(started).as_secs_f64());
             }
             tracing::debug!(backend = %backend.name, attempt = tried.len(), "forwarding");
             let sent = self.attempt(
                 &backend,
-                &req,
+                req,
                 if inline { &[] } else { body },
                 limits.connect_timeout,
             );
             first_byte
                 .as_mut()
-                .reset(tokio::time::Instant::now() + limits.first_byte_timeout);
+                .reset(tokio::time::Instant::from_std(now) + limits.first_byte_timeout);
             let timed = tokio::select! {
                 biased;
                 r = sent => Ok(r),
