@@ -301,8 +301,7 @@ impl Conn {
         let started = Instant::now();
         let path = head.path();
         let route = route_label(path);
-        let keep = head.keep_alive();
-        self.client_closes = !keep;
+        self.client_closes = !head.keep_alive();
         let framing = match h1::request_framing(&head) {
             Ok(f) => f,
             Err(m) => {
@@ -340,12 +339,12 @@ impl Conn {
         };
         let result = match target {
             Target::Health => {
-                self.local(200, serde_json::json!({"status": "ok"}), rid, keep, route);
+                self.local(200, serde_json::json!({"status": "ok"}), rid, route);
                 Ok(())
             }
             Target::Ready => {
                 let (st, v) = super::ready_state(&self.proxy.controller);
-                self.local(st.as_u16(), v, rid, keep, route);
+                self.local(st.as_u16(), v, rid, route);
                 Ok(())
             }
             Target::Models => {
@@ -360,54 +359,44 @@ impl Conn {
                     200,
                     serde_json::json!({"object": "list", "data": data}),
                     rid,
-                    keep,
                     route,
                 );
                 Ok(())
             }
             Target::Proxied => {
-                return match self
-                    .proxied(head, framing, rid, s, started, keep, route)
-                    .await
-                {
+                return match self.proxied(head, framing, rid, s, started, route).await {
                     Ok(keep) => keep,
                     Err(e) => {
                         // A slot may have been released without a response.
                         self.proxy.limiter.released.notify_waiters();
-                        let keep = keep && !self.body_pending;
                         self.reject(e, rid, route, s).await;
-                        keep
+                        !self.closing()
                     }
                 };
             }
             Target::Refused(e) => Err(e),
         };
-        let keep = keep && !self.body_pending && !self.stopping();
         match result {
             Ok(()) => {
                 if !self.write_out(s).await {
                     return false;
                 }
-                keep
             }
-            Err(e) => {
-                self.reject(e, rid, route, s).await;
-                keep
-            }
+            Err(e) => self.reject(e, rid, route, s).await,
         }
+        !self.closing()
+    }
+
+    /// Whether the connection closes after the current answer: a request body
+    /// left unread, the client asked for it, or agentlb is stopping.
+    fn closing(&self) -> bool {
+        self.body_pending || self.client_closes || self.stopping()
     }
 
     /// Puts a locally generated JSON answer into `out`.
-    fn local(
-        &mut self,
-        status: u16,
-        v: serde_json::Value,
-        rid: &str,
-        keep: bool,
-        route: &'static str,
-    ) {
+    fn local(&mut self, status: u16, v: serde_json::Value, rid: &str, route: &'static str) {
         self.proxy.metrics.answered_locally(route, status);
-        let close = !keep || self.body_pending || self.stopping();
+        let close = self.closing();
         let body = v.to_string();
         self.out.clear();
         put_json_head(&mut self.out, status, body.len(), rid, None, close);
@@ -429,7 +418,7 @@ impl Conn {
 
     async fn send_error(&mut self, e: ApiError, rid: &str, s: &Settings) {
         let body = e.json().to_string();
-        let close = self.body_pending || self.client_closes || self.stopping();
+        let close = self.closing();
         self.out.clear();
         put_json_head(
             &mut self.out,
@@ -525,7 +514,6 @@ impl Conn {
     }
 
     /// A proxied route: body, metadata, admission, upstream, relay.
-    #[allow(clippy::too_many_arguments)]
     async fn proxied(
         &mut self,
         head: Head,
@@ -533,7 +521,6 @@ impl Conn {
         rid: &str,
         s: &Arc<Settings>,
         started: Instant,
-        keep: bool,
         route: &'static str,
     ) -> Result<bool, ApiError> {
         let limits = &s.limits;
@@ -553,7 +540,7 @@ impl Conn {
         {
             return Err(ApiError::too_large(limits.max_body_bytes));
         }
-        if self.body_pending && head.has_token("expect", "100-continue") {
+        if self.body_pending && head.expects_continue() {
             self.out.clear();
             self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             if !self.write_out(s).await {
@@ -622,7 +609,9 @@ impl Conn {
             Framing::Chunked | Framing::Close if head.minor >= 1 => ClientFraming::Chunked,
             Framing::Chunked | Framing::Close => ClientFraming::Close,
         };
-        let keep = keep && cfr != ClientFraming::Close && !self.stopping();
+        // An HTTP/1.0 client learns the end of such a body from the close.
+        self.client_closes |= cfr == ClientFraming::Close;
+        let keep = !self.closing();
 
         // The client's response head, from the upstream one.
         let out = &mut self.out;
@@ -633,7 +622,7 @@ impl Conn {
             match kind {
                 Known::ContentType => sse = value.starts_with(b"text/event-stream"),
                 Known::RequestId | Known::AgentlbBackend | Known::ContentLength => continue,
-                _ if uh.is_hop_by_hop_field(kind, name) => continue,
+                _ if uh.is_hop_by_hop(kind, name) => continue,
                 _ => {}
             }
             out.extend_from_slice(line);

@@ -18,19 +18,6 @@ use bytes::{Bytes, BytesMut};
 /// Most header fields accepted in one head (request or response).
 pub const MAX_HEADERS: usize = 128;
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
-pub const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// Header fields the engine looks at, classified once when the head is parsed
 /// so that later lookups compare a byte instead of names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,29 +314,12 @@ impl Head {
         &self.buf[self.reason.0..self.reason.1]
     }
 
-    /// Size of the head in bytes.
-    pub fn len(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Whether the head is empty (never, once parsed).
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
     fn name_of(&self, f: &Field) -> &[u8] {
         &self.buf[f.name.0 as usize..f.name.1 as usize]
     }
 
     fn value_of(&self, f: &Field) -> &[u8] {
         &self.buf[f.value.0 as usize..f.value.1 as usize]
-    }
-
-    /// Every field as (name, value).
-    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.fields
-            .iter()
-            .map(|f| (self.name_of(f), self.value_of(f)))
     }
 
     /// Every field as (kind, name, value, the raw `name: value` bytes).
@@ -386,14 +356,10 @@ impl Head {
             .map(|f| self.value_of(f))
     }
 
-    /// The first value of `name`.
-    pub fn get<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
-        self.get_all(name).next()
-    }
-
-    /// Whether a comma-separated field `name` lists `token`.
-    pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.get_all(name).any(|v| list_has(v, token))
+    /// Whether the request asks for `100 Continue` before its body.
+    pub fn expects_continue(&self) -> bool {
+        self.values_of(Known::Expect)
+            .any(|v| list_has(v, "100-continue"))
     }
 
     /// Whether the sender wants the connection kept open after this message.
@@ -410,18 +376,13 @@ impl Head {
 
     /// Whether a field must not be forwarded: hop-by-hop by kind, or named in
     /// this head's `Connection` field.
-    pub fn is_hop_by_hop_field(&self, kind: Known, name: &[u8]) -> bool {
+    pub fn is_hop_by_hop(&self, kind: Known, name: &[u8]) -> bool {
         kind.hop_by_hop()
             || (self.connection_names
                 && self.values_of(Known::Connection).any(|v| {
                     v.split(|&b| b == b',')
                         .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
                 }))
-    }
-
-    /// Whether `name` must not be forwarded (see [`Head::is_hop_by_hop_field`]).
-    pub fn is_hop_by_hop(&self, name: &[u8]) -> bool {
-        self.is_hop_by_hop_field(Known::of(name), name)
     }
 }
 
@@ -795,11 +756,12 @@ mod tests {
         assert_eq!(h.method(), "POST");
         assert_eq!(h.path(), "/v1/chat/completions");
         assert_eq!(h.path_and_query(), "/v1/chat/completions?x=1");
-        assert_eq!(h.get("x-workflow-id"), Some(&b"wf"[..]));
+        assert_eq!(h.get_all("x-workflow-id").next(), Some(&b"wf"[..]));
         assert!(h.keep_alive());
-        assert!(h.is_hop_by_hop(b"x-hop"));
-        assert!(h.is_hop_by_hop(b"Transfer-Encoding"));
-        assert!(!h.is_hop_by_hop(b"x-workflow-id"));
+        let hop = |n: &[u8]| h.is_hop_by_hop(Known::of(n), n);
+        assert!(hop(b"x-hop"));
+        assert!(hop(b"Transfer-Encoding"));
+        assert!(!hop(b"x-workflow-id"));
         assert_eq!(request_framing(&h), Ok(Framing::Empty));
     }
 

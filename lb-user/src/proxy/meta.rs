@@ -15,28 +15,9 @@
 
 use std::borrow::Cow;
 
-use http::HeaderMap;
 use serde::Deserialize;
 
-/// Read access to request headers: the engine's parsed head, or a `HeaderMap`.
-pub trait HeaderSource {
-    /// Every value of `name` (given in lower case; matched case-insensitively).
-    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
-}
-
-impl HeaderSource for HeaderMap {
-    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.get_all(name).iter().map(http::HeaderValue::as_bytes)
-    }
-}
-
-impl HeaderSource for super::h1::Head {
-    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.get_all(name)
-    }
-}
-
-use super::ApiError;
+use super::{ApiError, h1::Head};
 
 /// Where the workflow id came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -149,8 +130,8 @@ struct AgenticContext {
     parent_program_id: Option<String>,
 }
 
-fn header<'h>(h: &'h impl HeaderSource, name: &'h str) -> Result<Option<&'h str>, ApiError> {
-    match h.values(name).next() {
+fn header<'h>(h: &'h Head, name: &'h str) -> Result<Option<&'h str>, ApiError> {
+    match h.get_all(name).next() {
         None => Ok(None),
         Some(v) => std::str::from_utf8(v)
             .ok()
@@ -166,8 +147,8 @@ fn header<'h>(h: &'h impl HeaderSource, name: &'h str) -> Result<Option<&'h str>
     }
 }
 
-fn cookie<'h>(h: &'h impl HeaderSource, name: &str) -> Option<&'h str> {
-    h.values("cookie")
+fn cookie<'h>(h: &'h Head, name: &str) -> Option<&'h str> {
+    h.get_all("cookie")
         .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
@@ -210,7 +191,7 @@ fn opt_id(what: &str, v: Option<&str>, limits: &MetaLimits) -> Result<Option<Str
 /// Extracts metadata from headers and (for JSON requests) the body bytes.
 /// `body` is `None` for requests without a JSON body.
 pub fn extract(
-    headers: &impl HeaderSource,
+    headers: &Head,
     body: Option<&[u8]>,
     request_id: String,
     limits: &MetaLimits,
@@ -292,18 +273,17 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
+    /// Metadata of a request with header fields `h` and JSON `body`; the head
+    /// goes through the engine's parser.
     fn ex(h: &[(&str, &str)], body: &str) -> Result<RequestMeta, ApiError> {
-        let mut m = HeaderMap::new();
-        for (k, v) in h {
-            m.append(
-                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
-                HeaderValue::from_str(v).expect("value"),
-            );
-        }
+        let fields: String = h.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        let mut raw = bytes::BytesMut::from(format!("POST / HTTP/1.1\r\n{fields}\r\n").as_str());
+        let head = crate::proxy::h1::parse_request(&mut raw, 64 * 1024)
+            .expect("valid head")
+            .expect("complete head");
         extract(
-            &m,
+            &head,
             Some(body.as_bytes()),
             "r".into(),
             &MetaLimits::default(),

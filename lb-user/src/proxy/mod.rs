@@ -465,7 +465,7 @@ fn build_upstream(
             | h1::Known::ContentLength
             | h1::Known::RequestId
             | h1::Known::Expect => {}
-            _ if head.is_hop_by_hop_field(kind, name) => {}
+            _ if head.is_hop_by_hop(kind, name) => {}
             _ => {
                 out.extend_from_slice(line);
                 out.extend_from_slice(b"\r\n");

@@ -180,16 +180,6 @@ impl Pool {
             list.retain(|c| c.idle_since.elapsed() < self.idle_timeout);
         }
     }
-
-    /// Idle connections held now (all backends).
-    pub fn idle_count(&self) -> usize {
-        self.idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|(_, l)| l.len())
-            .sum()
-    }
 }
 
 /// Whether an idle connection is still open: no EOF, error or stray bytes queued.

@@ -171,16 +171,9 @@ pub fn ticks_of(pids: &[i32]) -> u64 {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let pgid = self.pid();
-        // SAFETY: plain kill(2) on our own child's process group.
-        unsafe { libc::kill(-pgid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        // SAFETY: as above; also reaps stragglers left in the group.
+        let _ = self.terminate(Duration::from_secs(3));
+        // SAFETY: plain kill(2) on our own child's process group; also reaps
+        // stragglers left in the group.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
         let _ = self.child.wait();
     }
