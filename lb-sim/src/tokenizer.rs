@@ -273,38 +273,13 @@ mod tests {
         let sys = json!("You are a helpful assistant that answers briefly.");
         let u1 = json!("first question");
         let u2 = json!("second question");
-        let a = t.render_chat(
-            &[
-                ChatTurn {
-                    role: "system",
-                    content: Some(&sys),
-                    tool_calls: None,
-                },
-                ChatTurn {
-                    role: "user",
-                    content: Some(&u1),
-                    tool_calls: None,
-                },
-            ],
-            None,
-            true,
-        );
-        let b = t.render_chat(
-            &[
-                ChatTurn {
-                    role: "system",
-                    content: Some(&sys),
-                    tool_calls: None,
-                },
-                ChatTurn {
-                    role: "user",
-                    content: Some(&u2),
-                    tool_calls: None,
-                },
-            ],
-            None,
-            true,
-        );
+        let turn = |role, content| ChatTurn {
+            role,
+            content: Some(content),
+            tool_calls: None,
+        };
+        let a = t.render_chat(&[turn("system", &sys), turn("user", &u1)], None, true);
+        let b = t.render_chat(&[turn("system", &sys), turn("user", &u2)], None, true);
         let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         // BOS + header(3 + 1) + system content (13) + EOT + START + "user" + END + "\n\n".
         assert!(common >= 1 + 4 + 13 + 1 + 4, "common {common}");

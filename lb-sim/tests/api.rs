@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Sim, client};
+use common::{Sim, client, get_json, post_json};
 use serde_json::{Value, json};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -16,49 +16,24 @@ async fn endpoints_and_payload_shapes() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.expect("body"), "");
     // /v1/models
-    let m: Value = c
-        .get(sim.url(0, "/v1/models"))
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let m = get_json(&c, &sim.url(0, "/v1/models")).await;
     assert_eq!(m["object"], "list");
     assert_eq!(m["data"][0]["id"], MODEL);
     assert_eq!(m["data"][0]["max_model_len"], 131072);
     // /load
-    let l: Value = c
-        .get(sim.url(0, "/load"))
-        .send()
-        .await
-        .expect("load")
-        .json()
-        .await
-        .expect("json");
+    let l = get_json(&c, &sim.url(0, "/load")).await;
     assert_eq!(l, json!({"server_load": 0}));
     // /tokenize (prompt and messages)
-    let t: Value = c
-        .post(sim.url(0, "/tokenize"))
-        .json(&json!({"prompt": "abcdefgh"}))
-        .send()
-        .await
-        .expect("tokenize")
-        .json()
-        .await
-        .expect("json");
+    let t = post_json(&c, &sim.url(0, "/tokenize"), &json!({"prompt": "abcdefgh"})).await;
     assert_eq!(t["count"], 3);
     assert_eq!(t["max_model_len"], 131072);
     assert_eq!(t["tokens"][0], 128000);
-    let t2: Value = c
-        .post(sim.url(0, "/tokenize"))
-        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .expect("tokenize")
-        .json()
-        .await
-        .expect("json");
+    let t2 = post_json(
+        &c,
+        &sim.url(0, "/tokenize"),
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert!(t2["count"].as_u64().expect("count") > 5);
 
     // Chat, non-streaming, with unknown fields and a request id.
@@ -100,30 +75,24 @@ async fn endpoints_and_payload_shapes() {
     );
 
     // Completions, non-streaming; default max_tokens 16.
-    let body: Value = c
-        .post(sim.url(0, "/v1/completions"))
-        .json(&json!({"model": MODEL, "prompt": "once upon a time"}))
-        .send()
-        .await
-        .expect("cmpl")
-        .json()
-        .await
-        .expect("json");
+    let body = post_json(
+        &c,
+        &sim.url(0, "/v1/completions"),
+        &json!({"model": MODEL, "prompt": "once upon a time"}),
+    )
+    .await;
     assert_eq!(body["object"], "text_completion");
     assert!(body["id"].as_str().expect("id").starts_with("cmpl-"));
     assert_eq!(body["usage"]["completion_tokens"], 16);
     assert_eq!(body["usage"]["prompt_tokens"], 5);
     assert!(body["usage"]["prompt_tokens_details"]["cached_tokens"].is_number());
     // Token-id prompts are accepted.
-    let body: Value = c
-        .post(sim.url(0, "/v1/completions"))
-        .json(&json!({"prompt": [1, 2, 3], "max_tokens": 2}))
-        .send()
-        .await
-        .expect("cmpl")
-        .json()
-        .await
-        .expect("json");
+    let body = post_json(
+        &c,
+        &sim.url(0, "/v1/completions"),
+        &json!({"prompt": [1, 2, 3], "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(body["usage"]["prompt_tokens"], 3);
 }
 
@@ -278,15 +247,7 @@ async fn sse_multi_token_stream_is_well_formed() {
     // The same request without streaming yields the same text (deterministic output).
     let mut nreq = req.clone();
     nreq["stream"] = json!(false);
-    let v: Value = c
-        .post(sim.url(0, "/v1/chat/completions"))
-        .json(&nreq)
-        .send()
-        .await
-        .expect("chat")
-        .json()
-        .await
-        .expect("json");
+    let v = post_json(&c, &sim.url(0, "/v1/chat/completions"), &nreq).await;
     assert_eq!(v["choices"][0]["message"]["content"], content.as_str());
     // Second time round the prompt's full blocks were cached.
     assert!(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Sim, chat, client, hdr_f64, metric, text};
+use common::{Sim, chat, client, hdr_f64, metric, post_json, text};
 use serde_json::{Value, json};
 
 fn msgs(system: &str, user: &str) -> Value {
@@ -12,15 +12,7 @@ fn msgs(system: &str, user: &str) -> Value {
 }
 
 async fn tokenize(c: &reqwest::Client, url: &str, messages: &Value) -> Vec<u64> {
-    let v: Value = c
-        .post(url)
-        .json(&json!({"messages": messages}))
-        .send()
-        .await
-        .expect("tokenize")
-        .json()
-        .await
-        .expect("json");
+    let v = post_json(c, url, &json!({"messages": messages})).await;
     v["tokens"]
         .as_array()
         .expect("tokens")

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Sim, chat, client, hdr_f64, text};
+use common::{Sim, chat, client, get_json, hdr_f64, text, wait_up};
 use serde_json::{Value, json};
 
 fn one_msg(s: &str) -> Value {
@@ -77,14 +77,7 @@ async fn unavailable_hang_and_slow() {
         200
     );
     // The admin port sees the instance.
-    let v: Value = c
-        .get(sim.admin("/instances"))
-        .send()
-        .await
-        .expect("a")
-        .json()
-        .await
-        .expect("j");
+    let v = get_json(&c, &sim.admin("/instances")).await;
     assert_eq!(v[0]["fault"]["mode"], "none");
 }
 
@@ -165,15 +158,10 @@ async fn refuse_and_die_then_recover() {
         json!({"mode": "none"}),
     )
     .await;
-    let mut ok = false;
-    for _ in 0..250 {
-        if client().get(sim.url(0, "/health")).send().await.is_ok() {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ok, "listener re-bound");
+    assert!(
+        wait_up(&sim.url(0, "/health")).await.is_some(),
+        "listener re-bound"
+    );
     // Cache survived refuse.
     let (_, _, b) = chat(&client(), &url, m.clone(), 2).await;
     assert!(
@@ -211,15 +199,10 @@ async fn refuse_and_die_then_recover() {
         json!({"mode": "none"}),
     )
     .await;
-    let mut revived = None;
-    for _ in 0..250 {
-        if let Ok(r) = client().get(sim.url(0, "/health")).send().await {
-            revived = Some(r.status());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(revived, Some(reqwest::StatusCode::OK));
+    assert_eq!(
+        wait_up(&sim.url(0, "/health")).await,
+        Some(reqwest::StatusCode::OK)
+    );
     let (_, _, b) = chat(&client(), &url, m, 2).await;
     assert_eq!(b["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 }

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Sim, chat, client, text};
+use common::{Sim, chat, client, get_json, text};
 use serde_json::{Value, json};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -52,14 +52,7 @@ async fn block_stored_and_removed_events_and_replay() {
     let (pub_port, replay_port) = sim.kv_ports[0].expect("kv ports");
     let c = client();
     // /kv_event_sources advertises both endpoints.
-    let src: Value = c
-        .get(sim.url(0, "/kv_event_sources"))
-        .send()
-        .await
-        .expect("src")
-        .json()
-        .await
-        .expect("json");
+    let src = get_json(&c, &sim.url(0, "/kv_event_sources")).await;
     assert_eq!(src["0"]["endpoint"], format!("tcp://127.0.0.1:{pub_port}"));
     assert_eq!(
         src["0"]["replay_endpoint"],

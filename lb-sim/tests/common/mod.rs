@@ -112,6 +112,36 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// `GET url`, answer parsed as JSON (panics naming the URL otherwise).
+pub async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    let r = c.get(url).send().await;
+    r.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// `POST url` with a JSON body, answer parsed as JSON.
+pub async fn post_json(c: &reqwest::Client, url: &str, body: &Value) -> Value {
+    let r = c.post(url).json(body).send().await;
+    r.unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: not JSON: {e}"))
+}
+
+/// The status of `GET url` once the server accepts connections (after a
+/// restart of its listener), or `None` if it does not within 5 s.
+pub async fn wait_up(url: &str) -> Option<reqwest::StatusCode> {
+    for _ in 0..250 {
+        if let Ok(r) = client().get(url).send().await {
+            return Some(r.status());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
 /// Deterministic filler text of `n` characters (4 chars per token by default).
 pub fn text(seed: u64, n: usize) -> String {
     const WORDS: &[&str] = &[
