@@ -11,6 +11,15 @@ fn one_msg(s: &str) -> Value {
     json!([{"role": "user", "content": s}])
 }
 
+/// The status `GET url` answers with.
+async fn health(c: &reqwest::Client, url: &str) -> reqwest::StatusCode {
+    c.get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .status()
+}
+
 async fn set_fault(c: &reqwest::Client, url: &str, spec: Value) {
     let r = c.post(url).json(&spec).send().await.expect("fault");
     assert_eq!(r.status(), 200, "{spec}");
@@ -59,23 +68,9 @@ async fn unavailable_hang_and_slow() {
     assert!((slow / base - 4.0).abs() < 0.01, "{slow} vs {base}");
     // A fault with a duration reverts by itself.
     set_fault(&c, &fault, json!({"mode": "503", "duration_s": 0.3})).await;
-    assert_eq!(
-        c.get(sim.url(0, "/health"))
-            .send()
-            .await
-            .expect("h")
-            .status(),
-        503
-    );
+    assert_eq!(health(&c, &sim.url(0, "/health")).await, 503);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        c.get(sim.url(0, "/health"))
-            .send()
-            .await
-            .expect("h")
-            .status(),
-        200
-    );
+    assert_eq!(health(&c, &sim.url(0, "/health")).await, 200);
     // The admin port sees the instance.
     let v = get_json(&c, &sim.admin("/instances")).await;
     assert_eq!(v[0]["fault"]["mode"], "none");
@@ -143,15 +138,7 @@ async fn refuse_and_die_then_recover() {
         .expect_err("refused");
     assert!(e.is_connect(), "{e:?}");
     // The other instance is unaffected.
-    assert_eq!(
-        fresh
-            .get(sim.url(1, "/health"))
-            .send()
-            .await
-            .expect("i1")
-            .status(),
-        200
-    );
+    assert_eq!(health(&fresh, &sim.url(1, "/health")).await, 200);
     set_fault(
         &c,
         &sim.admin("/instances/0/fault"),
@@ -220,25 +207,11 @@ async fn fault_cli_subcommand() {
         String::from_utf8_lossy(&out.stderr)
     );
     let c = client();
-    assert_eq!(
-        c.get(sim.url(0, "/health"))
-            .send()
-            .await
-            .expect("h")
-            .status(),
-        503
-    );
+    assert_eq!(health(&c, &sim.url(0, "/health")).await, 503);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vllm-sim"))
         .args(["fault", "--url", &sim.url(0, ""), "none"])
         .output()
         .expect("run fault cli");
     assert!(out.status.success());
-    assert_eq!(
-        c.get(sim.url(0, "/health"))
-            .send()
-            .await
-            .expect("h")
-            .status(),
-        200
-    );
+    assert_eq!(health(&c, &sim.url(0, "/health")).await, 200);
 }
