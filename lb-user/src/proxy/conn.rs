@@ -144,36 +144,64 @@ struct Conn {
     /// The client asked to close after this request (`Connection: close`, or
     /// HTTP/1.0 without keep-alive).
     client_closes: bool,
-    /// Deadlines, one timer each per connection. Each is only ever moved later
-    /// between requests, which tokio does with one atomic update instead of a
-    /// timer-wheel removal and insertion (two of those per request measured
-    /// ~10% of the proxy's instructions).
+    /// Deadlines, one timer each per connection (see [`Deadline`]).
     timers: Timers,
+    /// A clock reading taken when the last response ended: the next head
+    /// deadline counts from it instead of reading the clock again.
+    last_end: Option<Instant>,
     _done: mpsc::Sender<()>,
 }
 
 /// The per-connection timers (see [`Conn::timers`]).
-pub struct Timers {
+struct Timers {
     /// Request head (and idle keep-alive) deadline.
-    pub head: Pin<Box<Sleep>>,
+    head: Deadline,
     /// Backend first-byte deadline.
-    pub first_byte: Pin<Box<Sleep>>,
+    first_byte: Deadline,
     /// Whole-request deadline.
-    pub total: Pin<Box<Sleep>>,
+    total: Deadline,
 }
 
-impl Timers {
+/// A deadline on a timer that is re-armed lazily. Each connection sets its
+/// deadlines once or twice per request, nearly always later than before; that
+/// only records the new deadline. The timer, when it fires before the recorded
+/// deadline, re-arms itself for it. Re-arming tokio's timer on every request
+/// (even with its cheap path for later deadlines) cost ~3% of the proxy's
+/// instructions per request.
+pub struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    at: tokio::time::Instant,
+}
+
+impl Deadline {
     fn new() -> Self {
-        let far = || {
-            Box::pin(tokio::time::sleep(std::time::Duration::from_secs(
-                86_400 * 365,
-            )))
-        };
-        Self {
-            head: far(),
-            first_byte: far(),
-            total: far(),
+        let sleep = Box::pin(tokio::time::sleep(std::time::Duration::from_secs(
+            86_400 * 365,
+        )));
+        let at = sleep.deadline();
+        Self { sleep, at }
+    }
+
+    /// Sets the deadline.
+    pub fn set(&mut self, at: tokio::time::Instant) {
+        if at < self.sleep.deadline() {
+            self.sleep.as_mut().reset(at);
         }
+        self.at = at;
+    }
+
+    /// Resolves once the deadline has passed.
+    pub fn fired(&mut self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            loop {
+                std::task::ready!(self.sleep.as_mut().poll(cx));
+                if self.sleep.deadline() >= self.at {
+                    return std::task::Poll::Ready(());
+                }
+                let at = self.at;
+                self.sleep.as_mut().reset(at);
+            }
+        })
     }
 }
 
@@ -196,7 +224,12 @@ impl Conn {
             stop,
             body_pending: false,
             client_closes: false,
-            timers: Timers::new(),
+            timers: Timers {
+                head: Deadline::new(),
+                first_byte: Deadline::new(),
+                total: Deadline::new(),
+            },
+            last_end: None,
             _done: done,
         }
     }
@@ -230,7 +263,12 @@ impl Conn {
                 }
             };
             let rid = request_id(&head);
-            let span = tracing::debug_span!("request", request_id = %rid);
+            let span = tracing::debug_span!(
+                "request",
+                request_id = %rid,
+                workflow_id = tracing::field::Empty,
+                agent_id = tracing::field::Empty,
+            );
             // Spans cost a little per poll even when disabled; skip them then.
             let keep = if span.is_disabled() {
                 self.request(head, &rid, &settings).await
@@ -253,10 +291,10 @@ impl Conn {
     ) -> Result<Option<Head>, ApiError> {
         let max = s.limits.max_header_bytes;
         let timeout = s.limits.header_read_timeout;
+        let from = self.last_end.take().unwrap_or_else(Instant::now);
         self.timers
             .head
-            .as_mut()
-            .reset(tokio::time::Instant::now() + timeout);
+            .set(tokio::time::Instant::from_std(from) + timeout);
         loop {
             if !self.buf.is_empty() {
                 match h1::parse_request(&mut self.buf, max) {
@@ -278,11 +316,12 @@ impl Conn {
                 self.buf.reserve(READ_BUF);
             }
             tokio::select! {
+                biased;
                 r = self.stream.read_buf(&mut self.buf) => match r {
                     Ok(0) | Err(_) => return Ok(None),
                     Ok(_) => {}
                 },
-                () = self.timers.head.as_mut() => {
+                () = self.timers.head.fired() => {
                     if idle {
                         return Ok(None);
                     }
@@ -324,18 +363,23 @@ impl Conn {
             Proxied,
             Refused(ApiError),
         }
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let target = match (path, head.method()) {
-            ("/health", "GET") => Target::Health,
-            ("/ready", "GET") => Target::Ready,
-            ("/v1/models", "GET") => Target::Models,
-            (p, "POST") if super::PROXIED.contains(&p) => Target::Proxied,
-            (p @ ("/health" | "/ready" | "/v1/models"), m) => {
-                Target::Refused(ApiError::method_not_allowed(format!("{m} {p}: use GET")))
-            }
-            (p, m) if super::PROXIED.contains(&p) => {
-                Target::Refused(ApiError::method_not_allowed(format!("{m} {p}: use POST")))
-            }
-            (p, m) => Target::Refused(ApiError::not_found(format!("no route for {m} {p}"))),
+            (b"/health", b"GET") => Target::Health,
+            (b"/ready", b"GET") => Target::Ready,
+            (b"/v1/models", b"GET") => Target::Models,
+            (p, b"POST") if super::PROXIED.contains(&p) => Target::Proxied,
+            (p @ (b"/health" | b"/ready" | b"/v1/models"), m) => Target::Refused(
+                ApiError::method_not_allowed(format!("{} {}: use GET", text(m), text(p))),
+            ),
+            (p, m) if super::PROXIED.contains(&p) => Target::Refused(ApiError::method_not_allowed(
+                format!("{} {}: use POST", text(m), text(p)),
+            )),
+            (p, m) => Target::Refused(ApiError::not_found(format!(
+                "no route for {} {}",
+                text(m),
+                text(p)
+            ))),
         };
         let result = match target {
             Target::Health => {
@@ -559,42 +603,43 @@ impl Conn {
         {
             return Err(ApiError::model_not_found(m));
         }
-        let wf_span = tracing::debug_span!(
-            "workflow",
-            workflow_id = meta.workflow_id.as_deref().unwrap_or(""),
-            agent_id = meta.agent_id.as_deref().unwrap_or(""),
-        );
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("workflow_id", meta.workflow_id.as_deref().unwrap_or(""));
+            span.record("agent_id", meta.agent_id.as_deref().unwrap_or(""));
+        }
         let permit = proxy.limiter.acquire(limits.queue_timeout).await?;
         proxy.budget.request(started);
 
         // Upstream, watching for the client leaving meanwhile.
-        let fwd = proxy.forward(
-            &head,
-            &body,
-            &meta,
-            s,
-            &self.peer,
-            rid,
-            started,
-            &mut self.timers.first_byte,
-            &mut self.upstream_head,
-        );
-        let fwd = if wf_span.is_disabled() {
-            futures_util::future::Either::Left(fwd)
-        } else {
-            futures_util::future::Either::Right(tracing::Instrument::instrument(fwd, wf_span))
-        };
-        let up = tokio::select! {
-            biased;
-            r = fwd => r?,
-            () = client_gone(&self.stream, &mut self.buf) => {
-                proxy.metrics.finished(route, started.elapsed().as_secs_f64(), Outcome::ClientGone);
-                proxy.limiter.released.notify_waiters();
-                tracing::debug!(request_id = rid, "client left before the response head");
-                return Ok(false);
+        let up = {
+            let fwd = proxy.forward(
+                &head,
+                &body,
+                &meta,
+                s,
+                &self.peer,
+                rid,
+                started,
+                &mut self.timers.first_byte,
+                &mut self.upstream_head,
+            );
+            tokio::pin!(fwd);
+            tokio::select! {
+                biased;
+                r = &mut fwd => r?,
+                () = client_gone(&self.stream, &mut self.buf) => {
+                    proxy.metrics.finished(route, started.elapsed().as_secs_f64(), Outcome::ClientGone);
+                    proxy.limiter.released.notify_waiters();
+                    tracing::debug!(request_id = rid, "client left before the response head");
+                    return Ok(false);
+                }
             }
         };
-        proxy.metrics.response_head(started.elapsed().as_secs_f64());
+        let head_at = Instant::now();
+        proxy
+            .metrics
+            .response_head(head_at.saturating_duration_since(started).as_secs_f64());
         let Upstream {
             mut conn,
             head: uh,
@@ -667,9 +712,12 @@ impl Conn {
         let backend_log = backend.clone();
         let rid_log = meta.request_id;
         let want_usage = wf.is_some();
-        let on_end = move |outcome: Outcome, usage, _ttfb: Option<f64>| {
-            this.metrics
-                .finished(route, started.elapsed().as_secs_f64(), outcome);
+        let on_end = move |outcome: Outcome, usage, ended: Instant| {
+            this.metrics.finished(
+                route,
+                ended.saturating_duration_since(started).as_secs_f64(),
+                outcome,
+            );
             if let Some(w) = &wf {
                 this.controller.workflows.finish(w, usage);
             }
@@ -691,14 +739,19 @@ impl Conn {
             on_end,
             (permit, inflight),
         );
+        if !conn.buf.is_empty() {
+            tracker.arrived(head_at);
+        }
         let deadline = tokio::time::Instant::from_std(started + limits.total_timeout);
         let relayed = self
             .relay(&mut conn, ufr, cfr, sse, &mut tracker, deadline)
             .await;
-        tracker.end(relayed.outcome);
+        let ended = Instant::now();
+        self.last_end = Some(ended);
+        tracker.end(relayed.outcome, ended);
         let upstream_keep = uh.keep_alive();
         if relayed.reusable && upstream_keep {
-            proxy.pool.checkin(backend.id, conn);
+            proxy.pool.checkin(backend.id, conn, ended);
         }
         Ok(keep && relayed.outcome == Outcome::Complete)
     }
@@ -715,14 +768,14 @@ impl Conn {
     ) -> Relayed
     where
         F: FnOnce(f64),
-        E: FnOnce(Outcome, Option<crate::controller::workflows::Usage>, Option<f64>),
+        E: FnOnce(Outcome, Option<crate::controller::workflows::Usage>, Instant),
     {
         let mut dec = h1::Chunked::new();
         let mut remaining = match ufr {
             Framing::Length(n) => n,
             _ => 0,
         };
-        self.timers.total.as_mut().reset(deadline);
+        self.timers.total.set(deadline);
         let mut eof = false;
         loop {
             // Everything buffered goes out in one write.
@@ -814,7 +867,7 @@ impl Conn {
                 () = client_gone(&self.stream, &mut self.buf) => {
                     return Relayed { outcome: Outcome::ClientGone, reusable: false };
                 }
-                () = self.timers.total.as_mut() => {
+                () = self.timers.total.fired() => {
                     return self
                         .fail(Outcome::TimedOut, "the request exceeded its total time limit", cfr, sse)
                         .await;
@@ -868,7 +921,7 @@ fn body_err(e: impl std::fmt::Display) -> ApiError {
 
 /// Writes `buf`, giving up when `sleep` fires (`Err(true)`) or the client fails
 /// (`Err(false)`). Most writes complete at once without arming anything.
-async fn write_by(s: &mut TcpStream, buf: &[u8], sleep: &mut Pin<Box<Sleep>>) -> Result<(), bool> {
+async fn write_by(s: &mut TcpStream, buf: &[u8], deadline: &mut Deadline) -> Result<(), bool> {
     let mut off = 0;
     while off < buf.len() {
         match s.try_write(&buf[off..]) {
@@ -883,7 +936,7 @@ async fn write_by(s: &mut TcpStream, buf: &[u8], sleep: &mut Pin<Box<Sleep>>) ->
     }
     tokio::select! {
         r = s.write_all(&buf[off..]) => r.map_err(|_| false),
-        () = sleep.as_mut() => Err(true),
+        () = deadline.fired() => Err(true),
     }
 }
 

@@ -44,26 +44,70 @@ pub enum Known {
     ForwardedFor,
     /// `x-agentlb-backend`.
     AgentlbBackend,
+    /// `x-workflow-id`.
+    WorkflowId,
+    /// `x-agent-id`.
+    AgentId,
+    /// `x-parent-request-id`.
+    ParentRequestId,
+    /// `cookie`.
+    Cookie,
+}
+
+/// Whether `name` equals `lower` (lower-case letters and `-` only) in any ASCII
+/// case. Setting bit 0x20 folds `A`–`Z` onto `a`–`z` and keeps `-`; the only
+/// other byte it folds onto one of those is CR, which is never part of a field
+/// name httparse accepts.
+/// Compares eight bytes at a time (the last word overlaps the one before).
+fn lower_eq(name: &[u8], lower: &[u8]) -> bool {
+    const FOLD: u64 = 0x2020_2020_2020_2020;
+    let n = lower.len();
+    if name.len() != n {
+        return false;
+    }
+    if n < 8 {
+        return name.iter().zip(lower).all(|(a, b)| a | 0x20 == *b);
+    }
+    let word = |s: &[u8], at: usize| {
+        s.get(at..at + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            .map(u64::from_ne_bytes)
+    };
+    let mut next = 0;
+    loop {
+        let at = next.min(n - 8);
+        match (word(name, at), word(lower, at)) {
+            (Some(a), Some(b)) if a | FOLD == b => {}
+            _ => return false,
+        }
+        if at == n - 8 {
+            return true;
+        }
+        next += 8;
+    }
 }
 
 impl Known {
     /// Classifies a field name (ASCII case-insensitive). Dispatches on length
     /// and first letter, so most names cost one comparison at most.
     pub fn of(name: &[u8]) -> Self {
-        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        let is = |lower: &str| lower_eq(name, lower.as_bytes());
         let Some(&first) = name.first() else {
             return Self::Other;
         };
         match (name.len(), first | 0x20) {
             (2, b't') if is("te") => Self::HopByHop,
             (4, b'h') if is("host") => Self::Host,
+            (6, b'c') if is("cookie") => Self::Cookie,
             (6, b'e') if is("expect") => Self::Expect,
             (7, b't') if is("trailer") => Self::HopByHop,
             (7, b'u') if is("upgrade") => Self::HopByHop,
             (10, b'c') if is("connection") => Self::Connection,
             (10, b'k') if is("keep-alive") => Self::HopByHop,
+            (10, b'x') if is("x-agent-id") => Self::AgentId,
             (12, b'c') if is("content-type") => Self::ContentType,
             (12, b'x') if is("x-request-id") => Self::RequestId,
+            (13, b'x') if is("x-workflow-id") => Self::WorkflowId,
             (14, b'c') if is("content-length") => Self::ContentLength,
             (15, b'x') if is("x-forwarded-for") => Self::ForwardedFor,
             (16, b'p') if is("proxy-connection") => Self::HopByHop,
@@ -71,6 +115,7 @@ impl Known {
             (17, b'x') if is("x-agentlb-backend") => Self::AgentlbBackend,
             (18, b'p') if is("proxy-authenticate") => Self::HopByHop,
             (19, b'p') if is("proxy-authorization") => Self::HopByHop,
+            (19, b'x') if is("x-parent-request-id") => Self::ParentRequestId,
             _ => Self::Other,
         }
     }
@@ -92,18 +137,26 @@ struct Field {
     kind: Known,
 }
 
+/// The fields of one head.
+type Fields = Vec<Field>;
+
 /// A parsed head: offsets into `buf`.
 #[derive(Debug, Clone)]
 pub struct Head {
     buf: Bytes,
     method: (usize, usize),
     target: (usize, usize),
+    /// Path and query of the target; `None` for an absolute-form target
+    /// without a path (which means `/`).
+    path_query: Option<(usize, usize)>,
+    /// End of the path within `path_query` (where the query starts).
+    path_end: usize,
     reason: (usize, usize),
     /// Minor version of HTTP/1.x.
     pub minor: u8,
     /// Response status (0 for requests).
     pub status: u16,
-    fields: Vec<Field>,
+    fields: Fields,
     /// `Connection` lists field names other than `close`/`keep-alive`.
     connection_names: bool,
 }
@@ -152,31 +205,65 @@ fn map_err(e: httparse::Error) -> HeadError {
     }
 }
 
-fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> (Vec<Field>, bool) {
+thread_local! {
+    /// Field vectors of dropped heads, reused by the next heads parsed on this
+    /// thread (two heads per proxied request would otherwise allocate twice).
+    static SPARE_FIELDS: std::cell::RefCell<Vec<Fields>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spare vectors kept per thread, and the largest capacity worth keeping.
+const SPARE_MAX: usize = 64;
+const SPARE_CAPACITY: usize = 64;
+
+fn spare_fields() -> Fields {
+    SPARE_FIELDS
+        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+impl Drop for Head {
+    fn drop(&mut self) {
+        let mut f = std::mem::take(&mut self.fields);
+        if f.capacity() == 0 || f.capacity() > SPARE_CAPACITY {
+            return;
+        }
+        f.clear();
+        let _ = SPARE_FIELDS.try_with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut()
+                && s.len() < SPARE_MAX
+            {
+                s.push(f);
+            }
+        });
+    }
+}
+
+fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> (Fields, bool) {
     let mut connection_names = false;
-    let fields = headers
-        .iter()
-        .map(|h| {
-            let (ns, ne) = offset(base, h.name.as_bytes());
-            let (vs, ve) = offset(base, h.value);
-            let kind = Known::of(h.name.as_bytes());
-            if kind == Known::Connection {
-                connection_names |= h.value.split(|&b| b == b',').any(|t| {
-                    let t = t.trim_ascii();
-                    !t.is_empty()
-                        && !t.eq_ignore_ascii_case(b"close")
-                        && !t.eq_ignore_ascii_case(b"keep-alive")
-                });
-            }
-            // Heads are limited far below 4 GiB.
-            let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
-            Field {
-                name: (u(ns), u(ne)),
-                value: (u(vs), u(ve)),
-                kind,
-            }
-        })
-        .collect();
+    let mut fields = spare_fields();
+    fields.extend(headers.iter().map(|h| {
+        let (ns, ne) = offset(base, h.name.as_bytes());
+        let (vs, ve) = offset(base, h.value);
+        let kind = Known::of(h.name.as_bytes());
+        if kind == Known::Connection {
+            connection_names |= h.value.split(|&b| b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+            });
+        }
+        // Heads are limited far below 4 GiB.
+        let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        Field {
+            name: (u(ns), u(ne)),
+            value: (u(vs), u(ve)),
+            kind,
+        }
+    }));
     (fields, connection_names)
 }
 
@@ -187,7 +274,7 @@ struct Parts {
     reason: (usize, usize),
     minor: u8,
     status: u16,
-    fields: Vec<Field>,
+    fields: Fields,
     connection_names: bool,
 }
 
@@ -201,16 +288,22 @@ fn settle(
     match parsed {
         Ok(httparse::Status::Partial) if buf.len() > max => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
-        Ok(httparse::Status::Complete((len, p))) => Ok(Some(Head {
-            buf: buf.split_to(len).freeze(),
-            method: p.method,
-            target: p.target,
-            reason: p.reason,
-            minor: p.minor,
-            status: p.status,
-            fields: p.fields,
-            connection_names: p.connection_names,
-        })),
+        Ok(httparse::Status::Complete((len, p))) => {
+            let buf = buf.split_to(len).freeze();
+            let (path_query, path_end) = split_target(&buf, p.target);
+            Ok(Some(Head {
+                buf,
+                method: p.method,
+                target: p.target,
+                path_query,
+                path_end,
+                reason: p.reason,
+                minor: p.minor,
+                status: p.status,
+                fields: p.fields,
+                connection_names: p.connection_names,
+            }))
+        }
         Err(e) => Err(map_err(e)),
     }
 }
@@ -275,38 +368,54 @@ pub fn parse_response(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, He
     settle(buf, max, parsed)
 }
 
-impl Head {
-    fn str_at(&self, (s, e): (usize, usize)) -> &str {
-        // httparse only accepts token characters here.
-        std::str::from_utf8(&self.buf[s..e]).unwrap_or("")
+/// Where path-and-query (and within it the path) lie in the target at
+/// `(s, e)`: origin-form targets are used as they are, absolute-form ones are
+/// reduced to their path (RFC 9112 §3.2.2); the query starts at the first `?`.
+fn split_target(buf: &[u8], (s, e): (usize, usize)) -> (Option<(usize, usize)>, usize) {
+    let t = &buf[s..e];
+    let scheme = [&b"http://"[..], b"https://"]
+        .into_iter()
+        .find(|p| t.starts_with(p))
+        .map(<[u8]>::len);
+    let start = match scheme {
+        // Origin form (or anything else): as sent.
+        None => Some(s),
+        Some(n) => t[n..].iter().position(|&b| b == b'/').map(|i| s + n + i),
+    };
+    match start {
+        Some(st) => {
+            let end = buf[st..e]
+                .iter()
+                .position(|&b| b == b'?')
+                .map_or(e, |i| st + i);
+            (Some((st, e)), end - st)
+        }
+        None => (None, 1),
     }
+}
 
+impl Head {
     /// Request method.
-    pub fn method(&self) -> &str {
-        self.str_at(self.method)
+    pub fn method(&self) -> &[u8] {
+        &self.buf[self.method.0..self.method.1]
     }
 
     /// Request target as sent.
-    pub fn target(&self) -> &str {
-        self.str_at(self.target)
+    pub fn target(&self) -> &[u8] {
+        &self.buf[self.target.0..self.target.1]
     }
 
     /// Path and query of the target (absolute-form targets are reduced to it).
-    pub fn path_and_query(&self) -> &str {
-        let t = self.target();
-        if let Some(rest) = t
-            .strip_prefix("http://")
-            .or_else(|| t.strip_prefix("https://"))
-        {
-            return rest.find('/').map_or("/", |i| &rest[i..]);
+    pub fn path_and_query(&self) -> &[u8] {
+        match self.path_query {
+            Some((s, e)) => &self.buf[s..e],
+            None => b"/",
         }
-        t
     }
 
     /// Path without the query.
-    pub fn path(&self) -> &str {
-        let p = self.path_and_query();
-        p.split_once('?').map_or(p, |(p, _)| p)
+    pub fn path(&self) -> &[u8] {
+        &self.path_and_query()[..self.path_end]
     }
 
     /// Response reason phrase.
@@ -409,13 +518,17 @@ fn content_length(head: &Head) -> Result<Option<u64>, &'static str> {
     for v in head.values_of(Known::ContentLength) {
         for part in v.split(|&b| b == b',') {
             let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            // At most 19 digits: always fits in a u64.
+            if part.is_empty() || part.len() > 19 {
                 return Err("invalid Content-Length");
             }
-            let n: u64 = std::str::from_utf8(part)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or("invalid Content-Length")?;
+            let mut n: u64 = 0;
+            for &d in part {
+                if !d.is_ascii_digit() {
+                    return Err("invalid Content-Length");
+                }
+                n = n * 10 + u64::from(d - b'0');
+            }
             if found.is_some_and(|f| f != n) {
                 return Err("conflicting Content-Length values");
             }
@@ -753,9 +866,9 @@ mod tests {
             .expect("valid")
             .expect("complete");
         assert_eq!(&b[..], b"BODY", "the head is split off");
-        assert_eq!(h.method(), "POST");
-        assert_eq!(h.path(), "/v1/chat/completions");
-        assert_eq!(h.path_and_query(), "/v1/chat/completions?x=1");
+        assert_eq!(h.method(), b"POST");
+        assert_eq!(h.path(), b"/v1/chat/completions");
+        assert_eq!(h.path_and_query(), b"/v1/chat/completions?x=1");
         assert_eq!(h.get_all("x-workflow-id").next(), Some(&b"wf"[..]));
         assert!(h.keep_alive());
         let hop = |n: &[u8]| h.is_hop_by_hop(Known::of(n), n);
@@ -763,6 +876,30 @@ mod tests {
         assert!(hop(b"Transfer-Encoding"));
         assert!(!hop(b"x-workflow-id"));
         assert_eq!(request_framing(&h), Ok(Framing::Empty));
+    }
+
+    #[test]
+    fn targets_reduce_to_path_and_query() {
+        for (target, pq, path) in [
+            ("/v1/completions", "/v1/completions", "/v1/completions"),
+            (
+                "/v1/completions?a=1&b=?",
+                "/v1/completions?a=1&b=?",
+                "/v1/completions",
+            ),
+            ("http://gw:8080/v1/models?x", "/v1/models?x", "/v1/models"),
+            ("https://gw/health", "/health", "/health"),
+            ("http://gw", "/", "/"),
+            ("http://gw?q", "/", "/"),
+            ("*", "*", "*"),
+        ] {
+            let h = req(&format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n"))
+                .expect("valid")
+                .expect("complete");
+            assert_eq!(h.target(), target.as_bytes());
+            assert_eq!(h.path_and_query(), pq.as_bytes(), "{target}");
+            assert_eq!(h.path(), path.as_bytes(), "{target}");
+        }
     }
 
     #[test]
@@ -782,7 +919,12 @@ mod tests {
             ("content-type", Known::ContentType),
             ("Expect", Known::Expect),
             ("content-lengthy", Known::Other),
-            ("x-workflow-id", Known::Other),
+            ("X-Workflow-Id", Known::WorkflowId),
+            ("x-agent-ID", Known::AgentId),
+            ("X-Parent-Request-Id", Known::ParentRequestId),
+            ("Cookie", Known::Cookie),
+            ("x-workflow-ie", Known::Other),
+            ("x-agent-idd", Known::Other),
             ("", Known::Other),
         ] {
             assert_eq!(Known::of(name.as_bytes()), kind, "{name}");

@@ -17,7 +17,10 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use super::{ApiError, h1::Head};
+use super::{
+    ApiError,
+    h1::{Head, Known},
+};
 
 /// Where the workflow id came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -130,8 +133,9 @@ struct AgenticContext {
     parent_program_id: Option<String>,
 }
 
-fn header<'h>(h: &'h Head, name: &'h str) -> Result<Option<&'h str>, ApiError> {
-    match h.get_all(name).next() {
+/// The first value of a metadata header (`name` is for the error message).
+fn header<'h>(value: Option<&'h [u8]>, name: &str) -> Result<Option<&'h str>, ApiError> {
+    match value {
         None => Ok(None),
         Some(v) => std::str::from_utf8(v)
             .ok()
@@ -148,7 +152,7 @@ fn header<'h>(h: &'h Head, name: &'h str) -> Result<Option<&'h str>, ApiError> {
 }
 
 fn cookie<'h>(h: &'h Head, name: &str) -> Option<&'h str> {
-    h.get_all("cookie")
+    h.values_of(Known::Cookie)
         .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
@@ -223,24 +227,25 @@ pub fn extract(
     };
     let wm = fields.workflow_metadata.unwrap_or_default();
 
-    let (workflow, source) = if let Some(v) = header(headers, "x-workflow-id")? {
-        (Some(v.to_owned()), Some(WorkflowSource::Header))
-    } else if let Some(v) = &fields.workflow_id {
-        (Some(v.to_string()), Some(WorkflowSource::Body))
-    } else if let Some(v) = &wm.workflow_id {
-        (Some(v.to_string()), Some(WorkflowSource::WorkflowMetadata))
-    } else if let Some(v) = agentic
-        .as_ref()
-        .and_then(|a| a.task_id.clone().or_else(|| a.program_id.clone()))
-    {
-        (Some(v), Some(WorkflowSource::AgenticContext))
-    } else if let Some(v) = cookie(headers, "agentlb_wf") {
-        (Some(v.to_owned()), Some(WorkflowSource::Cookie))
-    } else {
-        (None, None)
-    };
+    let (workflow, source) =
+        if let Some(v) = header(headers.values_of(Known::WorkflowId).next(), "x-workflow-id")? {
+            (Some(v.to_owned()), Some(WorkflowSource::Header))
+        } else if let Some(v) = &fields.workflow_id {
+            (Some(v.to_string()), Some(WorkflowSource::Body))
+        } else if let Some(v) = &wm.workflow_id {
+            (Some(v.to_string()), Some(WorkflowSource::WorkflowMetadata))
+        } else if let Some(v) = agentic
+            .as_ref()
+            .and_then(|a| a.task_id.clone().or_else(|| a.program_id.clone()))
+        {
+            (Some(v), Some(WorkflowSource::AgenticContext))
+        } else if let Some(v) = cookie(headers, "agentlb_wf") {
+            (Some(v.to_owned()), Some(WorkflowSource::Cookie))
+        } else {
+            (None, None)
+        };
     let agent = header_or(
-        header(headers, "x-agent-id")?,
+        header(headers.values_of(Known::AgentId).next(), "x-agent-id")?,
         [
             fields.agent_id.as_deref(),
             wm.agent_id.as_deref(),
@@ -248,7 +253,10 @@ pub fn extract(
         ],
     );
     let parent = header_or(
-        header(headers, "x-parent-request-id")?,
+        header(
+            headers.values_of(Known::ParentRequestId).next(),
+            "x-parent-request-id",
+        )?,
         [
             fields.parent_request_id.as_deref(),
             wm.parent_request_id.as_deref(),
@@ -257,7 +265,10 @@ pub fn extract(
                 .and_then(|a| a.parent_program_id.as_deref()),
         ],
     );
-    let session = header(headers, &limits.session_header)?;
+    let session = header(
+        headers.get_all(&limits.session_header).next(),
+        &limits.session_header,
+    )?;
     Ok(RequestMeta {
         workflow_id: opt_id("workflow id", workflow.as_deref(), limits)?,
         workflow_source: source,

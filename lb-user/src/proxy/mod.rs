@@ -54,7 +54,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// The OpenAI routes agentlb proxies.
-const PROXIED: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+const PROXIED: [&[u8]; 3] = [
+    b"/v1/chat/completions",
+    b"/v1/completions",
+    b"/v1/embeddings",
+];
 
 /// Settings that a reload can change without restarting.
 #[derive(Debug, Clone)]
@@ -136,7 +140,8 @@ pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
 
 /// What went wrong with one upstream attempt.
 enum Attempt {
-    Status(upstream::UpConn, h1::Head),
+    /// A 502/503/504 answer (rare: boxed to keep the enum small).
+    Status(Box<(upstream::UpConn, h1::Head)>),
     Error { connect: bool, message: String },
     Timeout,
 }
@@ -203,12 +208,13 @@ impl Proxy {
         head: &[u8],
         body: &[u8],
         connect_timeout: Duration,
+        now: Instant,
     ) -> Result<(upstream::UpConn, h1::Head), Attempt> {
         let mut fresh = false;
         loop {
             let mut conn = self
                 .pool
-                .checkout(backend, fresh, connect_timeout)
+                .checkout(backend, fresh, connect_timeout, now)
                 .await
                 .map_err(|e| Attempt::Error {
                     connect: true,
@@ -242,7 +248,7 @@ impl Proxy {
         peer: &str,
         rid: &str,
         started: Instant,
-        first_byte: &mut std::pin::Pin<Box<tokio::time::Sleep>>,
+        first_byte: &mut conn::Deadline,
         req: &mut Vec<u8>,
     ) -> Result<Upstream, ApiError> {
         let limits = &settings.limits;
@@ -280,22 +286,24 @@ impl Proxy {
                     .overhead(now.saturating_duration_since(started).as_secs_f64());
             }
             tracing::debug!(backend = %backend.name, attempt = tried.len(), "forwarding");
-            let sent = self.attempt(
-                &backend,
-                req,
-                if inline { &[] } else { body },
-                limits.connect_timeout,
-            );
-            first_byte
-                .as_mut()
-                .reset(tokio::time::Instant::from_std(now) + limits.first_byte_timeout);
-            let timed = tokio::select! {
-                biased;
-                r = sent => Ok(r),
-                () = first_byte.as_mut() => Err(()),
+            first_byte.set(tokio::time::Instant::from_std(now) + limits.first_byte_timeout);
+            let timed = {
+                let sent = self.attempt(
+                    &backend,
+                    req,
+                    if inline { &[] } else { body },
+                    limits.connect_timeout,
+                    now,
+                );
+                tokio::pin!(sent);
+                tokio::select! {
+                    biased;
+                    r = &mut sent => Ok(r),
+                    () = first_byte.fired() => Err(()),
+                }
             };
             let attempt = match timed {
-                Ok(Ok((conn, h))) if matches!(h.status, 502..=504) => Attempt::Status(conn, h),
+                Ok(Ok((conn, h))) if matches!(h.status, 502..=504) => Attempt::Status(Box::new((conn, h))),
                 Ok(Ok((conn, h))) => {
                     backend.record_success();
                     if !tried.is_empty() {
@@ -316,7 +324,8 @@ impl Proxy {
             };
             tried.push(backend.id);
             let (kind, err) = match attempt {
-                Attempt::Status(conn, h) => {
+                Attempt::Status(answer) => {
+                    let (conn, h) = *answer;
                     let st = h.status;
                     last_status = Some(Upstream {
                         conn,
@@ -430,13 +439,13 @@ impl Proxy {
 }
 
 /// Route label for metrics (bounded set).
-fn route_label(path: &str) -> &'static str {
+fn route_label(path: &[u8]) -> &'static str {
     match path {
-        "/v1/chat/completions" => "chat",
-        "/v1/completions" => "completions",
-        "/v1/embeddings" => "embeddings",
-        "/v1/models" => "models",
-        "/health" | "/ready" => "health",
+        b"/v1/chat/completions" => "chat",
+        b"/v1/completions" => "completions",
+        b"/v1/embeddings" => "embeddings",
+        b"/v1/models" => "models",
+        b"/health" | b"/ready" => "health",
         _ => "other",
     }
 }
@@ -452,9 +461,9 @@ fn build_upstream(
     rid: &str,
     body_len: usize,
 ) {
-    out.extend_from_slice(head.method().as_bytes());
+    out.extend_from_slice(head.method());
     out.push(b' ');
-    out.extend_from_slice(head.path_and_query().as_bytes());
+    out.extend_from_slice(head.path_and_query());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     h1::put_header(out, b"host", backend.host_header.as_bytes());
     let mut xff: Vec<&[u8]> = Vec::new();

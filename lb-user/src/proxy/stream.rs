@@ -38,10 +38,12 @@ pub fn error_event(message: &str) -> Vec<u8> {
 pub struct Tracker<F, E, H>
 where
     F: FnOnce(f64),
-    E: FnOnce(Outcome, Option<Usage>, Option<f64>),
+    E: FnOnce(Outcome, Option<Usage>, Instant),
 {
     started: Instant,
     ttfb: Option<f64>,
+    /// When the bytes of the next [`Tracker::data`] call arrived, if known.
+    arrived: Option<Instant>,
     on_first: Option<F>,
     tail: Vec<u8>,
     want_usage: bool,
@@ -52,16 +54,17 @@ where
 impl<F, E, H> Tracker<F, E, H>
 where
     F: FnOnce(f64),
-    E: FnOnce(Outcome, Option<Usage>, Option<f64>),
+    E: FnOnce(Outcome, Option<Usage>, Instant),
 {
     /// Tracks a response whose request started at `started`: `on_first` gets
-    /// the time to the first body byte, `on_end` how it ended; `hold` keeps
-    /// guards alive until then. Usage is read from the body's tail only when
-    /// `want_usage` (someone records it).
+    /// the time to the first body byte, `on_end` how it ended (with its usage
+    /// and the time it ended); `hold` keeps guards alive until then. Usage is
+    /// read from the body's tail only when `want_usage` (someone records it).
     pub fn new(started: Instant, want_usage: bool, on_first: F, on_end: E, hold: H) -> Self {
         Self {
             started,
             ttfb: None,
+            arrived: None,
             on_first: Some(on_first),
             tail: Vec::new(),
             want_usage,
@@ -70,13 +73,25 @@ where
         }
     }
 
+    /// The bytes of the next [`Tracker::data`] call arrived at `at` (they came
+    /// with the response head), so the clock need not be read for them.
+    pub fn arrived(&mut self, at: Instant) {
+        self.arrived = Some(at);
+    }
+
     /// Body bytes about to be sent to the client.
     pub fn data(&mut self, data: &[u8]) {
+        let arrived = self.arrived.take();
         if data.is_empty() {
             return;
         }
         if self.ttfb.is_none() {
-            let t = self.started.elapsed().as_secs_f64();
+            let t = arrived
+                .map_or_else(
+                    || self.started.elapsed(),
+                    |a| a.saturating_duration_since(self.started),
+                )
+                .as_secs_f64();
             self.ttfb = Some(t);
             if let Some(f) = self.on_first.take() {
                 f(t);
@@ -95,19 +110,19 @@ where
         }
     }
 
-    /// The response ended.
-    pub fn end(mut self, outcome: Outcome) {
-        self.finish(outcome);
+    /// The response ended at `at`.
+    pub fn end(mut self, outcome: Outcome, at: Instant) {
+        self.finish(outcome, at);
     }
 
-    fn finish(&mut self, outcome: Outcome) {
+    fn finish(&mut self, outcome: Outcome, at: Instant) {
         if let Some(f) = self.on_end.take() {
             let usage = if self.want_usage {
                 usage_from_tail(&self.tail)
             } else {
                 None
             };
-            f(outcome, usage, self.ttfb);
+            f(outcome, usage, at);
         }
     }
 }
@@ -115,10 +130,12 @@ where
 impl<F, E, H> Drop for Tracker<F, E, H>
 where
     F: FnOnce(f64),
-    E: FnOnce(Outcome, Option<Usage>, Option<f64>),
+    E: FnOnce(Outcome, Option<Usage>, Instant),
 {
     fn drop(&mut self) {
-        self.finish(Outcome::ClientGone);
+        if self.on_end.is_some() {
+            self.finish(Outcome::ClientGone, Instant::now());
+        }
     }
 }
 
@@ -132,24 +149,28 @@ mod tests {
     fn tracker_reports_usage_ttfb_and_outcome_once() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        let first = Arc::new(Mutex::new(0u32));
+        let first = Arc::new(Mutex::new(Vec::new()));
         let f2 = first.clone();
+        let started = Instant::now();
+        let end = started + std::time::Duration::from_millis(900);
         let mut t = Tracker::new(
-            Instant::now(),
+            started,
             true,
-            move |_| *f2.lock().expect("lock") += 1,
-            move |o, u, ttfb: Option<f64>| s2.lock().expect("lock").push((o, u, ttfb.is_some())),
+            move |t| f2.lock().expect("lock").push(t),
+            move |o, u, at| s2.lock().expect("lock").push((o, u, at)),
             (),
         );
+        // The first bytes came with the head, 250 ms in: that is the TTFB.
+        t.arrived(started + std::time::Duration::from_millis(250));
         t.data(b"data: {\"usage\":{\"prompt_tokens\":3,");
         t.data(b"\"completion_tokens\":4,\"total_tokens\":7}}\n\ndata: [DONE]\n\n");
-        t.end(Outcome::Complete);
+        t.end(Outcome::Complete, end);
         let seen = seen.lock().expect("lock");
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].0, Outcome::Complete);
         assert!(seen[0].1.is_some(), "usage parsed from the tail");
-        assert!(seen[0].2);
-        assert_eq!(*first.lock().expect("lock"), 1);
+        assert_eq!(seen[0].2, end);
+        assert_eq!(*first.lock().expect("lock"), vec![0.25]);
     }
 
     #[test]

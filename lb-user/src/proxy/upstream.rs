@@ -102,7 +102,7 @@ impl Pool {
         self.idle_timeout
     }
 
-    fn take_idle(&self, id: BackendId) -> Option<UpConn> {
+    fn take_idle(&self, id: BackendId, now: Instant) -> Option<UpConn> {
         let mut idle = self
             .idle
             .lock()
@@ -110,7 +110,7 @@ impl Pool {
         let (_, list) = idle.iter_mut().find(|(b, _)| *b == id)?;
         // Most recently used first: the warmest connection, least likely closed.
         while let Some(c) = list.pop() {
-            let age = c.idle_since.elapsed();
+            let age = now.saturating_duration_since(c.idle_since);
             if age >= self.idle_timeout {
                 // Everything older sits below it.
                 list.clear();
@@ -124,13 +124,16 @@ impl Pool {
     }
 
     /// An idle connection to `backend`, or a new one (`fresh` forces a new one).
+    /// `now` is the caller's recent clock reading (idle ages are measured
+    /// against it).
     pub async fn checkout(
         &self,
         backend: &Backend,
         fresh: bool,
         connect_timeout: Duration,
+        now: Instant,
     ) -> io::Result<UpConn> {
-        if !fresh && let Some(c) = self.take_idle(backend.id) {
+        if !fresh && let Some(c) = self.take_idle(backend.id, now) {
             return Ok(c);
         }
         let stream = connect(backend, connect_timeout).await?;
@@ -138,17 +141,17 @@ impl Pool {
             stream,
             buf: BytesMut::with_capacity(READ_BUF),
             reused: false,
-            idle_since: Instant::now(),
+            idle_since: now,
         })
     }
 
-    /// Returns a connection whose last response ended cleanly.
-    pub fn checkin(&self, backend: BackendId, mut conn: UpConn) {
+    /// Returns a connection whose last response ended cleanly at `now`.
+    pub fn checkin(&self, backend: BackendId, mut conn: UpConn, now: Instant) {
         if !conn.buf.is_empty() || self.max_idle == 0 {
             return;
         }
         conn.reused = true;
-        conn.idle_since = Instant::now();
+        conn.idle_since = now;
         let mut idle = self
             .idle
             .lock()
