@@ -1019,3 +1019,46 @@ fn new_request_id() -> String {
     id.push_str(std::str::from_utf8(&digits).unwrap_or("0"));
     id
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Elapsed paused-clock time since `t`, in whole milliseconds (the timer
+    /// wheel's resolution).
+    fn ms_since(t: tokio::time::Instant) -> u128 {
+        t.elapsed().as_millis()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_move_later_lazily_and_earlier_at_once() {
+        let start = tokio::time::Instant::now();
+        let mut d = Deadline::new();
+        d.set(start + Duration::from_secs(10));
+        // Later: only recorded; the timer fires at 10 s, re-arms, fires at 30 s.
+        d.set(start + Duration::from_secs(30));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(29), d.fired())
+                .await
+                .is_err(),
+            "must not fire at the superseded deadline"
+        );
+        d.fired().await;
+        assert_eq!(ms_since(start), 30_000);
+
+        // Earlier than the armed timer: re-armed at once.
+        let t = tokio::time::Instant::now();
+        d.set(t + Duration::from_secs(60));
+        d.set(t + Duration::from_secs(5));
+        d.fired().await;
+        assert_eq!(ms_since(t), 5_000);
+
+        // A deadline already passed fires without waiting.
+        let t = tokio::time::Instant::now();
+        d.set(t);
+        d.fired().await;
+        assert_eq!(ms_since(t), 0);
+    }
+}

@@ -142,7 +142,10 @@ pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
 enum Attempt {
     /// A 502/503/504 answer (rare: boxed to keep the enum small).
     Status(Box<(upstream::UpConn, h1::Head)>),
-    Error { connect: bool, message: String },
+    Error {
+        connect: bool,
+        message: String,
+    },
     Timeout,
 }
 
@@ -303,7 +306,9 @@ impl Proxy {
                 }
             };
             let attempt = match timed {
-                Ok(Ok((conn, h))) if matches!(h.status, 502..=504) => Attempt::Status(Box::new((conn, h))),
+                Ok(Ok((conn, h))) if matches!(h.status, 502..=504) => {
+                    Attempt::Status(Box::new((conn, h)))
+                }
                 Ok(Ok((conn, h))) => {
                     backend.record_success();
                     if !tried.is_empty() {

@@ -21,7 +21,10 @@
 //! Layout on a machine with ≥ 2 CPUs (unless `--no-pin`): every proxy process is
 //! pinned to CPU 1, the load generator and the backend (two threads of this
 //! process) to CPU 0. So each proxy gets exactly one core, and nginx (one worker)
-//! and agentlb (one tokio worker) are compared on equal terms.
+//! and agentlb (one tokio worker) are compared on equal terms. The load generator
+//! and the backend together cost about as much per request as a proxy, so from
+//! concurrency 16 their core saturates first; `--proxy-cpu-limit F` caps every
+//! proxy at F cores ([`cgroup`]) so that requests/s measures the proxy again.
 //!
 //! Every (repeat, workload, concurrency) cell runs the targets back to back (in
 //! reverse order on odd repeats), so a ratio taken within a repeat compares runs
@@ -29,6 +32,7 @@
 //! with the settings and machine, in `target/bench/proxy.json`.
 
 mod backend;
+mod cgroup;
 mod instr;
 mod load;
 mod procs;
@@ -103,6 +107,11 @@ struct Args {
     /// Do not pin processes to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Cap every proxy at this many cores (CFS bandwidth in a child cgroup; needs
+    /// root). Makes the proxy, not the load generator, the bottleneck, so
+    /// requests/s compares what each proxy serves on the same CPU.
+    #[arg(long)]
+    proxy_cpu_limit: Option<f64>,
     /// Do not build agentlb first (use the existing release binary).
     #[arg(long)]
     no_build: bool,
@@ -138,6 +147,8 @@ struct Settings {
     chunks: usize,
     harness_cpu: Option<usize>,
     proxy_cpu: Option<usize>,
+    /// CPU cap of the proxies, if any.
+    cpu_limit: Option<cgroup::CpuLimit>,
 }
 
 /// A proxy (or the backend itself) the load is sent to.
@@ -197,6 +208,10 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
         chunks: args.chunks,
         harness_cpu: pin.then_some(0),
         proxy_cpu: pin.then_some(1),
+        cpu_limit: args
+            .proxy_cpu_limit
+            .map(cgroup::CpuLimit::new)
+            .transpose()?,
     };
     if settings.concurrency.is_empty() || settings.concurrency.contains(&0) {
         bail!("--concurrency needs positive values");
@@ -427,7 +442,12 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
     notes.push(
         "frames/resp: body frames the client read per streamed response (chunks + 1 = every SSE event in its own write; fewer = the proxy coalesced events that arrived together)".to_owned(),
     );
-    if settings.harness_cpu.is_some() {
+    if let Some(l) = &settings.cpu_limit {
+        notes.push(format!(
+            "every proxy capped at {:.2} of a core (CFS bandwidth, 10 ms period): the proxy, not the load generator, is the bottleneck, so req/s is what each proxy serves on that CPU",
+            l.fraction()
+        ));
+    } else if settings.harness_cpu.is_some() {
         notes.push(
             "client+backend cores near 1.00: the harness core was saturated, so req/s there is bounded by the load generator, not by the proxy; CPU/req stays comparable".to_owned(),
         );
@@ -481,6 +501,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             "chunks": settings.chunks,
             "agentlb_worker_threads": args.agentlb_threads,
             "pinning": {"harness_cpu": settings.harness_cpu, "proxy_cpu": settings.proxy_cpu},
+            "proxy_cpu_limit_cores": settings.cpu_limit.as_ref().map(cgroup::CpuLimit::fraction),
             "backend": "built-in hyper HTTP/1.1 (xtask/src/bench/backend.rs)",
             "small_request_bytes": small_body.len(),
             "small_response_bytes": small_len,
@@ -608,7 +629,13 @@ fn start_agentlb(
         "--workers",
         &threads.to_string(),
     ]);
-    let proc = ChildGuard::spawn("agentlb", cmd, tmp.path().join("agentlb.log"), s.proxy_cpu)?;
+    let proc = ChildGuard::spawn_capped(
+        "agentlb",
+        cmd,
+        tmp.path().join("agentlb.log"),
+        s.proxy_cpu,
+        s.cpu_limit.as_ref(),
+    )?;
     Ok(Target {
         name: "agentlb",
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -628,7 +655,13 @@ fn start_nginx(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> 
         .arg("-c")
         .arg(&conf_path)
         .args(["-g", "daemon off;"]);
-    let proc = ChildGuard::spawn("nginx", cmd, tmp.path().join("nginx.log"), s.proxy_cpu)?;
+    let proc = ChildGuard::spawn_capped(
+        "nginx",
+        cmd,
+        tmp.path().join("nginx.log"),
+        s.proxy_cpu,
+        s.cpu_limit.as_ref(),
+    )?;
     Ok(Target {
         name: "nginx",
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -799,11 +832,12 @@ fn start_router(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) ->
         "--log-level",
         "warning",
     ]);
-    let proc = ChildGuard::spawn(
+    let proc = ChildGuard::spawn_capped(
         "vllm-router",
         cmd,
         tmp.path().join("vllm-router.log"),
         s.proxy_cpu,
+        s.cpu_limit.as_ref(),
     )?;
     Ok(Target {
         name: "vllm-router",

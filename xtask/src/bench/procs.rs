@@ -15,6 +15,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use super::cgroup::CpuLimit;
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -85,22 +87,39 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `cmd` with stdout/stderr to `log`, in a new process group, optionally
     /// pinned to one CPU (inherited by every thread and child it creates).
-    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf, cpu: Option<usize>) -> Result<Self> {
+    pub fn spawn(name: &str, cmd: Command, log: PathBuf, cpu: Option<usize>) -> Result<Self> {
+        Self::spawn_capped(name, cmd, log, cpu, None)
+    }
+
+    /// Like [`ChildGuard::spawn`], and inside the CPU-limited cgroup `limit`
+    /// (joined before exec, so everything the child starts is limited too).
+    pub fn spawn_capped(
+        name: &str,
+        mut cmd: Command,
+        log: PathBuf,
+        cpu: Option<usize>,
+        limit: Option<&CpuLimit>,
+    ) -> Result<Self> {
+        let procs = limit.map(CpuLimit::procs_file);
         let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        // SAFETY: between fork and exec the closure only makes the prctl and
-        // sched_setaffinity system calls on stack data and reads errno; it does
-        // not allocate or take locks.
+        // SAFETY: between fork and exec the closure only makes the prctl,
+        // sched_setaffinity and cgroup-join (open/write/close) system calls on
+        // stack data or data allocated before the fork, and reads errno; it
+        // does not allocate or take locks.
         unsafe {
             cmd.pre_exec(move || {
                 // If this process dies without running the guards (SIGKILL), the
                 // child gets SIGTERM (nginx then stops its workers).
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(p) = &procs {
+                    super::cgroup::join(p)?;
                 }
                 match cpu {
                     Some(cpu) if raw_affinity(0, cpu) != 0 => Err(std::io::Error::last_os_error()),
