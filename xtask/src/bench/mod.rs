@@ -629,18 +629,7 @@ fn start_agentlb(
         "--workers",
         &threads.to_string(),
     ]);
-    let proc = ChildGuard::spawn_capped(
-        "agentlb",
-        cmd,
-        tmp.path().join("agentlb.log"),
-        s.proxy_cpu,
-        s.cpu_limit.as_ref(),
-    )?;
-    Ok(Target {
-        name: "agentlb",
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        proc: Some(proc),
-    })
+    spawn_proxy("agentlb", cmd, port, tmp, s)
 }
 
 fn start_nginx(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> Result<Target> {
@@ -655,15 +644,26 @@ fn start_nginx(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> 
         .arg("-c")
         .arg(&conf_path)
         .args(["-g", "daemon off;"]);
+    spawn_proxy("nginx", cmd, port, tmp, s)
+}
+
+/// Starts proxy `name` on `port` (pinned and capped as `s` says; log in `tmp`).
+fn spawn_proxy(
+    name: &'static str,
+    cmd: Command,
+    port: u16,
+    tmp: &TempDir,
+    s: &Settings,
+) -> Result<Target> {
     let proc = ChildGuard::spawn_capped(
-        "nginx",
+        name,
         cmd,
-        tmp.path().join("nginx.log"),
+        tmp.path().join(format!("{name}.log")),
         s.proxy_cpu,
         s.cpu_limit.as_ref(),
     )?;
     Ok(Target {
-        name: "nginx",
+        name,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         proc: Some(proc),
     })
@@ -832,18 +832,7 @@ fn start_router(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) ->
         "--log-level",
         "warning",
     ]);
-    let proc = ChildGuard::spawn_capped(
-        "vllm-router",
-        cmd,
-        tmp.path().join("vllm-router.log"),
-        s.proxy_cpu,
-        s.cpu_limit.as_ref(),
-    )?;
-    Ok(Target {
-        name: "vllm-router",
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        proc: Some(proc),
-    })
+    spawn_proxy("vllm-router", cmd, port, tmp, s)
 }
 
 /// `target/venv-bench/bin/vllm-router`, creating the venv when missing.
