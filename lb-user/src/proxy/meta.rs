@@ -201,12 +201,19 @@ pub fn extract(
     limits: &MetaLimits,
 ) -> Result<RequestMeta, ApiError> {
     let fields: BodyFields<'_> = match body {
-        Some(b) if !b.is_empty() => serde_json::from_slice(b).map_err(|e| {
-            ApiError::invalid_request(
-                format!("request body is not valid JSON: {e}"),
-                "invalid_json",
-            )
-        })?,
+        // JSON is UTF-8 (RFC 8259 §8.1). Validating the whole body once is
+        // cheaper than serde_json validating every string it borrows, and a
+        // body with invalid bytes anywhere (even in a skipped string) is refused
+        // here rather than by the backend.
+        Some(b) if !b.is_empty() => std::str::from_utf8(b)
+            .map_err(|e| format!("it is not UTF-8 ({e})"))
+            .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                ApiError::invalid_request(
+                    format!("request body is not valid JSON: {e}"),
+                    "invalid_json",
+                )
+            })?,
         Some(_) => {
             return Err(ApiError::invalid_request(
                 "request body is empty; expected a JSON object",
@@ -374,6 +381,20 @@ mod tests {
             let e = ex(&h, b).expect_err(b);
             assert_eq!(e.status, http::StatusCode::BAD_REQUEST, "{b}");
         }
+    }
+
+    #[test]
+    fn bodies_that_are_not_utf8_are_refused() {
+        let mut raw = bytes::BytesMut::from(&b"POST / HTTP/1.1\r\n\r\n"[..]);
+        let head = crate::proxy::h1::parse_request(&mut raw, 1024)
+            .expect("valid head")
+            .expect("complete head");
+        // Invalid bytes inside a string agentlb does not read itself.
+        let body = b"{\"model\":\"m\",\"prompt\":\"caf\xe9\"}";
+        let e =
+            extract(&head, Some(body), "r".into(), &MetaLimits::default()).expect_err("not UTF-8");
+        assert_eq!(e.status, http::StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("UTF-8"), "{}", e.message);
     }
 
     #[test]
