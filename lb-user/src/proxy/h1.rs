@@ -57,8 +57,7 @@ pub enum Known {
 /// Whether `name` equals `lower` (lower-case letters and `-` only) in any ASCII
 /// case. Setting bit 0x20 folds `A`–`Z` onto `a`–`z` and keeps `-`; the only
 /// other byte it folds onto one of those is CR, which is never part of a field
-/// name httparse accepts.
-/// Compares eight bytes at a time (the last word overlaps the one before).
+/// name httparse accepts. Compares eight bytes at a time (the last word overlaps the one before).
 fn lower_eq(name: &[u8], lower: &[u8]) -> bool {
     const FOLD: u64 = 0x2020_2020_2020_2020;
     let n = lower.len();
@@ -137,17 +136,13 @@ struct Field {
     kind: Known,
 }
 
-/// The fields of one head.
-type Fields = Vec<Field>;
-
 /// A parsed head: offsets into `buf`.
 #[derive(Debug, Clone)]
 pub struct Head {
     buf: Bytes,
     method: (usize, usize),
-    target: (usize, usize),
-    /// Path and query of the target; `None` for an absolute-form target
-    /// without a path (which means `/`).
+    /// Path and query of a request's target; `None` for an absolute-form
+    /// target without a path (which means `/`).
     path_query: Option<(usize, usize)>,
     /// End of the path within `path_query` (where the query starts).
     path_end: usize,
@@ -156,7 +151,7 @@ pub struct Head {
     pub minor: u8,
     /// Response status (0 for requests).
     pub status: u16,
-    fields: Fields,
+    fields: Vec<Field>,
     /// `Connection` lists field names other than `close`/`keep-alive`.
     connection_names: bool,
 }
@@ -208,7 +203,7 @@ fn map_err(e: httparse::Error) -> HeadError {
 thread_local! {
     /// Field vectors of dropped heads, reused by the next heads parsed on this
     /// thread (two heads per proxied request would otherwise allocate twice).
-    static SPARE_FIELDS: std::cell::RefCell<Vec<Fields>> =
+    static SPARE_FIELDS: std::cell::RefCell<Vec<Vec<Field>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -216,7 +211,7 @@ thread_local! {
 const SPARE_MAX: usize = 64;
 const SPARE_CAPACITY: usize = 64;
 
-fn spare_fields() -> Fields {
+fn spare_fields() -> Vec<Field> {
     SPARE_FIELDS
         .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
         .ok()
@@ -241,7 +236,7 @@ impl Drop for Head {
     }
 }
 
-fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> (Fields, bool) {
+fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> (Vec<Field>, bool) {
     let mut connection_names = false;
     let mut fields = spare_fields();
     fields.extend(headers.iter().map(|h| {
@@ -270,11 +265,12 @@ fn collect(base: &[u8], headers: &[httparse::Header<'_>]) -> (Fields, bool) {
 /// Offsets of a parsed head, taken while httparse still borrows the buffer.
 struct Parts {
     method: (usize, usize),
-    target: (usize, usize),
+    path_query: Option<(usize, usize)>,
+    path_end: usize,
     reason: (usize, usize),
     minor: u8,
     status: u16,
-    fields: Fields,
+    fields: Vec<Field>,
     connection_names: bool,
 }
 
@@ -288,22 +284,17 @@ fn settle(
     match parsed {
         Ok(httparse::Status::Partial) if buf.len() > max => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
-        Ok(httparse::Status::Complete((len, p))) => {
-            let buf = buf.split_to(len).freeze();
-            let (path_query, path_end) = split_target(&buf, p.target);
-            Ok(Some(Head {
-                buf,
-                method: p.method,
-                target: p.target,
-                path_query,
-                path_end,
-                reason: p.reason,
-                minor: p.minor,
-                status: p.status,
-                fields: p.fields,
-                connection_names: p.connection_names,
-            }))
-        }
+        Ok(httparse::Status::Complete((len, p))) => Ok(Some(Head {
+            buf: buf.split_to(len).freeze(),
+            method: p.method,
+            path_query: p.path_query,
+            path_end: p.path_end,
+            reason: p.reason,
+            minor: p.minor,
+            status: p.status,
+            fields: p.fields,
+            connection_names: p.connection_names,
+        })),
         Err(e) => Err(map_err(e)),
     }
 }
@@ -318,11 +309,14 @@ pub fn parse_request(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, Hea
         Ok(httparse::Status::Complete(len)) if len > max => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Complete(len)) => {
             let (fields, connection_names) = collect(base, req.headers);
+            let target = offset(base, req.path.unwrap_or("").as_bytes());
+            let (path_query, path_end) = split_target(base, target);
             Ok(httparse::Status::Complete((
                 len,
                 Parts {
                     method: offset(base, req.method.unwrap_or("").as_bytes()),
-                    target: offset(base, req.path.unwrap_or("").as_bytes()),
+                    path_query,
+                    path_end,
                     reason: (0, 0),
                     minor: req.version.unwrap_or(1),
                     status: 0,
@@ -353,7 +347,8 @@ pub fn parse_response(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, He
                 len,
                 Parts {
                     method: (0, 0),
-                    target: (0, 0),
+                    path_query: Some((0, 0)),
+                    path_end: 0,
                     reason: offset(base, resp.reason.unwrap_or("").as_bytes()),
                     minor: resp.version.unwrap_or(1),
                     status: resp.code.unwrap_or(0),
@@ -398,11 +393,6 @@ impl Head {
     /// Request method.
     pub fn method(&self) -> &[u8] {
         &self.buf[self.method.0..self.method.1]
-    }
-
-    /// Request target as sent.
-    pub fn target(&self) -> &[u8] {
-        &self.buf[self.target.0..self.target.1]
     }
 
     /// Path and query of the target (absolute-form targets are reduced to it).
@@ -896,7 +886,6 @@ mod tests {
             let h = req(&format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n"))
                 .expect("valid")
                 .expect("complete");
-            assert_eq!(h.target(), target.as_bytes());
             assert_eq!(h.path_and_query(), pq.as_bytes(), "{target}");
             assert_eq!(h.path(), path.as_bytes(), "{target}");
         }
