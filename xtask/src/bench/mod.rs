@@ -9,7 +9,13 @@
 //! - `agentlb`: `agentlb run --no-kernel --workers N` (userspace path), N from
 //!   `--agentlb-threads` (default 1);
 //! - `nginx`: a plain reverse proxy, `worker_processes 1`, upstream keep-alive,
-//!   `proxy_http_version 1.1`, `proxy_buffering off`;
+//!   `proxy_http_version 1.1`, `proxy_buffering off`. With `--nginx-headers same`
+//!   (the default) it also does the header work agentlb does on every request:
+//!   forwards `X-Request-Id` or generates one, echoes it to the client, appends
+//!   `X-Forwarded-For` and names the upstream in a response header. So both
+//!   proxies send the backend and the client the same header fields, and in cells
+//!   where the load generator's core is the bottleneck neither is charged for
+//!   the other's longer heads. `--nginx-headers plain` leaves those out;
 //! - `vllm-router` 0.1.17 (pip, in `target/venv-bench`), `--policy round_robin`,
 //!   for reference.
 //!
@@ -121,6 +127,11 @@ struct Args {
     /// nginx binary.
     #[arg(long, default_value = "nginx")]
     nginx: String,
+    /// Header work of nginx: `same` = the fields agentlb adds (request id
+    /// forwarded or generated and echoed, X-Forwarded-For, upstream address in
+    /// the response); `plain` = none of them.
+    #[arg(long, value_enum, default_value_t = NginxHeaders::Same)]
+    nginx_headers: NginxHeaders,
     /// agentlb binary to use instead of building `target/release/agentlb`
     /// (implies not building it).
     #[arg(long)]
@@ -137,6 +148,24 @@ struct Args {
     out: Option<PathBuf>,
 }
 
+/// Which header fields the benchmark's nginx adds (see the module docs).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NginxHeaders {
+    /// The fields agentlb adds to requests and responses.
+    Same,
+    /// None: nginx's defaults.
+    Plain,
+}
+
+impl NginxHeaders {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Same => "same",
+            Self::Plain => "plain",
+        }
+    }
+}
+
 /// Resolved settings of one benchmark run.
 struct Settings {
     concurrency: Vec<usize>,
@@ -149,6 +178,7 @@ struct Settings {
     proxy_cpu: Option<usize>,
     /// CPU cap of the proxies, if any.
     cpu_limit: Option<cgroup::CpuLimit>,
+    nginx_headers: NginxHeaders,
 }
 
 /// A proxy (or the backend itself) the load is sent to.
@@ -212,6 +242,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             .proxy_cpu_limit
             .map(cgroup::CpuLimit::new)
             .transpose()?,
+        nginx_headers: args.nginx_headers,
     };
     if settings.concurrency.is_empty() || settings.concurrency.contains(&0) {
         bail!("--concurrency needs positive values");
@@ -508,6 +539,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             "stream_response_bytes": backend::expected_len(true, settings.chunks),
             "nginx": nginx.as_ref().map(|p| p.display().to_string()),
             "nginx_version": nginx.as_ref().map(|p| nginx_version(p)),
+            "nginx_headers": settings.nginx_headers.as_str(),
             "vllm_router_version": router.as_ref().map(|_| VLLM_ROUTER_VERSION),
             "agentlb": agentlb.display().to_string(),
         },
@@ -590,6 +622,12 @@ fn record(
 }
 
 fn layout_note(s: &Settings, agentlb_threads: usize) -> String {
+    let nginx_headers = match s.nginx_headers {
+        NginxHeaders::Same => {
+            "as agentlb's (X-Request-Id forwarded or generated and echoed, X-Forwarded-For, upstream address in the response)"
+        }
+        NginxHeaders::Plain => "none (nginx defaults)",
+    };
     let pin = match (s.harness_cpu, s.proxy_cpu) {
         (Some(h), Some(p)) => format!(
             "each proxy pinned to CPU {p} (one core), load generator + backend pinned to CPU {h}"
@@ -597,7 +635,7 @@ fn layout_note(s: &Settings, agentlb_threads: usize) -> String {
         _ => "no CPU pinning".to_owned(),
     };
     format!(
-        "{pin}; agentlb: --workers {agentlb_threads}, --no-kernel; nginx: worker_processes 1, upstream keepalive, proxy_buffering off; vllm-router: --policy round_robin, default threads; proxy CPU = utime+stime of the proxy's process tree (10 ms ticks)"
+        "{pin}; agentlb: --workers {agentlb_threads}, --no-kernel; nginx: worker_processes 1, upstream keepalive, proxy_buffering off, header work {nginx_headers}; vllm-router: --policy round_robin, default threads; proxy CPU = utime+stime of the proxy's process tree (10 ms ticks)"
     )
 }
 
@@ -635,7 +673,7 @@ fn start_agentlb(
 fn start_nginx(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> Result<Target> {
     let port = procs::free_port()?;
     let dir = tmp.path().join("nginx");
-    let conf_path = nginx_conf(&dir, backend, port)?;
+    let conf_path = nginx_conf(&dir, backend, port, s.nginx_headers)?;
     let mut cmd = Command::new(bin);
     cmd.arg("-p")
         .arg(&dir)
@@ -670,10 +708,33 @@ fn spawn_proxy(
 }
 
 /// Writes the benchmark's nginx configuration (one worker, upstream keep-alive,
-/// no buffering) into `dir`.
-fn nginx_conf(dir: &Path, backend: SocketAddr, port: u16) -> Result<PathBuf> {
+/// no buffering, header work as `headers` says) into `dir`.
+fn nginx_conf(
+    dir: &Path,
+    backend: SocketAddr,
+    port: u16,
+    headers: NginxHeaders,
+) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
     let d = dir.display();
+    // What agentlb does per request: keep the client's X-Request-Id or make one,
+    // send it upstream and back, append X-Forwarded-For, and say which backend
+    // answered.
+    let (http_extra, location_extra) = match headers {
+        NginxHeaders::Plain => ("", ""),
+        NginxHeaders::Same => (
+            r#"map $http_x_request_id $agentlb_request_id {
+        default $http_x_request_id;
+        "" $request_id;
+    }
+"#,
+            r#"proxy_set_header X-Request-Id $agentlb_request_id;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            add_header X-Request-Id $agentlb_request_id always;
+            add_header X-Agentlb-Backend $upstream_addr always;
+"#,
+        ),
+    };
     let conf = format!(
         r#"worker_processes 1;
 pid {d}/nginx.pid;
@@ -688,7 +749,7 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    upstream backend {{
+    {http_extra}upstream backend {{
         server {backend};
         keepalive 256;
         keepalive_requests 1000000;
@@ -701,7 +762,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
-        }}
+            {location_extra}}}
     }}
 }}
 "#
@@ -749,7 +810,7 @@ fn count_instructions(
     let nginx_launch = || -> Result<instr::Launch> {
         let bin = nginx.context("nginx not found")?;
         let port = procs::free_port()?;
-        let conf = nginx_conf(&nginx_dir, backend_addr, port)?;
+        let conf = nginx_conf(&nginx_dir, backend_addr, port, settings.nginx_headers)?;
         Ok(instr::Launch {
             argv: vec![
                 bin.display().to_string(),
