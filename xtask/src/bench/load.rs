@@ -144,6 +144,49 @@ pub async fn run(
     Ok(res)
 }
 
+impl LoadResult {
+    /// Adds `other` (a later window against the same target) to this result:
+    /// counts, window lengths and CPU deltas add up, latencies are pooled.
+    pub fn absorb(&mut self, other: LoadResult) {
+        let frames = self.frames_per_resp * self.requests as f64
+            + other.frames_per_resp * other.requests as f64;
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.reconnects += other.reconnects;
+        self.secs += other.secs;
+        self.total_ns.extend(other.total_ns);
+        self.total_ns.sort_unstable();
+        self.ttfb_ns.extend(other.ttfb_ns);
+        self.ttfb_ns.sort_unstable();
+        self.frames_per_resp = if self.requests > 0 {
+            frames / self.requests as f64
+        } else {
+            0.0
+        };
+        // Keep the window edges as (start, start + summed deltas).
+        let (a0, a1) = &mut self.cpu;
+        let (b0, b1) = other.cpu;
+        let add = |end: &mut u64, start: u64, d0: u64, d1: u64| {
+            *end = start + end.saturating_sub(start) + d1.saturating_sub(d0);
+        };
+        add(&mut a1.proxy, a0.proxy, b0.proxy, b1.proxy);
+        add(&mut a1.backend, a0.backend, b0.backend, b1.backend);
+        add(&mut a1.harness, a0.harness, b0.harness, b1.harness);
+        add(
+            &mut a1.proxy_wait_ns,
+            a0.proxy_wait_ns,
+            b0.proxy_wait_ns,
+            b1.proxy_wait_ns,
+        );
+        add(
+            &mut a1.harness_wait_ns,
+            a0.harness_wait_ns,
+            b0.harness_wait_ns,
+            b1.harness_wait_ns,
+        );
+    }
+}
+
 type Sender = http1::SendRequest<Full<Bytes>>;
 
 async fn connect(addr: SocketAddr) -> Result<Sender> {
@@ -277,7 +320,7 @@ pub fn quantile(sorted: &[u64], q: f64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::quantile;
+    use super::{CpuSample, LoadResult, quantile};
 
     #[test]
     fn quantiles() {
@@ -286,5 +329,47 @@ mod tests {
         assert_eq!(quantile(&v, 0.99), 99);
         assert_eq!(quantile(&v, 1.0), 100);
         assert_eq!(quantile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn absorbed_slices_add_up() {
+        let cpu = |proxy, harness| CpuSample {
+            proxy,
+            backend: proxy / 2,
+            harness,
+            proxy_wait_ns: 10 * proxy,
+            harness_wait_ns: 0,
+        };
+        let mut a = LoadResult {
+            requests: 100,
+            errors: 1,
+            secs: 1.0,
+            total_ns: vec![5, 9],
+            ttfb_ns: vec![2],
+            frames_per_resp: 2.0,
+            cpu: (cpu(1000, 50), cpu(1100, 70)),
+            ..Default::default()
+        };
+        let b = LoadResult {
+            requests: 300,
+            reconnects: 2,
+            secs: 3.0,
+            total_ns: vec![1, 7],
+            ttfb_ns: vec![1],
+            frames_per_resp: 4.0,
+            cpu: (cpu(5000, 90), cpu(5300, 100)),
+            ..Default::default()
+        };
+        a.absorb(b);
+        assert_eq!((a.requests, a.errors, a.reconnects), (400, 1, 2));
+        assert_eq!(a.secs, 4.0);
+        assert_eq!(a.total_ns, vec![1, 5, 7, 9]);
+        assert_eq!(a.ttfb_ns, vec![1, 2]);
+        assert_eq!(a.frames_per_resp, 3.5);
+        // CPU: 100 + 300 proxy ticks, 20 + 10 harness ticks.
+        assert_eq!(a.cpu.1.proxy - a.cpu.0.proxy, 400);
+        assert_eq!(a.cpu.1.backend - a.cpu.0.backend, 200);
+        assert_eq!(a.cpu.1.harness - a.cpu.0.harness, 30);
+        assert_eq!(a.cpu.1.proxy_wait_ns - a.cpu.0.proxy_wait_ns, 4000);
     }
 }

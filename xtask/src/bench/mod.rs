@@ -32,10 +32,13 @@
 //! concurrency 16 their core saturates first; `--proxy-cpu-limit F` caps every
 //! proxy at F cores ([`cgroup`]) so that requests/s measures the proxy again.
 //!
-//! Every (repeat, workload, concurrency) cell runs the targets back to back (in
-//! reverse order on odd repeats), so a ratio taken within a repeat compares runs
-//! made seconds apart; repeats give the median and min–max spread. Output: Markdown on stdout and every raw number,
-//! with the settings and machine, in `target/bench/proxy.json`.
+//! Every (repeat, workload, concurrency) cell cuts its window into `--slices`
+//! parts and the targets take turns slice by slice (in reverse order on every
+//! other slice), so a ratio taken within a repeat compares runs interleaved
+//! within seconds, and a slowdown of this shared machine falls on all targets
+//! alike; repeats give the median and min–max spread. Output: Markdown on stdout
+//! and every raw number, with the settings and machine, in
+//! `target/bench/proxy.json`.
 
 mod backend;
 mod cgroup;
@@ -94,6 +97,10 @@ struct Args {
     /// Unmeasured warm-up before each window, seconds (default 1).
     #[arg(long)]
     warmup: Option<f64>,
+    /// Cut each window (and its warm-up) into this many slices, the targets
+    /// taking turns slice by slice (default 4; 1 with --quick).
+    #[arg(long)]
+    slices: Option<usize>,
     /// Targets to run.
     #[arg(
         long,
@@ -172,6 +179,8 @@ struct Settings {
     repeats: usize,
     duration: Duration,
     warmup: Duration,
+    /// Turns each target takes per window.
+    slices: usize,
     workloads: Vec<String>,
     chunks: usize,
     harness_cpu: Option<usize>,
@@ -234,6 +243,10 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             4.0
         })),
         warmup: Duration::from_secs_f64(args.warmup.unwrap_or(if args.quick { 0.3 } else { 1.0 })),
+        slices: args
+            .slices
+            .unwrap_or(if args.quick { 1 } else { 4 })
+            .clamp(1, 1000),
         workloads: args.workloads.clone(),
         chunks: args.chunks,
         harness_cpu: pin.then_some(0),
@@ -411,42 +424,56 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
         for wl in &settings.workloads {
             let stream = wl == "stream";
             for &conc in &settings.concurrency {
-                // Odd repeats run the targets in reverse order, so no target
+                // The window is cut into `slices` parts and the targets take
+                // turns, slice by slice: a slowdown of the machine lasting a
+                // second or two then falls on every target instead of one.
+                // Odd slices run the targets in reverse order, so no target
                 // always follows the same neighbour.
                 let n = targets.len();
-                let order: Vec<usize> = if rep % 2 == 0 {
-                    (0..n).collect()
-                } else {
-                    (0..n).rev().collect()
-                };
-                for &i in &order {
-                    let t = &mut targets[i];
-                    procs::check_interrupted()?;
-                    if let Some(p) = t.proc.as_mut() {
-                        p.check_alive()?;
+                let mut results: Vec<Option<load::LoadResult>> = (0..n).map(|_| None).collect();
+                for slice in 0..settings.slices {
+                    let order: Vec<usize> = if (rep * settings.slices + slice).is_multiple_of(2) {
+                        (0..n).collect()
+                    } else {
+                        (0..n).rev().collect()
+                    };
+                    for &i in &order {
+                        let t = &mut targets[i];
+                        procs::check_interrupted()?;
+                        if let Some(p) = t.proc.as_mut() {
+                            p.check_alive()?;
+                        }
+                        let pids = t.proc.as_ref().map(ChildGuard::pids).unwrap_or_default();
+                        let spec = LoadSpec {
+                            addr: t.addr,
+                            path: "/v1/completions",
+                            body: backend::request_body(stream),
+                            expect_len: backend::expected_len(stream, settings.chunks),
+                            concurrency: conc,
+                            warmup: settings.warmup / settings.slices as u32,
+                            duration: settings.duration / settings.slices as u32,
+                        };
+                        let backend_ref = &backend;
+                        let me = [std::process::id() as i32];
+                        let sampler = move || -> Result<CpuSample> {
+                            Ok(CpuSample {
+                                proxy: procs::ticks_of(&pids),
+                                backend: backend_ref.cpu_ticks()?,
+                                harness: procs::stat_ticks("/proc/self/stat")?,
+                                proxy_wait_ns: procs::wait_ns_of(&pids),
+                                harness_wait_ns: procs::wait_ns_of(&me),
+                            })
+                        };
+                        let res = rt.block_on(load::run(&spec, &sampler))?;
+                        match &mut results[i] {
+                            Some(acc) => acc.absorb(res),
+                            slot @ None => *slot = Some(res),
+                        }
                     }
-                    let pids = t.proc.as_ref().map(ChildGuard::pids).unwrap_or_default();
-                    let spec = LoadSpec {
-                        addr: t.addr,
-                        path: "/v1/completions",
-                        body: backend::request_body(stream),
-                        expect_len: backend::expected_len(stream, settings.chunks),
-                        concurrency: conc,
-                        warmup: settings.warmup,
-                        duration: settings.duration,
-                    };
-                    let backend_ref = &backend;
-                    let me = [std::process::id() as i32];
-                    let sampler = move || -> Result<CpuSample> {
-                        Ok(CpuSample {
-                            proxy: procs::ticks_of(&pids),
-                            backend: backend_ref.cpu_ticks()?,
-                            harness: procs::stat_ticks("/proc/self/stat")?,
-                            proxy_wait_ns: procs::wait_ns_of(&pids),
-                            harness_wait_ns: procs::wait_ns_of(&me),
-                        })
-                    };
-                    let res = rt.block_on(load::run(&spec, &sampler))?;
+                }
+                for (i, res) in results.into_iter().enumerate() {
+                    let Some(res) = res else { continue };
+                    let t = &targets[i];
                     let rec = record(rep, t, wl, conc, &res, tck);
                     eprintln!(
                         "bench: [{}/{total_runs}] rep {rep} {wl:6} c={conc:<3} {:11} {:>8.0} req/s p50 {:>7.0} µs p99 {:>7.0} µs cpu/req {} err {}",
@@ -493,10 +520,11 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
     let mut header = String::new();
     let _ = writeln!(
         header,
-        "## bench proxy: {} repeat(s) × {:.1} s windows (+{:.1} s warm-up), concurrency {:?}, {} chunks per stream; {:.0} s",
+        "## bench proxy: {} repeat(s) × {:.1} s windows (+{:.1} s warm-up) in {} interleaved slice(s), concurrency {:?}, {} chunks per stream; {:.0} s",
         settings.repeats,
         settings.duration.as_secs_f64(),
         settings.warmup.as_secs_f64(),
+        settings.slices,
         settings.concurrency,
         settings.chunks,
         elapsed
@@ -529,6 +557,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             "repeats": settings.repeats,
             "duration_secs": settings.duration.as_secs_f64(),
             "warmup_secs": settings.warmup.as_secs_f64(),
+            "slices": settings.slices,
             "chunks": settings.chunks,
             "agentlb_worker_threads": args.agentlb_threads,
             "pinning": {"harness_cpu": settings.harness_cpu, "proxy_cpu": settings.proxy_cpu},
