@@ -495,7 +495,11 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
     let load_end = read_trim("/proc/loadavg");
 
     let summaries = report::summarize(&records);
-    let ratios = report::ratios(&records);
+    let cap = settings
+        .cpu_limit
+        .as_ref()
+        .map_or(1.0, cgroup::CpuLimit::fraction);
+    let ratios = report::ratios(&records, cap);
     notes.push(layout_note(&settings, args.agentlb_threads));
     notes.push(
         "frames/resp: body frames the client read per streamed response (chunks + 1 = every SSE event in its own write; fewer = the proxy coalesced events that arrived together)".to_owned(),

@@ -147,6 +147,31 @@ pub struct Ratio {
     pub rps_ratio: Option<Stat>,
     /// The target (vs nginx): median CPU ratio ≤ 1 and median rps ratio ≥ 1.
     pub target_met: Option<bool>,
+    /// What bounded requests/s in most of the paired runs: `harness` (the load
+    /// generator + backend core was saturated, so requests/s measures the
+    /// harness), `proxy` (a proxy used all the CPU it may) or `latency`
+    /// (neither: closed-loop round trips).
+    pub bound: &'static str,
+}
+
+/// Share of a core (or of the cap) above which a process counts as saturated.
+const SATURATED: f64 = 0.95;
+
+/// What bounded requests/s in a pair of runs (see [`Ratio::bound`]); `cap` is
+/// the CPU a proxy may use, in cores.
+fn bound_of(a: &Record, b: &Record, cap: f64) -> &'static str {
+    if a.harness_cores.max(b.harness_cores) >= SATURATED {
+        "harness"
+    } else if a
+        .proxy_cores
+        .unwrap_or(0.0)
+        .max(b.proxy_cores.unwrap_or(0.0))
+        >= SATURATED * cap
+    {
+        "proxy"
+    } else {
+        "latency"
+    }
 }
 
 fn find<'a>(
@@ -236,14 +261,16 @@ pub fn summarize(recs: &[Record]) -> Vec<Summary> {
     out
 }
 
-/// agentlb against each baseline present, per cell.
-pub fn ratios(recs: &[Record]) -> Vec<Ratio> {
+/// agentlb against each baseline present, per cell; `cap`: the CPU each proxy
+/// may use, in cores (1.0 when pinned to one core and not capped).
+pub fn ratios(recs: &[Record], cap: f64) -> Vec<Ratio> {
     let repeats = recs.iter().map(|r| r.repeat + 1).max().unwrap_or(0);
     let mut out = Vec::new();
     for (wl, conc) in cells(recs) {
         for base in ["nginx", "vllm-router"] {
             let mut cpu = Vec::new();
             let mut rps = Vec::new();
+            let mut bounds = Vec::new();
             for rep in 0..repeats {
                 let (Some(a), Some(b)) = (
                     find(recs, rep, "agentlb", &wl, conc),
@@ -259,6 +286,7 @@ pub fn ratios(recs: &[Record]) -> Vec<Ratio> {
                 if b.rps > 0.0 {
                     rps.push(a.rps / b.rps);
                 }
+                bounds.push(bound_of(a, b, cap));
             }
             if cpu.is_empty() && rps.is_empty() {
                 continue;
@@ -276,6 +304,10 @@ pub fn ratios(recs: &[Record]) -> Vec<Ratio> {
                 cpu_ratio,
                 rps_ratio,
                 target_met,
+                bound: ["harness", "proxy", "latency"]
+                    .into_iter()
+                    .max_by_key(|k| bounds.iter().filter(|b| *b == k).count())
+                    .unwrap_or("latency"),
             });
         }
     }
@@ -367,17 +399,18 @@ pub fn markdown(summaries: &[Summary], ratios: &[Ratio], notes: &[String]) -> St
         );
         let _ = writeln!(
             md,
-            "| workload | conc | baseline | CPU/req agentlb ÷ baseline | req/s agentlb ÷ baseline | target met |\n|---|---:|---|---:|---:|---|"
+            "| workload | conc | baseline | CPU/req agentlb ÷ baseline | req/s agentlb ÷ baseline | req/s bound by | target met |\n|---|---:|---|---:|---:|---|---|"
         );
         for r in ratios {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 r.workload,
                 r.concurrency,
                 r.baseline,
                 fmt_stat(r.cpu_ratio, 2),
                 fmt_stat(r.rps_ratio, 2),
+                r.bound,
                 match r.target_met {
                     Some(true) => "yes",
                     Some(false) => "**no**",
@@ -449,12 +482,27 @@ mod tests {
         let a = s.iter().find(|s| s.target == "agentlb").expect("agentlb");
         let added = a.added_p50_us.expect("added");
         assert_eq!((added.min, added.max), (30.0, 50.0));
-        let r = ratios(&recs);
+        let r = ratios(&recs, 1.0);
         assert_eq!(r.len(), 1);
+        assert_eq!(r[0].bound, "harness");
         assert_eq!(r[0].cpu_ratio.expect("cpu").median, 0.5);
         assert_eq!(r[0].rps_ratio.expect("rps").median, 2.0);
         assert_eq!(r[0].target_met, Some(true));
         let md = markdown(&s, &r, &[]);
         assert!(md.contains("| 1 | agentlb |"));
+        assert!(md.contains("| harness | yes |"));
+    }
+
+    #[test]
+    fn bound_names_the_saturated_side() {
+        let mut a = rec(0, "agentlb", 800.0, 150.0, Some(10.0));
+        let mut b = rec(0, "nginx", 400.0, 180.0, Some(20.0));
+        a.harness_cores = 0.6;
+        b.harness_cores = 0.7;
+        // Proxies at 0.5 cores: saturated under a 0.5 cap, not on a whole core.
+        assert_eq!(bound_of(&a, &b, 0.5), "proxy");
+        assert_eq!(bound_of(&a, &b, 1.0), "latency");
+        b.harness_cores = 0.96;
+        assert_eq!(bound_of(&a, &b, 0.5), "harness");
     }
 }
