@@ -726,6 +726,26 @@ fn reload_under_load_drops_nothing() -> Result<()> {
     let bad = ureq::post(&lb.admin_url("/admin/reload")).call();
     assert!(matches!(bad, Err(ureq::Error::Status(400, _))));
     assert_eq!(post(&url, &[], &chat(1, false).to_string())?.0, 200);
+    // `server.backend_header = false`, reloaded: responses stop naming their
+    // backend and still carry the request id.
+    let named = |r: &ureq::Response| r.header("x-agentlb-backend").map(str::to_owned);
+    let send = || {
+        ureq::post(&url)
+            .set("content-type", "application/json")
+            .send_string(&chat(1, false).to_string())
+    };
+    assert!(named(&send()?).is_some());
+    let p = write(&[&s0, &s1], "least_loaded")?;
+    let t = std::fs::read_to_string(&p)?.replacen(
+        "[server]\n",
+        "[server]\nbackend_header = false\n",
+        1,
+    );
+    std::fs::write(&p, t)?;
+    ureq::post(&lb.admin_url("/admin/reload")).call()?;
+    let r = send()?;
+    assert_eq!(named(&r), None);
+    assert!(r.header("x-request-id").is_some());
     Ok(())
 }
 

@@ -242,6 +242,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Admin bearer token.
     pub admin_token: Option<String>,
+    /// Whether responses name the answering backend (`x-agentlb-backend`).
+    pub backend_header: bool,
     /// Backends, in configuration order.
     pub backends: Vec<BackendConfig>,
     /// Routing policy.
@@ -553,6 +555,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         listen,
         admin,
         admin_token,
+        backend_header: raw.server.backend_header.unwrap_or(true),
         backends,
         policy,
         kernel: kernel_cfg,

@@ -95,6 +95,8 @@ pub struct RawServer {
     pub admin: Option<String>,
     /// Bearer token required by the admin API (except `/health`).
     pub admin_token: Option<String>,
+    /// Name the answering backend in an `x-agentlb-backend` response header.
+    pub backend_header: Option<bool>,
 }
 
 /// One `[[backends]]` entry.

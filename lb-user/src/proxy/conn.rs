@@ -674,7 +674,9 @@ impl Conn {
             out.extend_from_slice(b"\r\n");
         }
         h1::put_header(out, H_REQUEST_ID.as_bytes(), rid.as_bytes());
-        h1::put_header(out, H_BACKEND.as_bytes(), backend.name.as_bytes());
+        if s.backend_header {
+            h1::put_header(out, H_BACKEND.as_bytes(), backend.name.as_bytes());
+        }
         match cfr {
             // 204 and 304 carry no Content-Length (RFC 9110 §8.6).
             ClientFraming::Empty if matches!(uh.status, 204 | 304) => {}

@@ -73,6 +73,8 @@ pub struct Settings {
     pub circuit_failures: u32,
     /// Open period.
     pub circuit_open: Duration,
+    /// Add `x-agentlb-backend` to proxied responses.
+    pub backend_header: bool,
 }
 
 impl Settings {
@@ -87,6 +89,7 @@ impl Settings {
             },
             circuit_failures: c.health.circuit_failures,
             circuit_open: c.health.circuit_open,
+            backend_header: c.backend_header,
         }
     }
 }
