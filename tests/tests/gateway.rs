@@ -729,10 +729,10 @@ fn reload_under_load_drops_nothing() -> Result<()> {
     // `server.backend_header = false`, reloaded: responses stop naming their
     // backend and still carry the request id.
     let named = |r: &ureq::Response| r.header("x-agentlb-backend").map(str::to_owned);
-    let send = || {
-        ureq::post(&url)
+    let send = || -> Result<ureq::Response> {
+        Ok(ureq::post(&url)
             .set("content-type", "application/json")
-            .send_string(&chat(1, false).to_string())
+            .send_string(&chat(1, false).to_string())?)
     };
     assert!(named(&send()?).is_some());
     let p = write(&[&s0, &s1], "least_loaded")?;
