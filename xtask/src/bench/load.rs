@@ -340,26 +340,34 @@ mod tests {
             proxy_wait_ns: 10 * proxy,
             harness_wait_ns: 0,
         };
-        let mut a = LoadResult {
-            requests: 100,
-            errors: 1,
-            secs: 1.0,
-            total_ns: vec![5, 9],
-            ttfb_ns: vec![2],
-            frames_per_resp: 2.0,
-            cpu: (cpu(1000, 50), cpu(1100, 70)),
+        // (requests, seconds, latencies, ttfb, frames per response, CPU at the edges)
+        let window = |requests, secs, total_ns, ttfb_ns, frames_per_resp, cpu| LoadResult {
+            requests,
+            secs,
+            total_ns,
+            ttfb_ns,
+            frames_per_resp,
+            cpu,
             ..Default::default()
         };
-        let b = LoadResult {
-            requests: 300,
-            reconnects: 2,
-            secs: 3.0,
-            total_ns: vec![1, 7],
-            ttfb_ns: vec![1],
-            frames_per_resp: 4.0,
-            cpu: (cpu(5000, 90), cpu(5300, 100)),
-            ..Default::default()
-        };
+        let mut a = window(
+            100,
+            1.0,
+            vec![5, 9],
+            vec![2],
+            2.0,
+            (cpu(1000, 50), cpu(1100, 70)),
+        );
+        a.errors = 1;
+        let mut b = window(
+            300,
+            3.0,
+            vec![1, 7],
+            vec![1],
+            4.0,
+            (cpu(5000, 90), cpu(5300, 100)),
+        );
+        b.reconnects = 2;
         a.absorb(b);
         assert_eq!((a.requests, a.errors, a.reconnects), (400, 1, 2));
         assert_eq!(a.secs, 4.0);
