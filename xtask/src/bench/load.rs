@@ -163,27 +163,20 @@ impl LoadResult {
         } else {
             0.0
         };
-        // Keep the window edges as (start, start + summed deltas).
-        let (a0, a1) = &mut self.cpu;
-        let (b0, b1) = other.cpu;
-        let add = |end: &mut u64, start: u64, d0: u64, d1: u64| {
-            *end = start + end.saturating_sub(start) + d1.saturating_sub(d0);
-        };
-        add(&mut a1.proxy, a0.proxy, b0.proxy, b1.proxy);
-        add(&mut a1.backend, a0.backend, b0.backend, b1.backend);
-        add(&mut a1.harness, a0.harness, b0.harness, b1.harness);
-        add(
-            &mut a1.proxy_wait_ns,
-            a0.proxy_wait_ns,
-            b0.proxy_wait_ns,
-            b1.proxy_wait_ns,
-        );
-        add(
-            &mut a1.harness_wait_ns,
-            a0.harness_wait_ns,
-            b0.harness_wait_ns,
-            b1.harness_wait_ns,
-        );
+        // The window's end moves on by what `other`'s window used.
+        self.cpu.1.advance(&other.cpu.0, &other.cpu.1);
+    }
+}
+
+impl CpuSample {
+    /// Adds the counts used between `from` and `to` to this sample.
+    fn advance(&mut self, from: &CpuSample, to: &CpuSample) {
+        let d = |a: u64, b: u64| b.saturating_sub(a);
+        self.proxy += d(from.proxy, to.proxy);
+        self.backend += d(from.backend, to.backend);
+        self.harness += d(from.harness, to.harness);
+        self.proxy_wait_ns += d(from.proxy_wait_ns, to.proxy_wait_ns);
+        self.harness_wait_ns += d(from.harness_wait_ns, to.harness_wait_ns);
     }
 }
 

@@ -164,15 +164,6 @@ enum NginxHeaders {
     Plain,
 }
 
-impl NginxHeaders {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Same => "same",
-            Self::Plain => "plain",
-        }
-    }
-}
-
 /// Resolved settings of one benchmark run.
 struct Settings {
     concurrency: Vec<usize>,
@@ -431,6 +422,11 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
                 // always follows the same neighbour.
                 let n = targets.len();
                 let mut results: Vec<Option<load::LoadResult>> = (0..n).map(|_| None).collect();
+                // The proxies' process trees, found once per cell (a /proc scan).
+                let pids: Vec<Vec<i32>> = targets
+                    .iter()
+                    .map(|t| t.proc.as_ref().map(ChildGuard::pids).unwrap_or_default())
+                    .collect();
                 for slice in 0..settings.slices {
                     let order: Vec<usize> = if (rep * settings.slices + slice).is_multiple_of(2) {
                         (0..n).collect()
@@ -443,7 +439,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
                         if let Some(p) = t.proc.as_mut() {
                             p.check_alive()?;
                         }
-                        let pids = t.proc.as_ref().map(ChildGuard::pids).unwrap_or_default();
+                        let pids = &pids[i];
                         let spec = LoadSpec {
                             addr: t.addr,
                             path: "/v1/completions",
@@ -457,10 +453,10 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
                         let me = [std::process::id() as i32];
                         let sampler = move || -> Result<CpuSample> {
                             Ok(CpuSample {
-                                proxy: procs::ticks_of(&pids),
+                                proxy: procs::ticks_of(pids),
                                 backend: backend_ref.cpu_ticks()?,
                                 harness: procs::stat_ticks("/proc/self/stat")?,
-                                proxy_wait_ns: procs::wait_ns_of(&pids),
+                                proxy_wait_ns: procs::wait_ns_of(pids),
                                 harness_wait_ns: procs::wait_ns_of(&me),
                             })
                         };
@@ -572,7 +568,8 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             "stream_response_bytes": backend::expected_len(true, settings.chunks),
             "nginx": nginx.as_ref().map(|p| p.display().to_string()),
             "nginx_version": nginx.as_ref().map(|p| nginx_version(p)),
-            "nginx_headers": settings.nginx_headers.as_str(),
+            "nginx_headers": clap::ValueEnum::to_possible_value(&settings.nginx_headers)
+                .map(|v| v.get_name().to_owned()),
             "vllm_router_version": router.as_ref().map(|_| VLLM_ROUTER_VERSION),
             "agentlb": agentlb.display().to_string(),
         },
