@@ -4,6 +4,7 @@
 //! with automatic prefix caching ([`prefix_cache`]), OpenAI-compatible HTTP API ([`api`]),
 //! Prometheus metrics ([`metrics`]), optional KV event publisher ([`kv_events`]) and runtime
 //! faults ([`faults`]). [`server`] wires them together; `src/main.rs` is only the CLI.
+//! [`workload`] generates the agentic workloads that benchmarks and tests send to it.
 
 pub mod api;
 pub mod config;
@@ -14,5 +15,6 @@ pub mod metrics;
 pub mod prefix_cache;
 pub mod server;
 pub mod tokenizer;
+pub mod workload;
 
 pub use server::{Running, SimError, run, start};

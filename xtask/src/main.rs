@@ -8,7 +8,9 @@
 //! - `test`: setup + lint + every test; privileged suites need root
 //!   (`AGENTLB_REQUIRE_PRIVILEGED=1` turns their skips into failures).
 //! - `demo`: agentlb in front of simulated vLLM backends.
-//! - `bench sim`: the simulator's own cost.
+//! - `bench sim`: the simulator's own cost; `bench proxy`: the proxy path's cost against
+//!   nginx and vllm-router; `bench agentic`: agentic workloads through agentlb and the
+//!   anchor routers on simulated vLLM instances.
 
 mod bench;
 mod demo;
@@ -57,7 +59,7 @@ enum Cmd {
     },
     /// Benchmarks.
     Bench {
-        /// Which benchmark: `sim`.
+        /// Which benchmark: `sim`, `proxy` or `agentic`.
         which: String,
         /// Extra arguments for the benchmark.
         #[arg(last = true)]
@@ -284,6 +286,7 @@ fn bench(root: &Path, which: &str, args: &[String]) -> Result<()> {
             Ok(())
         }
         "proxy" => bench::proxy(root, args),
-        other => bail!("unknown benchmark {other:?} (available: sim, proxy)"),
+        "agentic" => bench::agentic::run(root, args),
+        other => bail!("unknown benchmark {other:?} (available: sim, proxy, agentic)"),
     }
 }

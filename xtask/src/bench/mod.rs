@@ -40,10 +40,12 @@
 //! and every raw number, with the settings and machine, in
 //! `target/bench/proxy.json`.
 
+pub mod agentic;
 mod backend;
 mod cgroup;
 mod instr;
 mod load;
+mod plots;
 mod procs;
 mod report;
 
@@ -69,7 +71,7 @@ use self::{
 
 /// Set when a debug xtask hands the benchmark over to its release build.
 const REEXEC_ENV: &str = "AGENTLB_BENCH_RELEASE";
-const VLLM_ROUTER_VERSION: &str = "0.1.17";
+pub const VLLM_ROUTER_VERSION: &str = "0.1.17";
 const ALL_TARGETS: [&str; 4] = ["direct", "agentlb", "nginx", "vllm-router"];
 
 /// Options of `cargo xtask bench proxy -- [OPTIONS]`.
@@ -254,34 +256,15 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
     let wants = |t: &str| args.targets.iter().any(|x| x == t);
     let mut notes: Vec<String> = Vec::new();
 
-    // Binaries.
-    let bin_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("release");
-    if cfg!(debug_assertions) && std::env::var_os(REEXEC_ENV).is_none() {
-        // The load generator and the backend live in this process: an unoptimised
-        // build would measure itself. Build xtask (and agentlb) in release and
-        // hand over to that binary.
-        let mut build = vec!["build", "--release", "--locked", "-p", "xtask"];
-        if wants("agentlb") && !args.no_build && args.agentlb.is_none() {
-            build.extend(["-p", "lb-user"]);
-        }
-        crate::cargo(root, &build)?;
-        let mut child_args: Vec<&str> = args_in.iter().map(String::as_str).collect();
-        if !args.no_build {
-            child_args.push("--no-build");
-        }
-        let exe = bin_dir.join("xtask");
-        let st = Command::new(&exe)
-            .args(["bench", "proxy", "--"])
-            .args(&child_args)
-            .env(REEXEC_ENV, "1")
-            .status()
-            .with_context(|| format!("running {}", exe.display()))?;
-        if !st.success() {
-            bail!("bench proxy (release build) failed ({st})");
-        }
+    // Binaries. The load generator and the backend live in this process: an
+    // unoptimised build would measure itself.
+    let bin_dir = release_dir(root);
+    let extra: &[&str] = if wants("agentlb") && args.agentlb.is_none() {
+        &["lb-user"]
+    } else {
+        &[]
+    };
+    if run_in_release(root, "proxy", args_in, extra, args.no_build)? {
         return Ok(());
     }
     if wants("agentlb") && !args.no_build && args.agentlb.is_none() {
@@ -926,40 +909,64 @@ fn start_router(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) ->
     spawn_proxy("vllm-router", cmd, port, tmp, s)
 }
 
-/// `target/venv-bench/bin/vllm-router`, creating the venv when missing.
-fn vllm_router(root: &Path, no_install: bool) -> Result<PathBuf> {
-    let venv = root.join("target/venv-bench");
-    let bin = venv.join("bin/vllm-router");
-    if bin.exists() {
-        return Ok(bin);
+/// The release binaries' directory (`$CARGO_TARGET_DIR` or `<workspace>/target`).
+pub fn release_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("release")
+}
+
+/// In a debug build of xtask (as `cargo xtask` makes), builds xtask and `extra` packages
+/// in release (unless `no_build`: xtask only) and runs `bench WHICH -- ARGS --no-build`
+/// there; returns true when it did, false when this process is the release build.
+pub fn run_in_release(
+    root: &Path,
+    which: &str,
+    args_in: &[String],
+    extra: &[&str],
+    no_build: bool,
+) -> Result<bool> {
+    if !cfg!(debug_assertions) || std::env::var_os(REEXEC_ENV).is_some() {
+        return Ok(false);
     }
-    if no_install {
-        bail!("{} missing (--no-install)", bin.display());
+    let mut build = vec!["build", "--release", "--locked", "-p", "xtask"];
+    if !no_build {
+        for p in extra {
+            build.extend(["-p", p]);
+        }
     }
-    eprintln!(
-        "bench: installing vllm-router=={VLLM_ROUTER_VERSION} into {}",
-        venv.display()
-    );
-    let st = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
+    crate::cargo(root, &build)?;
+    let mut child_args: Vec<&str> = args_in.iter().map(String::as_str).collect();
+    if !no_build {
+        child_args.push("--no-build");
+    }
+    let exe = release_dir(root).join("xtask");
+    let st = Command::new(&exe)
+        .args(["bench", which, "--"])
+        .args(&child_args)
+        .env(REEXEC_ENV, "1")
         .status()
-        .context("python3 -m venv")?;
+        .with_context(|| format!("running {}", exe.display()))?;
     if !st.success() {
-        bail!("python3 -m venv {} failed ({st})", venv.display());
+        bail!("bench {which} (release build) failed ({st})");
     }
-    let st = Command::new(venv.join("bin/pip"))
-        .args([
-            "install",
-            "-q",
-            &format!("vllm-router=={VLLM_ROUTER_VERSION}"),
-        ])
-        .status()
-        .context("pip install vllm-router")?;
-    if !st.success() || !bin.exists() {
-        bail!("pip install vllm-router=={VLLM_ROUTER_VERSION} failed ({st})");
-    }
-    Ok(bin)
+    Ok(true)
+}
+
+/// One line on the machine: CPU model, cores, kernel.
+pub fn machine_line() -> String {
+    format!(
+        "{}, {} cores, Linux {}",
+        cpu_model(),
+        procs::cpus(),
+        read_trim("/proc/sys/kernel/osrelease")
+    )
+}
+
+/// `target/venv-bench/bin/vllm-router` (the venv is created and filled when missing).
+fn vllm_router(root: &Path, no_install: bool) -> Result<PathBuf> {
+    agentic::install_anchors(root, no_install).map(|(router, _)| router)
 }
 
 /// Resolves a program name through PATH (plus /usr/sbin, where nginx lives).
