@@ -72,14 +72,14 @@ fn base_workflows(n: usize) -> WorkflowSpec {
         workflows: n,
         agents: 3,
         rounds: 3,
-        system_tokens: 1000,
-        context: Size::lognormal(2000.0, 0.5),
+        system_tokens: 1500,
+        context: Size::lognormal(6000.0, 0.6),
         role_tokens: 100,
         planner_output: Size::fixed(96.0),
         worker_output: Size::lognormal(128.0, 0.3),
         aggregator_output: Size::fixed(96.0),
         tool_pause_ms: Size::lognormal(1000.0, 0.8),
-        arrival_gap_ms: 600.0,
+        arrival_gap_ms: 400.0,
         order: ContextOrder::SystemFirst,
     }
 }
@@ -177,7 +177,7 @@ pub fn preset(name: &str, seed: u64, quick: bool) -> Option<Preset> {
             p.about = "heterogeneous contexts (lognormal σ 1.2) with KV demand at 95% of capacity";
             p.hard = true;
             let w = wf(&mut p.spec);
-            w.context = Size::lognormal(3000.0, 1.2);
+            w.context = Size::lognormal(6000.0, 1.2);
             p.cluster.demand_ratio = 0.95;
         }
         "small-pools" => {

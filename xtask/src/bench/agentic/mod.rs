@@ -343,7 +343,7 @@ fn setup_preset(p: &presets::Preset, w: &Workload) -> PresetRecord {
         .unwrap_or(1);
     let blocks = ((unbounded.demand_blocks as f64 / (instances as f64 * p.cluster.demand_ratio))
         .ceil() as usize)
-        .max(largest * 2);
+        .max(largest + 16);
     let capacity = (blocks * instances) as u64;
     let o = oracle::run(w, CHARS_PER_TOKEN, BLOCK_SIZE, capacity);
     PresetRecord {
@@ -385,7 +385,15 @@ impl RunOne<'_> {
         let mut sim = self.start_sim()?;
         let mut gateways = Vec::new();
         for r in 0..self.replicas {
-            let mut g = routers::start(self.cfg, self.progs, &sim.urls, &sim.kv, self.tmp, r)?;
+            let mut g = routers::start(
+                self.cfg,
+                self.progs,
+                &sim.urls,
+                &sim.kv,
+                self.tmp,
+                r,
+                &self.workload.model,
+            )?;
             let timeout = Duration::from_secs(if self.cfg.kind == Kind::Agentlb {
                 20
             } else {
@@ -494,6 +502,7 @@ impl RunOne<'_> {
                     kv_usage_mean: samples.iter().map(|s| s.0).sum::<f64>() / n,
                     kv_usage_peak: samples.iter().map(|s| s.0).fold(0.0, f64::max),
                     clock_lag_max: samples.iter().map(|s| s.1).fold(0.0, f64::max),
+                    counted: after.get(i).is_some_and(|p| !p.is_empty()),
                 }
             })
             .collect();
@@ -549,7 +558,7 @@ impl RunOne<'_> {
             .env("RUST_LOG", "warn");
         if self.cfg.kv_events {
             cmd.args(["--kv-events", "--kv-events-base-port"])
-                .arg(procs::free_port()?.to_string());
+                .arg(free_port_run(2 * c.instances)?.to_string());
         }
         let mut proc = ChildGuard::spawn("vllm-sim", cmd, self.tmp.path().join("sim.log"), None)?;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -597,6 +606,24 @@ impl RunOne<'_> {
             kv,
         })
     }
+}
+
+/// The first of `n` consecutive free loopback ports (the simulator's KV event publishers
+/// take `base + 2i` and `base + 2i + 1`).
+fn free_port_run(n: usize) -> Result<u16> {
+    let n = u16::try_from(n).context("too many ports")?;
+    for _ in 0..50 {
+        let base = procs::free_port()?;
+        if base.checked_add(n).is_none() {
+            continue;
+        }
+        let all_free =
+            (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            return Ok(base);
+        }
+    }
+    bail!("no run of {n} free ports found")
 }
 
 fn scrape(url: &str) -> String {

@@ -173,6 +173,7 @@ pub fn start(
     kv: &[KvSource],
     tmp: &TempDir,
     replica: usize,
+    model: &str,
 ) -> Result<Started> {
     let port = procs::free_port()?;
     let metrics_port = procs::free_port()?;
@@ -207,6 +208,7 @@ pub fn start(
                 .args(&cfg.args)
                 .env("RUST_LOG", "warn");
             if cfg.kv_events {
+                c.args(["--kv-event-block-size", "16", "--kv-event-model", model]);
                 for s in kv {
                     c.arg("--kv-event-source")
                         .arg(format!("{}={}", s.url, s.publisher));

@@ -26,6 +26,8 @@ pub struct BackendLoad {
     pub kv_usage_peak: f64,
     /// Largest simulator clock lag seen, seconds (simulator saturation).
     pub clock_lag_max: f64,
+    /// Whether its counters could be read at the end (a failed instance's cannot).
+    pub counted: bool,
 }
 
 /// Percentiles of a sample.
@@ -172,6 +174,16 @@ pub fn summarize(
         .map(|&ms| ms as f64 / 1000.0)
         .collect();
     s.tool_time = Pcts::of(&tool);
+    // Every successful call must have been served by a backend of this run: a router that
+    // answered on its own (or to another cluster) is not a result.
+    let ok = results.iter().filter(|r| r.error.is_none()).count();
+    let served: f64 = backends.iter().map(|b| b.requests).sum();
+    if backends.iter().all(|b| b.counted) && (served.round() as usize) < ok {
+        s.errors.insert(
+            "not_seen_by_backends".to_owned(),
+            ok - served.round() as usize,
+        );
+    }
     let q: f64 = backends.iter().map(|b| b.prompt_tokens).sum();
     let h: f64 = backends.iter().map(|b| b.cached_tokens).sum();
     s.backend_hit_rate = if q > 0.0 { h / q } else { 0.0 };
@@ -310,5 +322,13 @@ mod tests {
         assert_eq!(s.tool_time.p99, 0.5);
         assert!((s.request_imbalance - 1.5).abs() < 1e-12);
         assert!((s.kv_imbalance - 1.0).abs() < 1e-12);
+        // Backends that saw fewer requests than the client got answers: flagged.
+        let few = vec![BackendLoad {
+            requests: 1.0,
+            counted: true,
+            ..BackendLoad::default()
+        }];
+        let s = summarize(&w, &results, few, 1.0, 0.75);
+        assert_eq!(s.errors.get("not_seen_by_backends"), Some(&1));
     }
 }
