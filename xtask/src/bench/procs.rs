@@ -174,6 +174,14 @@ impl ChildGuard {
         }
     }
 
+    /// SIGKILLs the process group and reaps the child (for processes whose clean
+    /// shutdown would only cost time, once their numbers are read).
+    pub fn kill(&mut self) {
+        // SAFETY: plain kill(2) on our own child's process group.
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
     /// The process and every descendant alive now (scan of `/proc`).
     pub fn pids(&self) -> Vec<i32> {
         descendants(self.pid())

@@ -1,12 +1,14 @@
 //! The routers the agentic benchmark compares, each configured the best way it supports for
 //! a workload with workflow ids, and how to start them.
 //!
-//! - agentlb: every policy it has, ids as `X-Workflow-Id`/`X-Agent-Id`/`X-Parent-Request-Id`.
+//! - agentlb: every policy it has, ids as `X-Workflow-Id`/`X-Agent-Id`/`X-Parent-Request-Id`,
+//!   userspace path, backends' `/metrics` scraped every 500 ms (`health.interval_ms`).
 //! - vllm-router 0.1.17: `round_robin`; `cache_aware` (its radix tree is fed by vllm-sim's
 //!   `/tokenize`); `consistent_hash` and `sticky_least_loaded` keyed by the workflow id in
 //!   `X-Session-ID`; `kv_aware` subscribed to vllm-sim's KV events; program scheduling with
 //!   the workflow as `vllm_xargs.agentic_context`.
-//! - sglang-router 0.3.2 (`smg`): `cache_aware`; `manual` keyed by `X-SMG-Routing-Key`.
+//! - sglang-router 0.3.2 (`smg`): `cache_aware`; `manual` keyed by `X-SMG-Routing-Key`
+//!   (`--assignment-mode min_group`: a new key goes to the worker with fewest keys).
 //!
 //! When a preset's clients send no ids, every router gets none.
 
@@ -78,6 +80,13 @@ pub fn all() -> Vec<RouterConfig> {
             false,
         ),
         cfg(
+            Agentlb,
+            "agentlb workflow",
+            &["--policy", "workflow"],
+            IdMode::Headers,
+            false,
+        ),
+        cfg(
             VllmRouter,
             "vllm-router round_robin",
             &["--policy", "round_robin"],
@@ -129,7 +138,7 @@ pub fn all() -> Vec<RouterConfig> {
         cfg(
             SglangRouter,
             "sglang-router manual",
-            &["--policy", "manual"],
+            &["--policy", "manual", "--assignment-mode", "min_group"],
             IdMode::SessionHeader("X-SMG-Routing-Key".to_owned()),
             false,
         ),
@@ -154,15 +163,13 @@ pub struct Started {
     pub proc: ChildGuard,
 }
 
-/// KV event endpoints of one simulated instance.
+/// KV event endpoint of one simulated instance.
 #[derive(Debug, Clone)]
 pub struct KvSource {
     /// Instance URL.
     pub url: String,
     /// ZMQ PUB endpoint.
     pub publisher: String,
-    /// ZMQ replay endpoint.
-    pub replay: String,
 }
 
 /// Starts one replica of `cfg` in front of `backends`.
@@ -181,16 +188,22 @@ pub fn start(
     let log = tmp.path().join(format!("{tag}-{replica}.log"));
     let cmd = match cfg.kind {
         Kind::Agentlb => {
+            // Backends' /metrics (load, KV usage) scraped every 500 ms instead of
+            // every 2 s: the `workflow` policy balances on them.
+            let mut toml = format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{metrics_port}\"\n\
+                 [kernel]\nmode = \"off\"\n[health]\ninterval_ms = 500\ntimeout_ms = 400\n"
+            );
+            for b in backends {
+                toml.push_str(&format!("[[backends]]\nurl = \"{b}\"\n"));
+            }
+            let file = tmp.path().join(format!("{tag}-{replica}.toml"));
+            std::fs::write(&file, toml).with_context(|| format!("writing {}", file.display()))?;
             let mut c = Command::new(&progs.agentlb);
-            c.args(["run", "--no-kernel", "--listen"])
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--admin")
-                .arg(format!("127.0.0.1:{metrics_port}"))
+            c.args(["run", "--config"])
+                .arg(&file)
                 .args(&cfg.args)
                 .env("RUST_LOG", "warn");
-            for b in backends {
-                c.arg("--backend").arg(b);
-            }
             c
         }
         Kind::VllmRouter => {
@@ -209,11 +222,13 @@ pub fn start(
                 .env("RUST_LOG", "warn");
             if cfg.kv_events {
                 c.args(["--kv-event-block-size", "16", "--kv-event-model", model]);
+                // No replay source: with several subscribers replaying at once,
+                // zeromq 0.4's ROUTER socket in vllm-sim can deadlock (zmq.rs #210),
+                // and every run starts with a fresh simulator, so there is no
+                // history to replay.
                 for s in kv {
                     c.arg("--kv-event-source")
                         .arg(format!("{}={}", s.url, s.publisher));
-                    c.arg("--kv-event-replay-source")
-                        .arg(format!("{}={}", s.url, s.replay));
                 }
             }
             c
