@@ -60,7 +60,12 @@ pub async fn run(config: Config, source: Option<ConfigSource>) -> anyhow::Result
         );
     }
     let backends = Controller::resolve(&config.backends).await?;
-    let controller = Arc::new(Controller::new(backends, config.policy, &config.workflows));
+    let controller = Arc::new(Controller::new(
+        backends,
+        config.policy,
+        &config.routing,
+        &config.workflows,
+    ));
 
     // The dataplane joins its cgroup before any socket is created: sockets belong
     // to the cgroup of the task that creates them.

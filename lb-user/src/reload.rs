@@ -112,7 +112,7 @@ impl Reloader {
         {
             tracing::warn!(error = %e, "could not publish backends to the kernel");
         }
-        self.controller.set_policy(new.policy);
+        self.controller.set_policy(new.policy, &new.routing);
         self.proxy
             .settings
             .store(Arc::new(Settings::from_config(&new)));

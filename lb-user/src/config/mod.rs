@@ -80,17 +80,20 @@ pub enum PolicyName {
     RoundRobin,
     /// Fewest in-flight requests, ties broken by rotation.
     LeastLoaded,
+    /// Workflow (or conversation root) affinity by rendezvous hashing, bounded load.
+    Workflow,
 }
 
 impl PolicyName {
     /// All accepted names.
-    pub const ALL: [&'static str; 2] = ["round_robin", "least_loaded"];
+    pub const ALL: [&'static str; 3] = ["round_robin", "least_loaded", "workflow"];
 
     /// Parses a policy name (`-` and `_` are interchangeable).
     pub fn parse(s: &str) -> Option<Self> {
         match s.replace('-', "_").as_str() {
             "round_robin" => Some(Self::RoundRobin),
             "least_loaded" => Some(Self::LeastLoaded),
+            "workflow" => Some(Self::Workflow),
             _ => None,
         }
     }
@@ -100,6 +103,7 @@ impl PolicyName {
         match self {
             Self::RoundRobin => "round_robin",
             Self::LeastLoaded => "least_loaded",
+            Self::Workflow => "workflow",
         }
     }
 }
@@ -224,6 +228,27 @@ pub struct WorkflowConfig {
     pub session_header: String,
 }
 
+/// Parameters of the routing policies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingConfig {
+    /// `workflow`: load bound as a multiple of the mean load (≥ 1).
+    pub load_bound: f64,
+    /// Characters of the first non-system message that belong to a conversation root.
+    pub root_chars: usize,
+    /// Minimum length of that message for a request to get a conversation root.
+    pub root_min_chars: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            load_bound: 1.25,
+            root_chars: 1024,
+            root_min_chars: 256,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -248,6 +273,8 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// Routing policy.
     pub policy: PolicyName,
+    /// Routing parameters.
+    pub routing: RoutingConfig,
     /// Kernel dataplane settings.
     pub kernel: KernelConfig,
     /// Limits and timeouts.
@@ -361,6 +388,17 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         );
         PolicyName::RoundRobin
     });
+
+    let rr = &raw.routing;
+    let load_bound = rr.load_bound.unwrap_or(1.25);
+    if !(1.0..=100.0).contains(&load_bound) {
+        v.issue("routing.load_bound", "must be between 1 and 100");
+    }
+    let routing = RoutingConfig {
+        load_bound: load_bound.clamp(1.0, 100.0),
+        root_chars: v.size("routing.root_chars", rr.root_chars, 1024, 1),
+        root_min_chars: v.size("routing.root_min_chars", rr.root_min_chars, 256, 1),
+    };
 
     let k = &raw.kernel;
     let mode = match k.mode.as_deref().unwrap_or("auto") {
@@ -558,6 +596,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         backend_header: raw.server.backend_header.unwrap_or(true),
         backends,
         policy,
+        routing,
         kernel: kernel_cfg,
         limits,
         log_format,

@@ -113,6 +113,12 @@ pub struct RawBackend {
 pub struct RawRouting {
     /// Policy name.
     pub policy: Option<String>,
+    /// `workflow`: a home may carry this many times the mean load before spilling.
+    pub load_bound: Option<f64>,
+    /// Characters of the first non-system message in a conversation root.
+    pub root_chars: Option<usize>,
+    /// A first non-system message shorter than this gives no conversation root.
+    pub root_min_chars: Option<usize>,
 }
 
 /// `[kernel]`.

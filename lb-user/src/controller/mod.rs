@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use thiserror::Error;
 
 use crate::{
-    config::{BackendConfig, PolicyName},
+    config::{BackendConfig, PolicyName, RoutingConfig},
     dataplane::PublishedBackend,
     model::{Backend, BackendId, RequestMeta},
 };
@@ -84,12 +84,13 @@ impl Controller {
     pub fn new(
         backends: Vec<Backend>,
         policy: PolicyName,
+        routing: &RoutingConfig,
         wf: &crate::config::WorkflowConfig,
     ) -> Self {
         let next = backends.iter().map(|b| b.id + 1).max().unwrap_or(0);
         Self {
             backends: ArcSwap::from_pointee(backends.into_iter().map(Arc::new).collect()),
-            policy: ArcSwap::from_pointee(policies::build(policy)),
+            policy: ArcSwap::from_pointee(policies::build(policy, routing)),
             next_id: AtomicU32::new(next),
             workflows: workflows::WorkflowTable::new(wf),
         }
@@ -181,10 +182,11 @@ impl Controller {
         self.policy.load().name()
     }
 
-    /// Replaces the policy (reload).
-    pub fn set_policy(&self, p: PolicyName) {
-        if self.policy_name() != p.as_str() {
-            self.policy.store(Arc::new(policies::build(p)));
+    /// Replaces the policy and its parameters (reload).
+    pub fn set_policy(&self, p: PolicyName, routing: &RoutingConfig) {
+        let changed = self.policy_name() != p.as_str();
+        self.policy.store(Arc::new(policies::build(p, routing)));
+        if changed {
             tracing::info!(policy = p.as_str(), "routing policy changed");
         }
     }

@@ -8,7 +8,14 @@
 //!   `agentic_context.agent_id`;
 //! - parent: `X-Parent-Request-Id` | `parent_request_id` |
 //!   `workflow_metadata.parent_request_id` | `agentic_context.parent_program_id`;
-//! - session: a configurable header (default `x-user-id`).
+//! - session: a configurable header (default `x-user-id`);
+//! - conversation root (only for requests without a workflow id): a stable hash of the
+//!   leading `system`/`developer` messages and the first `root_chars` characters of the
+//!   first other message (or of a completions `prompt`), as the JSON text the client sent;
+//!   none when that message is shorter than `root_min_chars`, so a system prompt that all
+//!   clients share never becomes everyone's key. The agents of one workflow repeat its
+//!   shared context at the start of their conversation, so they share a root without
+//!   sending ids; the `workflow` policy routes by it.
 //!
 //! The body is deserialised into borrowed fields only (everything else is skipped,
 //! never re-serialised); the proxy forwards the original bytes.
@@ -16,6 +23,7 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::{
     ApiError,
@@ -57,6 +65,8 @@ pub struct RequestMeta {
     pub model: Option<String>,
     /// `stream: true`.
     pub stream: bool,
+    /// Hash of the conversation root when no workflow id was sent.
+    pub root_key: Option<u64>,
 }
 
 /// Limits for ids.
@@ -66,6 +76,10 @@ pub struct MetaLimits {
     pub max_id_len: usize,
     /// Header carrying the session key (lower case).
     pub session_header: String,
+    /// Characters of the first non-system message in the conversation root.
+    pub root_chars: usize,
+    /// Shorter first messages give no root.
+    pub root_min_chars: usize,
 }
 
 impl Default for MetaLimits {
@@ -73,6 +87,8 @@ impl Default for MetaLimits {
         Self {
             max_id_len: 256,
             session_header: "x-user-id".into(),
+            root_chars: 1024,
+            root_min_chars: 256,
         }
     }
 }
@@ -93,6 +109,78 @@ struct BodyFields<'a> {
     workflow_metadata: Option<WorkflowMetadata<'a>>,
     #[serde(borrow, default)]
     vllm_xargs: Option<Xargs<'a>>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<MessageRef<'a>>>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+}
+
+/// A chat message as far as the conversation root needs it.
+#[derive(Deserialize)]
+struct MessageRef<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+/// FNV-1a over several pieces, then the same mix as [`stable_hash`]: stable across
+/// processes and versions.
+struct RootHasher(u64);
+
+impl RootHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // A separator, so ("ab","c") and ("a","bc") differ.
+        self.0 ^= 0xff;
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+}
+
+/// The first `n` bytes of `s`, cut back to a character boundary.
+fn head(s: &str, n: usize) -> &str {
+    let mut end = n.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The conversation root's hash (see the module docs).
+fn root_key(
+    messages: Option<&[MessageRef<'_>]>,
+    prompt: Option<&RawValue>,
+    limits: &MetaLimits,
+) -> Option<u64> {
+    let mut h = RootHasher(0xcbf2_9ce4_8422_2325);
+    let first = match (messages, prompt) {
+        (Some(msgs), _) => {
+            let mut rest = msgs.iter();
+            let mut first = None;
+            for m in rest.by_ref() {
+                let role = m.role.as_deref().unwrap_or("");
+                let content = m.content.map_or("", RawValue::get);
+                if role == "system" || role == "developer" {
+                    h.write(role.as_bytes());
+                    h.write(content.as_bytes());
+                } else {
+                    first = Some(content);
+                    break;
+                }
+            }
+            first?
+        }
+        (None, Some(p)) => p.get(),
+        (None, None) => return None,
+    };
+    if first.len() < limits.root_min_chars {
+        return None;
+    }
+    h.write(head(first, limits.root_chars).as_bytes());
+    Some(crate::controller::policies::workflow::finish_hash(h.0))
 }
 
 #[derive(Deserialize, Default)]
@@ -276,6 +364,11 @@ pub fn extract(
         headers.get_all(&limits.session_header).next(),
         &limits.session_header,
     )?;
+    let root_key = if workflow.is_none() {
+        root_key(fields.messages.as_deref(), fields.prompt, limits)
+    } else {
+        None
+    };
     Ok(RequestMeta {
         workflow_id: opt_id("workflow id", workflow.as_deref(), limits)?,
         workflow_source: source,
@@ -285,6 +378,7 @@ pub fn extract(
         session: opt_id("session key", session, limits)?,
         model: fields.model.map(Cow::into_owned),
         stream: fields.stream.unwrap_or(false),
+        root_key,
     })
 }
 
@@ -401,5 +495,58 @@ mod tests {
     fn unknown_fields_are_ignored() {
         let m = ex(&[], r#"{"messages":[{"role":"user","content":"hi"}],"temperature":0.5,"x":{"y":[1,2,{"z":null}]}}"#).expect("ok");
         assert_eq!(m.workflow_id, None);
+    }
+
+    fn chat(system: &str, user: &str) -> String {
+        serde_json::json!({"messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
+        ]})
+        .to_string()
+    }
+
+    #[test]
+    fn conversation_root_is_shared_by_agents_of_one_context() {
+        let ctx = "shared workflow context ".repeat(60);
+        let a = ex(&[], &chat("sys", &format!("{ctx} agent A task"))).expect("ok");
+        let b = ex(
+            &[],
+            &chat("sys", &format!("{ctx} agent B does something else")),
+        )
+        .expect("ok");
+        assert!(a.root_key.is_some());
+        assert_eq!(a.root_key, b.root_key, "same context prefix, same root");
+        // Another workflow's context, or another system prompt: another root.
+        let other = "another workflow entirely ".repeat(60);
+        let c = ex(&[], &chat("sys", &other)).expect("ok");
+        assert_ne!(a.root_key, c.root_key);
+        let d = ex(&[], &chat("other sys", &format!("{ctx} agent A task"))).expect("ok");
+        assert_ne!(a.root_key, d.root_key);
+        // Later turns do not change the root.
+        let body = serde_json::json!({"messages": [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": format!("{ctx} agent A task")},
+            {"role": "assistant", "content": "done"},
+            {"role": "user", "content": "next"},
+        ]})
+        .to_string();
+        assert_eq!(ex(&[], &body).expect("ok").root_key, a.root_key);
+    }
+
+    #[test]
+    fn short_first_messages_and_explicit_workflows_have_no_root() {
+        // A system prompt shared by every client plus a short question: no root, so
+        // such requests are balanced instead of collapsing on one backend.
+        let sys = "You are a helpful assistant. ".repeat(100);
+        let m = ex(&[], &chat(&sys, "What is the capital of France?")).expect("ok");
+        assert_eq!(m.root_key, None);
+        let ctx = "x".repeat(2000);
+        let m = ex(&[("x-workflow-id", "wf-1")], &chat("s", &ctx)).expect("ok");
+        assert_eq!(m.root_key, None, "the workflow id is the key");
+        let p = serde_json::json!({"prompt": ctx}).to_string();
+        assert!(ex(&[], &p).expect("ok").root_key.is_some());
+        // Multi-byte text is cut on a character boundary.
+        let m = ex(&[], &chat("s", &"é".repeat(1500))).expect("ok");
+        assert!(m.root_key.is_some());
     }
 }

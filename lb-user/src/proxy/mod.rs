@@ -86,6 +86,8 @@ impl Settings {
             meta: meta::MetaLimits {
                 max_id_len: c.workflows.max_id_len,
                 session_header: c.workflows.session_header.clone(),
+                root_chars: c.routing.root_chars,
+                root_min_chars: c.routing.root_min_chars,
             },
             circuit_failures: c.health.circuit_failures,
             circuit_open: c.health.circuit_open,

@@ -2,14 +2,16 @@
 
 mod least_loaded;
 mod round_robin;
+pub mod workflow;
 
 use std::sync::Arc;
 
 pub use least_loaded::LeastLoaded;
 pub use round_robin::RoundRobin;
+pub use workflow::WorkflowPolicy;
 
 use crate::{
-    config::PolicyName,
+    config::{PolicyName, RoutingConfig},
     model::{Backend, RequestMeta},
 };
 
@@ -23,10 +25,11 @@ pub trait Policy: Send + Sync {
 }
 
 /// Builds the configured policy.
-pub fn build(name: PolicyName) -> Box<dyn Policy> {
+pub fn build(name: PolicyName, routing: &RoutingConfig) -> Box<dyn Policy> {
     match name {
         PolicyName::RoundRobin => Box::new(RoundRobin::default()),
         PolicyName::LeastLoaded => Box::new(LeastLoaded::default()),
+        PolicyName::Workflow => Box::new(WorkflowPolicy::new(routing.load_bound)),
     }
 }
 
@@ -37,7 +40,9 @@ pub(crate) fn test_backends(n: usize) -> Vec<Arc<Backend>> {
             Arc::new(Backend::new(
                 i as u32,
                 format!("b{i}"),
-                http::Uri::from_static("http://127.0.0.1:1"),
+                format!("http://127.0.0.1:{}", 8000 + i)
+                    .parse()
+                    .unwrap_or_else(|_| http::Uri::from_static("http://127.0.0.1:1")),
                 vec![],
             ))
         })
