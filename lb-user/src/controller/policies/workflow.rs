@@ -12,19 +12,24 @@
 //! the request ("home"); an overloaded home spills the request to the next in order, and
 //! the workflow returns home as soon as the home is back under the bound, without state to
 //! thrash. Load is what every replica observes alike: the backends' own `/metrics`
-//! (KV cache usage plus queued requests), not per-replica in-flight counts. Requests with
-//! no key go to the least loaded backend.
+//! (queued requests plus KV pressure near a full cache), not per-replica in-flight counts:
+//! a busy batch that still admits work is no reason to leave a cached context, a queue
+//! or a cache about to evict is. Requests with no key go to the least loaded backend.
 
 use std::sync::Arc;
 
 use super::Policy;
 use crate::model::{Backend, RequestMeta};
 
-/// Weight of one queued request, in units of KV usage (0..1): 16 waiting requests count
-/// as much as a full KV cache.
-const WAITING_WEIGHT: f64 = 1.0 / 16.0;
-/// Slack added to the bound so an almost idle cluster never spills on noise.
-const BOUND_SLACK: f64 = 0.05;
+/// KV usage above which a backend counts as loaded: below it, a cached context costs
+/// nothing to keep and new work fits without evicting (vLLM preempts near 1.0).
+const KV_KNEE: f64 = 0.85;
+/// Weight of KV usage past the knee, in queued requests per unit of usage: a full cache
+/// counts as 1.5 queued requests.
+const KV_WEIGHT: f64 = 10.0;
+/// Slack added to the bound, in queued requests: a home with one more waiting request
+/// than its share keeps its workflows (moving one costs its whole prefill).
+const BOUND_SLACK: f64 = 1.0;
 
 /// Affinity by workflow (or conversation root) with bounded load.
 #[derive(Debug, Clone)]
@@ -62,10 +67,11 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The load the policy balances: scraped KV usage plus queued requests.
+/// The load the policy balances, from the backend's own `/metrics`: requests waiting for
+/// the engine, plus KV pressure once usage passes the knee.
 pub fn load_of(b: &Backend) -> f64 {
     let l = b.load.load();
-    l.kv_usage + WAITING_WEIGHT * l.waiting
+    l.waiting + KV_WEIGHT * (l.kv_usage - KV_KNEE).max(0.0)
 }
 
 /// The routing key of a request: its workflow id, else its conversation root.
@@ -128,9 +134,9 @@ mod tests {
         }
     }
 
-    fn set_load(b: &Backend, kv: f64) {
+    fn set_load(b: &Backend, waiting: f64) {
         b.load.store(Arc::new(BackendLoad {
-            kv_usage: kv,
+            waiting,
             ..BackendLoad::default()
         }));
     }
@@ -201,20 +207,28 @@ mod tests {
         let order = rendezvous_order(&b, routing_key(&m).expect("key"));
         assert_eq!(order[0], home);
         for x in &b {
-            set_load(x, 0.3);
+            set_load(x, 2.0);
         }
-        set_load(&b[home], 0.9);
+        // Mean 3.5, bound 1.25 × 3.5 + 1 = 5.375.
+        set_load(&b[home], 8.0);
         assert_eq!(p.pick(&b, &m), Some(order[1]), "spill to the second choice");
-        set_load(&b[home], 0.35);
+        // Mean 2.5, bound 4.125.
+        set_load(&b[home], 4.0);
         assert_eq!(p.pick(&b, &m), Some(home), "back home once under the bound");
+        // KV pressure counts past the knee only.
+        b[home].load.store(Arc::new(BackendLoad {
+            kv_usage: 0.8,
+            ..BackendLoad::default()
+        }));
+        assert_eq!(load_of(&b[home]), 0.0);
     }
 
     #[test]
     fn requests_without_a_key_go_to_the_least_loaded() {
         let b = test_backends(3);
-        set_load(&b[0], 0.5);
-        set_load(&b[1], 0.1);
-        set_load(&b[2], 0.4);
+        set_load(&b[0], 5.0);
+        set_load(&b[1], 1.0);
+        set_load(&b[2], 4.0);
         let p = WorkflowPolicy::new(1.25);
         assert_eq!(p.pick(&b, &RequestMeta::default()), Some(1));
     }

@@ -56,10 +56,11 @@ const CHARS_PER_TOKEN: f64 = 4.0;
     about = "Agentic workloads through agentlb and the anchor routers"
 )]
 struct Args {
-    /// Presets to run, comma-separated; `default` (workflows, hetero-tight, no-ids) or `all`.
+    /// Presets to run, comma-separated; `default` (workflows, hetero-tight, no-ids; with
+    /// --quick only workflows) or `all`.
     #[arg(long, value_delimiter = ',', default_value = "default")]
     preset: Vec<String>,
-    /// Smaller workloads (the default presets in under 3 minutes).
+    /// Smaller workloads, and only the `workflows` preset unless --preset names others.
     #[arg(long)]
     quick: bool,
     /// Seed of the workload generator.
@@ -68,6 +69,12 @@ struct Args {
     /// Only router configurations whose name contains one of these (e.g. `agentlb,cache_aware`).
     #[arg(long, value_delimiter = ',')]
     routers: Vec<String>,
+    /// Repeats of every run; tables give the median and, past one repeat, the
+    /// [min–max] spread. Repeats are interleaved (each runs every configuration, in
+    /// reverse order on odd repeats), so a slow spell of the machine does not fall on
+    /// one router.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
     /// Gateway replica counts to run each router with.
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
     replicas: Vec<usize>,
@@ -103,6 +110,8 @@ pub struct RunRecord {
     pub router: String,
     /// Gateway replicas.
     pub replicas: usize,
+    /// Repeat number (from 0).
+    pub repeat: usize,
     /// Ids the client sent.
     pub ids: String,
     /// Metrics.
@@ -157,6 +166,7 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
         .preset
         .iter()
         .flat_map(|p| match p.as_str() {
+            "default" if args.quick => vec!["workflows".to_owned()],
             "default" => presets::DEFAULTS.iter().map(|s| (*s).to_owned()).collect(),
             "all" => presets::NAMES.iter().map(|s| (*s).to_owned()).collect(),
             other => vec![other.to_owned()],
@@ -170,8 +180,8 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
             );
         }
     }
-    if args.replicas.contains(&0) || args.loads.iter().any(|&l| l <= 0.0) {
-        bail!("--replicas and --loads need positive values");
+    if args.replicas.contains(&0) || args.loads.iter().any(|&l| l <= 0.0) || args.repeats == 0 {
+        bail!("--replicas, --loads and --repeats need positive values");
     }
     let bin = super::release_dir(root);
     let mut notes = Vec::new();
@@ -246,21 +256,29 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
                 rec.oracle.hit_rate * 100.0
             );
             let w = Arc::new(w);
-            let total = configs.len() * args.replicas.len();
-            for (ci, cfg) in configs.iter().enumerate() {
-                for (ri, &replicas) in args.replicas.iter().enumerate() {
+            let cells: Vec<(&RouterConfig, usize)> = configs
+                .iter()
+                .flat_map(|c| args.replicas.iter().map(move |&r| (c, r)))
+                .collect();
+            let total = cells.len() * args.repeats;
+            let mut done = 0;
+            for repeat in 0..args.repeats {
+                let order: Vec<&(&RouterConfig, usize)> = if repeat % 2 == 0 {
+                    cells.iter().collect()
+                } else {
+                    cells.iter().rev().collect()
+                };
+                for &&(cfg, replicas) in &order {
                     procs::check_interrupted()?;
+                    done += 1;
                     let ids = p.force_ids.clone().unwrap_or_else(|| cfg.ids.clone());
-                    let label = format!(
-                        "[{}/{total}] {} ×{replicas}",
-                        ci * args.replicas.len() + ri + 1,
-                        cfg.name
-                    );
+                    let label = format!("[{done}/{total}] {} ×{replicas}", cfg.name);
                     let mut record = RunRecord {
                         preset: p.name.to_owned(),
                         load,
                         router: cfg.name.clone(),
                         replicas,
+                        repeat,
                         ids: ids.label(),
                         summary: Summary::default(),
                         ttfts: Vec::new(),

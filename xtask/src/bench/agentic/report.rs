@@ -126,13 +126,91 @@ A row with errors is marked ✗ and never counts as a router's best.\n"
     Ok(md)
 }
 
+/// One table row: a router configuration and replica count over its repeats.
+struct Row<'a> {
+    runs: Vec<&'a RunRecord>,
+}
+
+impl Row<'_> {
+    fn first(&self) -> &RunRecord {
+        self.runs[0]
+    }
+
+    fn ran(&self) -> impl Iterator<Item = &RunRecord> {
+        self.runs.iter().copied().filter(|r| r.skipped.is_none())
+    }
+
+    /// Median, min and max of `f` over the runs that ran.
+    fn med(&self, f: impl Fn(&RunRecord) -> f64) -> (f64, f64, f64) {
+        let mut v: Vec<f64> = self.ran().map(f).filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        (median, v[0], v[n - 1])
+    }
+
+    /// Every repeat ran without a failed call.
+    fn valid(&self) -> bool {
+        self.runs.iter().all(|r| valid(r))
+    }
+
+    fn errors(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for r in &self.runs {
+            for (k, v) in &r.summary.errors {
+                *m.entry(k.clone()).or_default() += v;
+            }
+        }
+        m
+    }
+}
+
+/// Runs grouped by (router, replicas), in the order they first appear.
+fn rows<'a>(rs: &[&'a RunRecord]) -> Vec<Row<'a>> {
+    let mut out: Vec<Row<'a>> = Vec::new();
+    for r in rs {
+        match out
+            .iter_mut()
+            .find(|row| row.first().router == r.router && row.first().replicas == r.replicas)
+        {
+            Some(row) => row.runs.push(r),
+            None => out.push(Row { runs: vec![r] }),
+        }
+    }
+    // Table order: configuration order of the first repeat.
+    out.sort_by_key(|row| {
+        rs.iter()
+            .position(|r| std::ptr::eq(*r, row.first()))
+            .unwrap_or(usize::MAX)
+    });
+    out
+}
+
+/// `median` or, over several repeats, `median [min–max]`.
+fn spread((m, lo, hi): (f64, f64, f64), repeats: usize, prec: usize) -> String {
+    if repeats > 1 {
+        format!("{m:.prec$} [{lo:.prec$}–{hi:.prec$}]")
+    } else {
+        format!("{m:.prec$}")
+    }
+}
+
 fn section(md: &mut String, load: f64, p: &PresetRecord, rs: &[&RunRecord]) {
     let c = &p.preset.cluster;
+    let table = rows(rs);
+    let repeats = table.iter().map(|r| r.runs.len()).max().unwrap_or(1);
     let _ = writeln!(
         md,
         "\n## {}{}\n\n{}. {} calls in {} workflows, {} prompt tokens; {} instances × {} KV blocks; \
 KV demand ÷ capacity {:.2}; time scale {}×, {} tokens per SSE event; ids: {}. Oracle hit rate {:.1}% \
-(unbounded KV: {:.1}%).\n",
+(unbounded KV: {:.1}%). {}\n",
         p.preset.name,
         if load == 1.0 {
             String::new()
@@ -154,6 +232,11 @@ KV demand ÷ capacity {:.2}; time scale {}×, {} tokens per SSE event; ids: {}. 
             .map_or("each router's best".to_owned(), |i| i.label()),
         p.oracle.hit_rate * 100.0,
         p.oracle.unbounded_hit_rate * 100.0,
+        if repeats > 1 {
+            format!("Medians of {repeats} interleaved repeats, [min–max] on the headline columns.")
+        } else {
+            "One run per row.".to_owned()
+        },
     );
     let _ = writeln!(
         md,
@@ -163,44 +246,47 @@ KV demand ÷ capacity {:.2}; time scale {}×, {} tokens per SSE event; ids: {}. 
         md,
         "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"
     );
-    for r in rs {
-        if let Some(why) = &r.skipped {
+    for row in &table {
+        let r0 = row.first();
+        if row.ran().next().is_none() {
+            let why = r0.skipped.as_deref().unwrap_or("");
             let short: String = why.lines().next().unwrap_or("").chars().take(100).collect();
             let _ = writeln!(
                 md,
                 "| {} | {} | skipped: {short} |||||||||| ",
-                label(r),
-                r.ids
+                label(r0),
+                r0.ids
             );
             continue;
         }
-        let s = &r.summary;
-        let errs: usize = s.errors.values().sum();
+        let errors = row.errors();
+        let errs: usize = errors.values().sum();
         let err_text = if errs == 0 {
             "0".to_owned()
         } else {
-            let kinds: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let kinds: Vec<String> = errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             format!("✗ {errs} ({})", kinds.join(", "))
         };
+        let m = |f: &dyn Fn(&RunRecord) -> f64| row.med(f).0;
         let _ = writeln!(
             md,
-            "| {}{} | {} | {:.1} | {:.0}% | {:.3} / {:.3} / {:.3} | {:.1} | {:.2} / {:.2} | {} | {:.2} | {:.2} | {:.1} | {:.0} |",
-            if errs > 0 { "✗ " } else { "" },
-            label(r),
-            r.ids,
-            s.hit_rate * 100.0,
-            s.hit_of_oracle * 100.0,
-            s.ttft.p50,
-            s.ttft.p95,
-            s.ttft.p99,
-            s.itl.mean * 1000.0,
-            s.completion.mean,
-            s.completion.p95,
+            "| {}{} | {} | {} | {:.0}% | {:.3} / {} / {:.3} | {:.1} | {} / {:.2} | {} | {:.2} | {:.2} | {:.1} | {:.0} |",
+            if row.valid() { "" } else { "✗ " },
+            label(r0),
+            r0.ids,
+            spread(row.med(|r| r.summary.hit_rate * 100.0), repeats, 1),
+            m(&|r| r.summary.hit_of_oracle * 100.0),
+            m(&|r| r.summary.ttft.p50),
+            spread(row.med(|r| r.summary.ttft.p95), repeats, 3),
+            m(&|r| r.summary.ttft.p99),
+            m(&|r| r.summary.itl.mean * 1000.0),
+            spread(row.med(|r| r.summary.completion.mean), repeats, 2),
+            m(&|r| r.summary.completion.p95),
             err_text,
-            s.request_imbalance,
-            s.kv_imbalance,
-            s.router_cpu_s,
-            s.router_rss_mib,
+            m(&|r| r.summary.request_imbalance),
+            m(&|r| r.summary.kv_imbalance),
+            m(&|r| r.summary.router_cpu_s),
+            m(&|r| r.summary.router_rss_mib),
         );
     }
     if let Some(r) = rs.iter().find(|r| r.skipped.is_none()) {
@@ -214,20 +300,21 @@ KV demand ÷ capacity {:.2}; time scale {}×, {} tokens per SSE event; ids: {}. 
                 .fold(0.0, f64::max)
         );
     }
-    best_lines(md, rs);
+    best_lines(md, &table);
 }
 
 /// A headline metric: name, value of a run, whether larger is better, unit.
 type Headline<'a> = (&'a str, &'a dyn Fn(&RunRecord) -> f64, bool, &'a str);
 
-/// Best valid agentlb row vs best valid anchor row on each headline metric.
-fn best_lines(md: &mut String, rs: &[&RunRecord]) {
-    let valid: Vec<&&RunRecord> = rs.iter().filter(|r| valid(r)).collect();
-    let (ours, anchors): (Vec<&&RunRecord>, Vec<&&RunRecord>) =
-        valid.iter().partition(|r| r.router.starts_with("agentlb"));
-    let pick = |v: &[&&RunRecord], f: &dyn Fn(&RunRecord) -> f64, max: bool| {
+/// Best valid agentlb row vs best valid anchor row on each headline metric (medians).
+fn best_lines(md: &mut String, table: &[Row<'_>]) {
+    let valid: Vec<&Row<'_>> = table.iter().filter(|r| r.valid()).collect();
+    let (ours, anchors): (Vec<&Row<'_>>, Vec<&Row<'_>>) = valid
+        .iter()
+        .partition(|r| r.first().router.starts_with("agentlb"));
+    let pick = |v: &[&Row<'_>], f: &dyn Fn(&RunRecord) -> f64, max: bool| {
         v.iter()
-            .map(|r| (f(r), label(r)))
+            .map(|r| (r.med(f).0, label(r.first())))
             .filter(|x| x.0.is_finite())
             .reduce(|a, b| if (b.0 > a.0) == max { b } else { a })
     };
@@ -254,11 +341,20 @@ fn best_lines(md: &mut String, rs: &[&RunRecord]) {
 }
 
 fn plots_of(dir: &Path, tag: &str, rs: &[&RunRecord], md: &mut String) -> Result<()> {
-    let ran: Vec<&&RunRecord> = rs.iter().filter(|r| r.skipped.is_none()).collect();
+    let table = rows(rs);
+    let ran: Vec<&Row<'_>> = table.iter().filter(|r| r.ran().next().is_some()).collect();
     if ran.is_empty() {
         return Ok(());
     }
-    let cdf: Vec<(String, Vec<f64>)> = ran.iter().map(|r| (label(r), r.ttfts.clone())).collect();
+    let cdf: Vec<(String, Vec<f64>)> = ran
+        .iter()
+        .map(|r| {
+            (
+                label(r.first()),
+                r.ran().flat_map(|x| x.ttfts.iter().copied()).collect(),
+            )
+        })
+        .collect();
     let f1 = format!("{tag}-ttft-cdf.svg");
     plots::cdf_svg(
         &dir.join(&f1),
@@ -266,17 +362,23 @@ fn plots_of(dir: &Path, tag: &str, rs: &[&RunRecord], md: &mut String) -> Result
         "TTFT (simulated s)",
         &cdf,
     )?;
+    // Mean over repeats of each backend's mean KV usage.
     let kv: Vec<(String, Vec<f64>)> = ran
         .iter()
         .map(|r| {
-            (
-                label(r),
-                r.summary
-                    .backends
-                    .iter()
-                    .map(|b| b.kv_usage_mean * 100.0)
-                    .collect(),
-            )
+            let n = r.first().summary.backends.len();
+            let per: Vec<f64> = (0..n)
+                .map(|i| {
+                    r.med(|x| {
+                        x.summary
+                            .backends
+                            .get(i)
+                            .map_or(0.0, |b| b.kv_usage_mean * 100.0)
+                    })
+                    .0
+                })
+                .collect();
+            (label(r.first()), per)
         })
         .collect();
     let f2 = format!("{tag}-kv-per-backend.svg");
@@ -307,13 +409,20 @@ fn load_plots(
         }
         let mut comp: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
         let mut hit: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        for r in runs.iter().filter(|r| r.preset == name && valid(r)) {
-            comp.entry(label(r))
-                .or_default()
-                .push((r.load, r.summary.completion.mean));
-            hit.entry(label(r))
-                .or_default()
-                .push((r.load, r.summary.hit_rate * 100.0));
+        for load in loads {
+            let rs: Vec<&RunRecord> = runs
+                .iter()
+                .filter(|r| r.preset == name && r.load == load)
+                .collect();
+            for row in rows(&rs).iter().filter(|r| r.valid()) {
+                let l = label(row.first());
+                comp.entry(l.clone())
+                    .or_default()
+                    .push((load, row.med(|r| r.summary.completion.mean).0));
+                hit.entry(l)
+                    .or_default()
+                    .push((load, row.med(|r| r.summary.hit_rate * 100.0).0));
+            }
         }
         let series = |m: BTreeMap<String, Vec<(f64, f64)>>| -> Vec<Series> {
             m.into_iter()
@@ -353,5 +462,50 @@ mod tests {
         let d = today();
         assert_eq!(d.len(), 10);
         assert!(d.starts_with("20"));
+    }
+
+    fn run(router: &str, replicas: usize, repeat: usize, hit: f64) -> RunRecord {
+        let mut summary = crate::bench::agentic::stats::Summary {
+            calls: 10,
+            hit_rate: hit,
+            ..Default::default()
+        };
+        if hit < 0.0 {
+            summary.errors.insert("http_502".to_owned(), 1);
+        }
+        RunRecord {
+            preset: "p".to_owned(),
+            load: 1.0,
+            router: router.to_owned(),
+            replicas,
+            repeat,
+            ids: "none".to_owned(),
+            summary,
+            ttfts: Vec::new(),
+            skipped: None,
+        }
+    }
+
+    #[test]
+    fn rows_group_repeats_and_take_medians() {
+        let runs = [
+            run("a", 1, 0, 0.5),
+            run("a", 3, 0, 0.2),
+            run("a", 3, 1, 0.4),
+            run("a", 1, 1, 0.7),
+            run("a", 1, 2, 0.6),
+            run("a", 3, 2, -1.0),
+        ];
+        let refs: Vec<&RunRecord> = runs.iter().collect();
+        let t = rows(&refs);
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].first().replicas, t[0].runs.len()), (1, 3));
+        assert_eq!(t[0].med(|r| r.summary.hit_rate), (0.6, 0.5, 0.7));
+        assert!(t[0].valid());
+        // A repeat with a failed call makes the whole row invalid.
+        assert!(!t[1].valid());
+        assert_eq!(t[1].errors().get("http_502"), Some(&1));
+        assert_eq!(spread((1.0, 0.5, 2.0), 3, 1), "1.0 [0.5–2.0]");
+        assert_eq!(spread((1.0, 0.5, 2.0), 1, 2), "1.00");
     }
 }
