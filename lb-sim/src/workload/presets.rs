@@ -240,4 +240,73 @@ mod tests {
         }
         assert!(preset("nope", 1, false).is_none());
     }
+
+    fn calls(name: &str) -> (Preset, crate::workload::Workload) {
+        let p = preset(name, 7, false).expect(name);
+        let w = crate::workload::generate(&p.spec);
+        (p, w)
+    }
+
+    #[test]
+    fn each_preset_has_its_shape() {
+        use crate::workload::CallKind;
+        let (p, w) = calls("workflows");
+        assert_eq!((w.workflows, w.calls.len()), (32, 32 * 3 * 5));
+        assert_eq!(p.cluster.instances, 4);
+        assert!(p.force_ids.is_none() && p.cluster.failure.is_none());
+
+        let (_, w) = calls("one-workflow");
+        assert_eq!(w.workflows, 1);
+        assert_eq!(
+            w.calls
+                .iter()
+                .filter(|c| c.agent.starts_with("worker"))
+                .count(),
+            16 * 4
+        );
+
+        let (_, w) = calls("mixed");
+        let stateless = w
+            .calls
+            .iter()
+            .filter(|c| c.kind == CallKind::Stateless)
+            .count();
+        assert_eq!((w.workflows, stateless), (16, 240));
+
+        let (p, _) = calls("scale");
+        assert_eq!(p.cluster.instances, 32);
+
+        let (p, w) = calls("prodstack-qa");
+        assert!(w.calls.iter().all(|c| c.kind == CallKind::Qa));
+        assert_eq!(w.calls.len(), 320 * 10);
+        assert_eq!(p.cluster.instances, 8);
+
+        let (p, _) = calls("hetero-tight");
+        assert!(p.hard && p.cluster.demand_ratio > 0.9);
+        assert!(
+            p.spec
+                .workflows
+                .as_ref()
+                .is_some_and(|w| w.context.sigma >= 1.0)
+        );
+
+        let (p, _) = calls("small-pools");
+        assert_eq!(p.cluster.instances, 8);
+
+        let (p, w) = calls("long-pauses");
+        assert!(p.cluster.demand_ratio > 1.0);
+        let mean_pause = w.calls.iter().map(|c| c.delay_ms as f64).sum::<f64>()
+            / w.calls.iter().filter(|c| c.delay_ms > 0).count() as f64;
+        assert!(mean_pause > 5000.0, "{mean_pause}");
+
+        let (p, _) = calls("failure");
+        assert!(
+            p.cluster
+                .failure
+                .is_some_and(|f| f.instance < p.cluster.instances)
+        );
+
+        let (p, _) = calls("no-ids");
+        assert_eq!(p.force_ids, Some(IdMode::None));
+    }
 }

@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use super::{PresetRecord, RunRecord};
-use crate::bench::plots::{self, Series};
+use crate::bench::{
+    plots::{self, Series},
+    report::Stat,
+};
 
 /// Facts about the whole run.
 pub struct Meta {
@@ -140,20 +143,10 @@ impl Row<'_> {
         self.runs.iter().copied().filter(|r| r.skipped.is_none())
     }
 
-    /// Median, min and max of `f` over the runs that ran.
+    /// Median, min and max of `f` over the runs that ran (NaN when none did).
     fn med(&self, f: impl Fn(&RunRecord) -> f64) -> (f64, f64, f64) {
-        let mut v: Vec<f64> = self.ran().map(f).filter(|x| x.is_finite()).collect();
-        if v.is_empty() {
-            return (f64::NAN, f64::NAN, f64::NAN);
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        (median, v[0], v[n - 1])
+        let v: Vec<f64> = self.ran().map(f).collect();
+        Stat::of(&v).map_or((f64::NAN, f64::NAN, f64::NAN), |s| (s.median, s.min, s.max))
     }
 
     /// Every repeat ran without a failed call.

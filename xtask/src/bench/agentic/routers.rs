@@ -211,15 +211,7 @@ pub fn start(
                 .vllm_router
                 .as_ref()
                 .context("vllm-router is not installed")?;
-            let mut c = Command::new(bin);
-            c.args(["--host", "127.0.0.1", "--port"])
-                .arg(port.to_string())
-                .args(["--prometheus-host", "127.0.0.1", "--prometheus-port"])
-                .arg(metrics_port.to_string())
-                .arg("--worker-urls")
-                .args(backends)
-                .args(&cfg.args)
-                .env("RUST_LOG", "warn");
+            let mut c = anchor_command(bin, &[], port, metrics_port, backends, &cfg.args);
             if cfg.kv_events {
                 c.args(["--kv-event-block-size", "16", "--kv-event-model", model]);
                 // No replay source: with several subscribers replaying at once,
@@ -238,22 +230,8 @@ pub fn start(
                 .sglang_python
                 .as_ref()
                 .context("sglang-router is not installed")?;
-            let mut c = Command::new(py);
-            c.args([
-                "-m",
-                "sglang_router.launch_router",
-                "--host",
-                "127.0.0.1",
-                "--port",
-            ])
-            .arg(port.to_string())
-            .args(["--prometheus-host", "127.0.0.1", "--prometheus-port"])
-            .arg(metrics_port.to_string())
-            .arg("--worker-urls")
-            .args(backends)
-            .args(&cfg.args)
-            .env("RUST_LOG", "warn");
-            c
+            let launcher = ["-m", "sglang_router.launch_router"];
+            anchor_command(py, &launcher, port, metrics_port, backends, &cfg.args)
         }
     };
     let proc = ChildGuard::spawn(&format!("{} #{replica}", cfg.name), cmd, log, None)?;
@@ -261,6 +239,29 @@ pub fn start(
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         proc,
     })
+}
+
+/// The command line both anchors share: loopback listeners for traffic and metrics,
+/// the workers, then the configuration's own flags.
+fn anchor_command(
+    program: &Path,
+    pre: &[&str],
+    port: u16,
+    metrics_port: u16,
+    backends: &[String],
+    args: &[String],
+) -> Command {
+    let mut c = Command::new(program);
+    c.args(pre)
+        .args(["--host", "127.0.0.1", "--port"])
+        .arg(port.to_string())
+        .args(["--prometheus-host", "127.0.0.1", "--prometheus-port"])
+        .arg(metrics_port.to_string())
+        .arg("--worker-urls")
+        .args(backends)
+        .args(args)
+        .env("RUST_LOG", "warn");
+    c
 }
 
 /// Waits until a small chat completion through `s` answers 200 (the whole chain works).
