@@ -86,6 +86,8 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
         ADMIN,
         "--pin-dir",
         PIN_DIR,
+        "--policy",
+        "workflow",
     ]);
     for i in 0..backends {
         cmd.args(["--backend", &format!("http://127.0.0.1:{}", BASE_PORT + i)]);
@@ -206,7 +208,7 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
         }
     }
     println!(
-        "\nThe policy here is {} (no workflow affinity yet): a workflow's calls spread over instances,\nso each instance rebuilds the shared context. Workflow-aware placement is the next step.",
+        "\nThe policy here is {}: each workflow's calls stay on one instance, where its shared\ncontext is cached (with `--policy round_robin` they spread over all instances and each\nrebuilds it). `cargo xtask bench agentic` compares the policies with vllm-router and\nsglang-router.",
         ureq::get(&format!("http://{ADMIN}/admin/backends"))
             .call()?
             .into_json::<Value>()?["policy"]
