@@ -82,6 +82,57 @@ pub fn estimated_starts(w: &Workload, prompt_lens: &[usize]) -> Vec<f64> {
     start
 }
 
+/// A workload tokenized, hashed and scheduled once, for any number of oracle runs.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Prompt length of every call, tokens.
+    pub lens: Vec<usize>,
+    /// Block hashes of every call's prompt.
+    hashes: Vec<Vec<BlockHash>>,
+    /// Calls by estimated start time.
+    order: Vec<usize>,
+    /// The latest estimated start, ms.
+    pub last_start_ms: f64,
+    block_size: usize,
+}
+
+impl Prepared {
+    /// Tokenizes and hashes every prompt (blocks of `block_size`) and orders the calls.
+    pub fn new(w: &Workload, chars_per_token: f64, block_size: usize) -> Self {
+        let tokens = prompt_tokens(w, chars_per_token);
+        let hashes: Vec<Vec<BlockHash>> = tokens
+            .iter()
+            .map(|t| {
+                let mut h = Vec::with_capacity(t.len() / block_size);
+                extend_hashes(&mut h, t, block_size);
+                h
+            })
+            .collect();
+        let lens: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let starts = estimated_starts(w, &lens);
+        let mut order: Vec<usize> = (0..w.calls.len()).collect();
+        order.sort_by(|&a, &b| starts[a].total_cmp(&starts[b]).then(a.cmp(&b)));
+        Self {
+            lens,
+            hashes,
+            order,
+            last_start_ms: starts.into_iter().fold(0.0, f64::max),
+            block_size,
+        }
+    }
+
+    /// The oracle for a pool of `capacity_blocks` blocks.
+    pub fn run(&self, capacity_blocks: u64) -> OracleResult {
+        simulate(
+            &self.order,
+            &self.hashes,
+            &self.lens,
+            self.block_size,
+            capacity_blocks,
+        )
+    }
+}
+
 /// Runs the oracle for a pool of `capacity_blocks` blocks of `block_size` tokens.
 pub fn run(
     w: &Workload,
@@ -89,20 +140,7 @@ pub fn run(
     block_size: usize,
     capacity_blocks: u64,
 ) -> OracleResult {
-    let tokens = prompt_tokens(w, chars_per_token);
-    let hashes: Vec<Vec<BlockHash>> = tokens
-        .iter()
-        .map(|t| {
-            let mut h = Vec::with_capacity(t.len() / block_size);
-            extend_hashes(&mut h, t, block_size);
-            h
-        })
-        .collect();
-    let lens: Vec<usize> = tokens.iter().map(Vec::len).collect();
-    let starts = estimated_starts(w, &lens);
-    let mut order: Vec<usize> = (0..w.calls.len()).collect();
-    order.sort_by(|&a, &b| starts[a].total_cmp(&starts[b]).then(a.cmp(&b)));
-    simulate(&order, &hashes, &lens, block_size, capacity_blocks)
+    Prepared::new(w, chars_per_token, block_size).run(capacity_blocks)
 }
 
 /// The pooled Belady cache over calls in `order` (exposed for hand-made tests).

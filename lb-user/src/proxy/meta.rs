@@ -25,6 +25,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::controller::policies::workflow::StableHasher;
+
 use super::{
     ApiError,
     h1::{Head, Known},
@@ -124,20 +126,11 @@ struct MessageRef<'a> {
     content: Option<&'a RawValue>,
 }
 
-/// FNV-1a over several pieces, then the same mix as [`stable_hash`]: stable across
-/// processes and versions.
-struct RootHasher(u64);
-
-impl RootHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // A separator, so ("ab","c") and ("a","bc") differ.
-        self.0 ^= 0xff;
-        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+/// Feeds one piece of the root, then a separator byte (never in UTF-8 text), so
+/// ("ab","c") and ("a","bc") differ.
+fn write_piece(h: &mut StableHasher, bytes: &[u8]) {
+    h.write(bytes);
+    h.write(&[0xff]);
 }
 
 /// The first `n` bytes of `s`, cut back to a character boundary.
@@ -155,7 +148,7 @@ fn root_key(
     prompt: Option<&RawValue>,
     limits: &MetaLimits,
 ) -> Option<u64> {
-    let mut h = RootHasher(0xcbf2_9ce4_8422_2325);
+    let mut h = StableHasher::default();
     let first = match (messages, prompt) {
         (Some(msgs), _) => {
             let mut rest = msgs.iter();
@@ -164,8 +157,8 @@ fn root_key(
                 let role = m.role.as_deref().unwrap_or("");
                 let content = m.content.map_or("", RawValue::get);
                 if role == "system" || role == "developer" {
-                    h.write(role.as_bytes());
-                    h.write(content.as_bytes());
+                    write_piece(&mut h, role.as_bytes());
+                    write_piece(&mut h, content.as_bytes());
                 } else {
                     first = Some(content);
                     break;
@@ -179,8 +172,8 @@ fn root_key(
     if first.len() < limits.root_min_chars {
         return None;
     }
-    h.write(head(first, limits.root_chars).as_bytes());
-    Some(crate::controller::policies::workflow::finish_hash(h.0))
+    write_piece(&mut h, head(first, limits.root_chars).as_bytes());
+    Some(h.finish())
 }
 
 #[derive(Deserialize, Default)]

@@ -46,19 +46,37 @@ impl WorkflowPolicy {
     }
 }
 
-/// A 64-bit hash that is the same in every process and version (FNV-1a, then a mix).
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// A 64-bit hash that is the same in every process and version: FNV-1a over the bytes
+/// written, then a mix.
+#[derive(Debug, Clone, Copy)]
+pub struct StableHasher(u64);
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
     }
-    mix(h)
 }
 
-/// The final mix of [`stable_hash`], for hashes accumulated elsewhere.
-pub fn finish_hash(h: u64) -> u64 {
-    mix(h)
+impl StableHasher {
+    /// Feeds bytes.
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// The hash of everything written.
+    pub fn finish(self) -> u64 {
+        mix(self.0)
+    }
+}
+
+/// [`StableHasher`] over one byte string.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h = StableHasher::default();
+    h.write(bytes);
+    h.finish()
 }
 
 fn mix(mut z: u64) -> u64 {

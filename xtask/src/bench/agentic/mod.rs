@@ -139,6 +139,8 @@ pub struct PresetRecord {
     pub demand_ratio: f64,
     /// The oracle.
     pub oracle: oracle::OracleResult,
+    /// The latest estimated call start (uncontended schedule), simulated ms.
+    pub last_start_ms: f64,
 }
 
 /// Entry point.
@@ -350,20 +352,22 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
 
 /// Computes the preset's KV pool from its demand ratio and runs the oracle.
 fn setup_preset(p: &presets::Preset, w: &Workload) -> PresetRecord {
-    let unbounded = oracle::run(w, CHARS_PER_TOKEN, BLOCK_SIZE, u64::MAX);
+    let prepared = oracle::Prepared::new(w, CHARS_PER_TOKEN, BLOCK_SIZE);
+    let unbounded = prepared.run(u64::MAX);
     let instances = p.cluster.instances.max(1);
     // The pool must at least hold the largest single request (prompt + output).
-    let largest = oracle::prompt_tokens(w, CHARS_PER_TOKEN)
+    let largest = prepared
+        .lens
         .iter()
         .zip(&w.calls)
-        .map(|(t, c)| (t.len() + c.max_tokens).div_ceil(BLOCK_SIZE) + 1)
+        .map(|(len, c)| (len + c.max_tokens).div_ceil(BLOCK_SIZE) + 1)
         .max()
         .unwrap_or(1);
     let blocks = ((unbounded.demand_blocks as f64 / (instances as f64 * p.cluster.demand_ratio))
         .ceil() as usize)
         .max(largest + 16);
     let capacity = (blocks * instances) as u64;
-    let o = oracle::run(w, CHARS_PER_TOKEN, BLOCK_SIZE, capacity);
+    let o = prepared.run(capacity);
     PresetRecord {
         preset: p.clone(),
         calls: w.calls.len(),
@@ -372,6 +376,7 @@ fn setup_preset(p: &presets::Preset, w: &Workload) -> PresetRecord {
         num_gpu_blocks: blocks,
         demand_ratio: o.demand_blocks as f64 / capacity as f64,
         oracle: o,
+        last_start_ms: prepared.last_start_ms,
     }
 }
 
@@ -432,16 +437,9 @@ impl RunOne<'_> {
         };
         // A backend failing mid-run.
         let failer = c.failure.map(|f| {
-            let est_end = oracle::estimated_starts(
-                &self.workload,
-                &oracle::prompt_tokens(&self.workload, CHARS_PER_TOKEN)
-                    .iter()
-                    .map(Vec::len)
-                    .collect::<Vec<_>>(),
-            )
-            .into_iter()
-            .fold(0.0, f64::max);
-            let at = Duration::from_secs_f64(est_end * f.at_fraction / 1000.0 / c.time_scale);
+            let at = Duration::from_secs_f64(
+                self.rec.last_start_ms * f.at_fraction / 1000.0 / c.time_scale,
+            );
             let (admin, stop) = (sim.admin, stop.clone());
             std::thread::spawn(move || {
                 let t = Instant::now();
