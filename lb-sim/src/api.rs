@@ -1,9 +1,15 @@
 //! The OpenAI-compatible HTTP API of one instance: request types, vLLM-shaped responses, SSE.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or SSE),
+//! `POST /v1/responses` (JSON or SSE), `GET /v1/responses/{id}`,
+//! `POST /v1/responses/{id}/cancel` (the Responses API, see [`crate::responses`]),
 //! `GET /v1/models`, `GET /health`, `POST /tokenize`, `GET /load`, `GET /metrics`,
 //! `GET /version`, `GET /kv_event_sources`, and the simulator's own `GET/POST /sim/fault`,
-//! `GET /sim/info`.
+//! `GET /sim/info`, `POST /sim/reset_prefix_cache`.
+//!
+//! Every generating endpoint goes through `submit` (engine admission) and then either
+//! `wait_finished` (JSON) or a `TokenPump` (SSE), so cached tokens, timings, metrics and
+//! faults behave the same whatever the API.
 //!
 //! Every completion response carries `usage.prompt_tokens_details.cached_tokens` (as vLLM does
 //! with `--enable-prompt-tokens-details`). Non-streaming responses also carry the engine's
@@ -24,7 +30,9 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::engine::{EngineHandle, FinishReason, RequestShared, RequestSpec, SubmitError};
+use crate::engine::{
+    EngineHandle, FinishReason, Progress, RequestShared, RequestSpec, SubmitError, Timings,
+};
 use crate::faults::{FaultMode, FaultSpec};
 use crate::server::{Instance, LoadGuard};
 use crate::tokenizer::{ChatTurn, Tokenizer, fnv1a64, mix64};
@@ -36,14 +44,16 @@ pub const MAX_BODY_BYTES: usize = 64 << 20;
 pub enum SimBody {
     /// A complete body.
     Full(Option<Bytes>),
-    /// A live SSE stream.
+    /// A live SSE stream of chat/completions chunks.
     Sse(Box<SseStream>),
+    /// A live SSE stream of Responses API events.
+    Responses(Box<crate::responses::ResponseStream>),
     /// A body that fails once polled (cuts the connection).
     Cut(Option<Pin<Box<tokio::time::Sleep>>>),
 }
 
 impl SimBody {
-    fn full(b: impl Into<Bytes>) -> Self {
+    pub(crate) fn full(b: impl Into<Bytes>) -> Self {
         Self::Full(Some(b.into()))
     }
 }
@@ -59,6 +69,7 @@ impl Body for SimBody {
         match self.get_mut() {
             SimBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             SimBody::Sse(s) => s.poll_next(cx),
+            SimBody::Responses(s) => s.poll_next(cx),
             SimBody::Cut(sleep) => {
                 if let Some(s) = sleep {
                     if s.as_mut().poll(cx).is_pending() {
@@ -118,35 +129,36 @@ pub fn error_response(status: StatusCode, kind: &str, message: &str, param: Opti
     )
 }
 
-fn bad_request(message: &str) -> Resp {
+pub(crate) fn bad_request(message: &str) -> Resp {
     error_response(StatusCode::BAD_REQUEST, "BadRequestError", message, None)
 }
 
-fn not_found() -> Resp {
+pub(crate) fn not_found() -> Resp {
     json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"}))
 }
 
-fn method_not_allowed() -> Resp {
+pub(crate) fn method_not_allowed() -> Resp {
     json_response(
         StatusCode::METHOD_NOT_ALLOWED,
         &json!({"detail": "Method Not Allowed"}),
     )
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-#[derive(Debug, Deserialize)]
-struct ChatMessage {
-    role: String,
+/// One chat message as sent (also the stored conversation of the Responses API).
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct ChatMessage {
+    pub(crate) role: String,
     #[serde(default)]
-    content: Option<Value>,
+    pub(crate) content: Option<Value>,
     #[serde(default)]
-    tool_calls: Option<Value>,
+    pub(crate) tool_calls: Option<Value>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -207,9 +219,11 @@ struct TokenizeRequest {
     add_generation_prompt: Option<bool>,
 }
 
-fn chat_turns(messages: &[ChatMessage]) -> Vec<ChatTurn<'_>> {
+pub(crate) fn chat_turns<'a>(
+    messages: impl IntoIterator<Item = &'a ChatMessage>,
+) -> Vec<ChatTurn<'a>> {
     messages
-        .iter()
+        .into_iter()
         .map(|m| ChatTurn {
             role: &m.role,
             content: m.content.as_ref(),
@@ -242,7 +256,7 @@ fn prompt_tokens(tok: &Tokenizer, prompt: &Value) -> Result<Vec<u32>, String> {
     }
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Box<Resp>> {
+pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Box<Resp>> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = if e.is_syntax() || e.is_eof() {
             format!("JSON decode error: {e}")
@@ -323,6 +337,13 @@ pub async fn handle(
                 Err(r) => *r,
             }
         }
+        (Method::POST, "/v1/responses") => {
+            let load = inst.load_guard();
+            match read_body(req).await {
+                Ok(b) => crate::responses::create(&inst, &b, load).await,
+                Err(r) => *r,
+            }
+        }
         (
             _,
             "/health"
@@ -333,8 +354,13 @@ pub async fn handle(
             | "/kv_event_sources"
             | "/tokenize"
             | "/v1/chat/completions"
-            | "/v1/completions",
+            | "/v1/completions"
+            | "/v1/responses",
         ) => method_not_allowed(),
+        (m, p) if p.starts_with("/v1/responses/") => {
+            let query = req.uri().query().map(str::to_string);
+            crate::responses::by_id(&inst, m, &p["/v1/responses/".len()..], query.as_deref())
+        }
         _ => not_found(),
     };
     if let Some(id) = request_id
@@ -423,7 +449,7 @@ fn kv_event_sources(inst: &Instance) -> Resp {
     }
 }
 
-fn check_model(inst: &Instance, model: Option<&str>) -> Result<(), Box<Resp>> {
+pub(crate) fn check_model(inst: &Instance, model: Option<&str>) -> Result<(), Box<Resp>> {
     match model {
         Some(m) if m != inst.cfg.model => Err(Box::new(error_response(
             StatusCode::NOT_FOUND,
@@ -569,7 +595,7 @@ async fn completion(
 }
 
 /// Deterministic output seed: identical prompts give identical answers (greedy-like).
-fn output_seed(prompt: &[u32], seed: Option<i64>) -> u64 {
+pub(crate) fn output_seed(prompt: &[u32], seed: Option<i64>) -> u64 {
     let mut h = prompt.len() as u64;
     for &t in prompt.iter().rev().take(64) {
         h = mix64(h ^ u64::from(t));
@@ -592,19 +618,41 @@ impl Drop for AbortGuard {
     }
 }
 
-async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: LoadGuard) -> Resp {
+/// A request admitted by the engine: what its HTTP side needs to follow it. Dropping it before
+/// the request finishes aborts the request (client gone).
+pub(crate) struct Submitted {
+    shared: Arc<RequestShared>,
+    guard: AbortGuard,
+    /// Cut the response after this many generated tokens (`reset:N` fault).
+    pub(crate) reset_after: Option<usize>,
+}
+
+/// Submits a prompt to the instance's engine, as every generating endpoint does.
+///
+/// `explicit` says whether `max_tokens` came from the request (the request then finishes with
+/// `length`) or is a default (`stop`). `stream` sets how often the engine wakes the HTTP side.
+/// Refusals (too long, too large for the KV pool, empty) become vLLM's 400.
+pub(crate) fn submit(
+    inst: &Arc<Instance>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    explicit: bool,
+    seed: u64,
+    stream: bool,
+) -> Result<Submitted, Box<Resp>> {
     let engine = inst.engine();
-    let explicit = p.max_tokens.is_some();
-    let max_tokens = p.max_tokens.unwrap_or(inst.cfg.default_max_tokens);
-    let prompt_len = p.prompt.len();
+    let reset_after = match inst.fault().mode {
+        FaultMode::Reset { after_tokens } => Some(after_tokens),
+        _ => None,
+    };
     let spec = RequestSpec {
-        prompt: p.prompt,
+        prompt,
         max_tokens,
         explicit_max_tokens: explicit,
-        seed: p.seed,
-        wake_every: if p.stream {
+        seed,
+        wake_every: if stream {
             inst.cfg.stream_interval
-        } else if matches!(inst.fault().mode, FaultMode::Reset { .. }) {
+        } else if reset_after.is_some() {
             1
         } else {
             usize::MAX
@@ -613,23 +661,144 @@ async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: 
     let (id, shared) = match engine.submit(spec) {
         Ok(x) => x,
         Err(e @ (SubmitError::TooLong { .. } | SubmitError::TooLarge { .. })) => {
-            return bad_request(&e.to_string());
+            return Err(Box::new(bad_request(&e.to_string())));
         }
-        Err(e) => return bad_request(&e.to_string()),
+        Err(e) => return Err(Box::new(bad_request(&e.to_string()))),
     };
     let guard = AbortGuard {
-        engine: engine.clone(),
+        engine,
         id,
         shared: shared.clone(),
+    };
+    Ok(Submitted {
+        shared,
+        guard,
+        reset_after,
+    })
+}
+
+impl Submitted {
+    /// Follows the request token by token (SSE).
+    pub(crate) fn into_pump(self) -> TokenPump {
+        TokenPump {
+            shared: self.shared,
+            guard: Some(self.guard),
+            reset_after: self.reset_after,
+            sent: 0,
+            done: false,
+            cut: None,
+        }
+    }
+}
+
+/// How a request followed by [`wait_finished`] ended.
+pub(crate) enum Outcome {
+    /// Finished normally (`stop` or `length`).
+    Done {
+        /// Final progress (tokens, cached tokens, preemptions).
+        progress: Progress,
+        /// `stop` or `length`.
+        reason: FinishReason,
+        /// Virtual timings.
+        timings: Timings,
+    },
+    /// The `reset` fault fired: the response must be cut.
+    Cut,
+    /// Aborted by the engine (instance death).
+    Aborted,
+}
+
+/// Waits until the request finishes (or the `reset` fault's token count is reached).
+pub(crate) async fn wait_finished(sub: Submitted) -> Outcome {
+    let reset_after = sub.reset_after;
+    let finished = std::future::poll_fn(|cx| {
+        sub.shared.waker.register(cx.waker());
+        let pr = sub.shared.snapshot();
+        if pr.finished.is_some() || reset_after.is_some_and(|n| pr.generated >= n) {
+            Poll::Ready(pr)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    drop(sub);
+    match finished.finished {
+        None => Outcome::Cut,
+        Some((FinishReason::Abort, _)) => Outcome::Aborted,
+        Some((reason, timings)) => Outcome::Done {
+            progress: finished,
+            reason,
+            timings,
+        },
+    }
+}
+
+/// The answer to a non-streaming request cut by the `reset` fault: headers, then a cut body.
+pub(crate) fn cut_response() -> Resp {
+    let mut r = Response::new(SimBody::Cut(None));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The answer to a non-streaming request aborted by the engine.
+pub(crate) fn aborted_response() -> Resp {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ServiceUnavailableError",
+        "request aborted",
+        None,
+    )
+}
+
+/// Text of generated tokens `from..to` of a request with output seed `seed`.
+pub(crate) fn output_text(tok: &Tokenizer, seed: u64, from: usize, to: usize) -> String {
+    let mut text = String::with_capacity(to.saturating_sub(from) * 5);
+    for j in from..to {
+        text.push_str(tok.output_token(seed, j).1.as_str());
+    }
+    text
+}
+
+/// Adds the engine's virtual timings as `x-sim-*` headers.
+pub(crate) fn add_sim_headers(r: &mut Resp, inst: &Instance, t: &Timings, preemptions: u32) {
+    let h = r.headers_mut();
+    for (k, v) in [
+        ("x-sim-ttft", t.ttft),
+        ("x-sim-e2e", t.e2e),
+        ("x-sim-queue", t.queue),
+        ("x-sim-itl", t.mean_itl),
+        ("x-sim-time-scale", inst.cfg.time_scale),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&format!("{v:.9}")) {
+            h.insert(k, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&preemptions.to_string()) {
+        h.insert("x-sim-preemptions", v);
+    }
+}
+
+async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: LoadGuard) -> Resp {
+    let max_tokens = p.max_tokens.unwrap_or(inst.cfg.default_max_tokens);
+    let prompt_len = p.prompt.len();
+    let sub = match submit(
+        inst,
+        p.prompt,
+        max_tokens,
+        p.max_tokens.is_some(),
+        p.seed,
+        p.stream,
+    ) {
+        Ok(s) => s,
+        Err(r) => return *r,
     };
     let base = rid.unwrap_or_else(|| inst.new_id());
     let oid = match p.kind {
         Kind::Chat => format!("chatcmpl-{base}"),
         Kind::Completion => format!("cmpl-{base}"),
-    };
-    let reset_after = match inst.fault_rx().borrow().mode {
-        FaultMode::Reset { after_tokens } => Some(after_tokens),
-        _ => None,
     };
     let created = unix_now();
     let model_json = serde_json::to_string(&inst.cfg.model).unwrap_or_else(|_| "\"\"".into());
@@ -643,19 +812,14 @@ async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: 
             "data: {{\"id\":{oid_json},\"object\":\"{object}\",\"created\":{created},\"model\":{model_json},\"choices\":["
         );
         let s = SseStream {
-            shared,
-            guard: Some(guard),
+            pump: sub.into_pump(),
             tokenizer: inst.tokenizer,
             seed: p.seed,
             kind: p.kind,
             prefix,
             include_usage: p.include_usage,
             prompt_tokens: prompt_len,
-            sent_tokens: 0,
             sent_role: false,
-            done: false,
-            reset_after,
-            cut: None,
             _load: load,
         };
         let mut r = Response::new(SimBody::Sse(Box::new(s)));
@@ -666,38 +830,16 @@ async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: 
         return r;
     }
     // Non-streaming: wait for the end (or the reset fault).
-    let finished = std::future::poll_fn(|cx| {
-        shared.waker.register(cx.waker());
-        let pr = shared.snapshot();
-        if pr.finished.is_some() || reset_after.is_some_and(|n| pr.generated >= n) {
-            Poll::Ready(pr)
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    drop(guard);
-    let Some((reason, t)) = finished.finished else {
-        // Reset fault: headers, then a cut connection.
-        let mut r = Response::new(SimBody::Cut(None));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return r;
+    let (finished, reason, t) = match wait_finished(sub).await {
+        Outcome::Done {
+            progress,
+            reason,
+            timings,
+        } => (progress, reason, timings),
+        Outcome::Cut => return cut_response(),
+        Outcome::Aborted => return aborted_response(),
     };
-    if reason == FinishReason::Abort {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServiceUnavailableError",
-            "request aborted",
-            None,
-        );
-    }
-    let mut text = String::with_capacity(finished.generated * 5);
-    for j in 0..finished.generated {
-        text.push_str(inst.tokenizer.output_token(p.seed, j).1.as_str());
-    }
+    let text = output_text(&inst.tokenizer, p.seed, 0, finished.generated);
     let usage = Usage {
         prompt_tokens: prompt_len,
         total_tokens: prompt_len + finished.generated,
@@ -759,21 +901,7 @@ async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: 
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let h = r.headers_mut();
-    for (k, v) in [
-        ("x-sim-ttft", t.ttft),
-        ("x-sim-e2e", t.e2e),
-        ("x-sim-queue", t.queue),
-        ("x-sim-itl", t.mean_itl),
-        ("x-sim-time-scale", inst.cfg.time_scale),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(&format!("{v:.9}")) {
-            h.insert(k, v);
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&finished.preemptions.to_string()) {
-        h.insert("x-sim-preemptions", v);
-    }
+    add_sim_headers(&mut r, inst, &t, finished.preemptions);
     r
 }
 
@@ -848,22 +976,102 @@ struct CompletionResponse<'a> {
     kv_transfer_params: Option<()>,
 }
 
-/// An SSE stream of one request, coalescing tokens produced since the last poll into one chunk
-/// (as vLLM's output collector does when the client lags).
-pub struct SseStream {
+/// New tokens of a request, as seen by one poll of a [`TokenPump`].
+pub(crate) struct Pumped {
+    /// First new token.
+    pub(crate) from: usize,
+    /// One past the last new token (`from == to` when only the finish is new).
+    pub(crate) to: usize,
+    /// Set on the last poll of a finished request (never `abort`).
+    pub(crate) finish: Option<FinishReason>,
+    /// Prompt tokens served from the prefix cache.
+    pub(crate) cached: usize,
+}
+
+/// Follows a streamed request: each poll yields the tokens produced since the last one
+/// (coalescing, as vLLM's output collector does when the client lags), applies the `reset`
+/// fault (the tokens up to N, then a cut connection) and turns an engine abort into an error.
+pub(crate) struct TokenPump {
     shared: Arc<RequestShared>,
     guard: Option<AbortGuard>,
+    reset_after: Option<usize>,
+    sent: usize,
+    done: bool,
+    cut: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TokenPump {
+    /// `Ready(None)` once the finish was yielded; `Ready(Some(Err))` for a cut or an abort.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Pumped>>> {
+        if let Some(c) = &mut self.cut {
+            if c.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.cut = None;
+            self.done = true;
+            return Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "fault: reset mid-stream",
+            ))));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        self.shared.waker.register(cx.waker());
+        let (generated, finished, cached) = {
+            let p = self.shared.snapshot();
+            (p.generated, p.finished, p.cached_tokens)
+        };
+        let mut upto = generated;
+        let mut cut_now = false;
+        if let Some(n) = self.reset_after
+            && upto >= n
+        {
+            upto = n;
+            cut_now = true;
+        }
+        if upto == self.sent && finished.is_none() && !cut_now {
+            return Poll::Pending;
+        }
+        let finish = if cut_now { None } else { finished.map(|f| f.0) };
+        if finish == Some(FinishReason::Abort) {
+            self.done = true;
+            return Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "request aborted",
+            ))));
+        }
+        let from = self.sent;
+        self.sent = upto;
+        if finish.is_some() {
+            self.done = true;
+            self.guard = None;
+        }
+        if cut_now {
+            // Let the bytes so far reach the socket, then cut.
+            self.cut = Some(Box::pin(tokio::time::sleep(
+                std::time::Duration::from_millis(50),
+            )));
+        }
+        Poll::Ready(Some(Ok(Pumped {
+            from,
+            to: upto,
+            finish,
+            cached,
+        })))
+    }
+}
+
+/// An SSE stream of one chat/completions request, one chunk per [`TokenPump`] poll.
+pub struct SseStream {
+    pump: TokenPump,
     tokenizer: Tokenizer,
     seed: u64,
     kind: Kind,
     prefix: String,
     include_usage: bool,
     prompt_tokens: usize,
-    sent_tokens: usize,
     sent_role: bool,
-    done: bool,
-    reset_after: Option<usize>,
-    cut: Option<Pin<Box<tokio::time::Sleep>>>,
     _load: LoadGuard,
 }
 
@@ -903,77 +1111,36 @@ impl SseStream {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        if let Some(c) = &mut self.cut {
-            if c.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            self.done = true;
-            return Poll::Ready(Some(Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "fault: reset mid-stream",
-            ))));
-        }
-        if self.done {
-            return Poll::Ready(None);
-        }
-        self.shared.waker.register(cx.waker());
-        let (generated, finished, cached) = {
-            let p = self.shared.snapshot();
-            (p.generated, p.finished, p.cached_tokens)
+        let ev = match self.pump.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Ok(ev))) => ev,
         };
-        let mut upto = generated;
-        let mut cut_now = false;
-        if let Some(n) = self.reset_after
-            && upto >= n
-        {
-            upto = n;
-            cut_now = true;
-        }
-        if upto == self.sent_tokens && finished.is_none() && !cut_now {
-            return Poll::Pending;
-        }
         let mut out = String::with_capacity(self.prefix.len() * 2 + 256);
-        if !self.sent_role && self.kind == Kind::Chat && (upto > 0 || finished.is_some()) {
+        if !self.sent_role && self.kind == Kind::Chat && (ev.to > 0 || ev.finish.is_some()) {
             out.push_str(&self.prefix);
             out.push_str("{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
             self.sent_role = true;
         }
-        let finish = if cut_now { None } else { finished.map(|f| f.0) };
-        match finish {
-            Some(FinishReason::Abort) => {
-                self.done = true;
-                return Poll::Ready(Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "request aborted",
-                ))));
-            }
+        match ev.finish {
             Some(f) => {
-                self.push_chunk(&mut out, self.sent_tokens, upto, Some(f));
-                self.sent_tokens = upto;
+                self.push_chunk(&mut out, ev.from, ev.to, Some(f));
                 if self.include_usage {
                     out.push_str(&self.prefix);
                     out.push_str(&format!(
                         "],\"usage\":{{\"prompt_tokens\":{},\"total_tokens\":{},\"completion_tokens\":{},\"prompt_tokens_details\":{{\"cached_tokens\":{}}}}}}}\n\n",
                         self.prompt_tokens,
-                        self.prompt_tokens + upto,
-                        upto,
-                        cached
+                        self.prompt_tokens + ev.to,
+                        ev.to,
+                        ev.cached
                     ));
                 }
                 out.push_str("data: [DONE]\n\n");
-                self.done = true;
-                self.guard = None;
             }
             None => {
-                if upto > self.sent_tokens {
-                    self.push_chunk(&mut out, self.sent_tokens, upto, None);
-                    self.sent_tokens = upto;
-                }
-                if cut_now {
-                    // Let the bytes so far reach the socket, then cut.
-                    self.cut = Some(Box::pin(tokio::time::sleep(
-                        std::time::Duration::from_millis(50),
-                    )));
+                if ev.to > ev.from {
+                    self.push_chunk(&mut out, ev.from, ev.to, None);
                 }
             }
         }

@@ -125,6 +125,9 @@ pub struct EngineConfig {
     pub chars_per_token: f64,
     /// Tokens per SSE event when the client keeps up (1 = one event per engine step).
     pub stream_interval: usize,
+    /// Responses API objects kept in the instance's memory (oldest evicted first); 0 disables
+    /// the store, as vLLM without `VLLM_ENABLE_RESPONSES_API_STORE=1`.
+    pub max_stored_responses: usize,
 }
 
 impl Default for EngineConfig {
@@ -143,6 +146,7 @@ impl Default for EngineConfig {
             default_max_tokens: 128,
             chars_per_token: 4.0,
             stream_interval: 1,
+            max_stored_responses: 10_000,
         }
     }
 }

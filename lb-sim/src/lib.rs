@@ -1,9 +1,10 @@
 //! `lb-sim`: a faithful, fast simulator of vLLM 0.33 as a router sees it.
 //!
 //! One process hosts N simulated instances, each with its own engine ([`engine`]), KV block pool
-//! with automatic prefix caching ([`prefix_cache`]), OpenAI-compatible HTTP API ([`api`]),
-//! Prometheus metrics ([`metrics`]), optional KV event publisher ([`kv_events`]) and runtime
-//! faults ([`faults`]). [`server`] wires them together; `src/main.rs` is only the CLI.
+//! with automatic prefix caching ([`prefix_cache`]), OpenAI-compatible HTTP API ([`api`], with
+//! the Responses API and its per-instance response store in [`responses`]), Prometheus metrics
+//! ([`metrics`]), optional KV event publisher ([`kv_events`]) and runtime faults ([`faults`]).
+//! [`server`] wires them together; `src/main.rs` is only the CLI.
 //! [`workload`] generates the agentic workloads that benchmarks and tests send to it.
 
 pub mod api;
@@ -13,6 +14,7 @@ pub mod faults;
 pub mod kv_events;
 pub mod metrics;
 pub mod prefix_cache;
+pub mod responses;
 pub mod server;
 pub mod tokenizer;
 pub mod workload;

@@ -102,6 +102,11 @@ struct ServeArgs {
     /// Tokens per SSE event (1 = one event per engine step, as vLLM streams by default).
     #[arg(long, default_value_t = 1)]
     stream_interval: usize,
+    /// Responses API objects each instance keeps in memory for `previous_response_id` and
+    /// `GET /v1/responses/{id}` (oldest evicted first; 0 = no store, like vLLM without
+    /// VLLM_ENABLE_RESPONSES_API_STORE=1).
+    #[arg(long, default_value_t = 10_000)]
+    max_stored_responses: usize,
     /// Publish KV events (ZMQ PUB + replay ROUTER per instance).
     #[arg(long)]
     kv_events: bool,
@@ -157,6 +162,7 @@ impl ServeArgs {
             default_max_tokens: self.default_max_tokens,
             chars_per_token: self.chars_per_token,
             stream_interval: self.stream_interval,
+            max_stored_responses: self.max_stored_responses,
         };
         engine.validate()?;
         if self.instances == 0 {

@@ -23,6 +23,7 @@ use crate::api::{self, SimBody};
 use crate::config::{EngineConfig, SimConfig};
 use crate::engine::{Engine, EngineHandle, run_engine};
 use crate::faults::{FaultMode, FaultSpec};
+use crate::responses::ResponseStore;
 use crate::tokenizer::Tokenizer;
 
 /// Errors starting the simulator.
@@ -78,8 +79,12 @@ pub struct Instance {
     pub in_flight: AtomicUsize,
     /// KV event endpoints, if enabled.
     pub kv: Option<KvPorts>,
+    /// Stored Responses API objects of this instance (`previous_response_id`, `GET`).
+    pub responses: ResponseStore,
     ids: AtomicU64,
     id_seed: u64,
+    random_ids: AtomicU64,
+    random_seed: u64,
     engine: ArcSwap<EngineHandle>,
     engine_task: Mutex<Option<JoinHandle<()>>>,
     fault_tx: watch::Sender<FaultSpec>,
@@ -104,6 +109,7 @@ impl Instance {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let (fault_tx, _) = watch::channel(FaultSpec::default());
+        let responses = ResponseStore::new(cfg.max_stored_responses);
         Arc::new(Self {
             idx,
             host: host.to_string(),
@@ -113,8 +119,12 @@ impl Instance {
             created,
             in_flight: AtomicUsize::new(0),
             kv,
+            responses,
             ids: AtomicU64::new(0),
             id_seed: crate::tokenizer::mix64(created ^ ((port as u64) << 32) ^ idx as u64),
+            random_ids: AtomicU64::new(0),
+            random_seed: crate::tokenizer::mix64(process_entropy() ^ ((port as u64) << 32))
+                ^ crate::tokenizer::mix64(idx as u64),
             engine: ArcSwap::from(engine),
             engine_task: Mutex::new(None),
             fault_tx,
@@ -158,6 +168,15 @@ impl Instance {
         api::hex_id(self.id_seed, self.ids.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// A fresh 32-hex-char id that is also unique across instances and processes (it mixes in
+    /// per-process randomness): Responses API `resp_…` and `msg_…` ids.
+    pub fn new_random_id(&self) -> String {
+        api::hex_id(
+            self.random_seed,
+            self.random_ids.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+
     /// Applies a fault (see [`crate::faults`]).
     pub fn set_fault(self: &Arc<Self>, spec: FaultSpec) {
         let prev = self.fault();
@@ -181,6 +200,8 @@ impl Instance {
             for w in woken {
                 w.waker.wake();
             }
+            // The stored responses lived in the dead server's memory.
+            self.responses.clear();
         }
         if prev.mode == FaultMode::Die && spec.mode != FaultMode::Die {
             // Restart: a fresh engine with an empty cache; KV subscribers are told to drop
@@ -208,6 +229,7 @@ impl Instance {
 
     /// A JSON description (for `/sim/info` and the admin port).
     pub fn info(&self) -> Value {
+        let stored_responses = self.responses.len();
         let e = self.engine();
         let eng = e.lock();
         let g = eng.gauges();
@@ -238,9 +260,24 @@ impl Instance {
             "virtual_time": eng.clock_v(),
             "clock_lag_seconds": eng.lag().0,
             "max_clock_lag_seconds": eng.lag().1,
+            "stored_responses": stored_responses,
             "kv_events": self.kv.as_ref().map(|k| json!({"pub_port": k.pub_port, "replay_port": k.replay_port, "topic": k.topic})),
         })
     }
+}
+
+/// Per-process randomness (std's randomly keyed hasher, the time and the pid).
+fn process_entropy() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 async fn bind(host: &str, port: u16) -> Result<TcpListener, SimError> {

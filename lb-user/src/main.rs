@@ -54,7 +54,7 @@ struct RunArgs {
     /// Backend base URL, repeatable (replaces [[backends]]).
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
-    /// Routing policy: round_robin | least_loaded (routing.policy).
+    /// Routing policy: workflow (default) | session | round_robin | least_loaded (routing.policy).
     #[arg(long)]
     policy: Option<String>,
     /// Do not load kernel programs (kernel.mode = "off").

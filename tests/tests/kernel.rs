@@ -60,6 +60,7 @@ impl World {
     fn config(&self, backends: &[u16], mode: &str, xdp: bool) -> String {
         let mut s = format!(
             "[server]\nlisten = \"{GW_ADDR}:8080\"\nadmin = \"{ADMIN}\"\n\n\
+             [routing]\npolicy = \"round_robin\"\n\n\
              [kernel]\nmode = \"{mode}\"\npin_dir = \"{}\"\nlog_level = \"debug\"\nlog_sockets = true\n",
             self.pins.path().display()
         );

@@ -168,3 +168,238 @@ fn three_replicas_agree_on_every_workflow_home() -> Result<()> {
     let w = workload(4);
     check_affinity(&w, &replay(&w, &[&a, &b, &c], &IdMode::None)?)
 }
+
+/// One chat call through `lb` with `headers`: (status, backend, `x-agentlb-route`).
+fn call(lb: &Lb, headers: &[(&str, &str)], user: &str) -> Result<(u16, String, String)> {
+    let body = serde_json::json!({
+        "model": MODEL,
+        "max_tokens": 4,
+        "messages": [
+            {"role": "system", "content": "You are a careful planner. ".repeat(40)},
+            {"role": "user", "content": user},
+        ],
+    });
+    let mut req = ureq::post(&lb.url("/v1/chat/completions"))
+        .timeout(Duration::from_secs(30))
+        .set("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let r = match req.send_string(&body.to_string()) {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.into()),
+    };
+    let backend = r.header("x-agentlb-backend").unwrap_or("").to_owned();
+    let route = r.header("x-agentlb-route").unwrap_or("").to_owned();
+    let status = r.status();
+    let _ = r.into_string();
+    Ok((status, backend, route))
+}
+
+fn admin_workflow(lb: &Lb, id: &str) -> Result<serde_json::Value> {
+    testkit::get_json(&lb.admin_url(&format!("/admin/workflows/{id}")))
+}
+
+#[test]
+fn home_table_lineage_end_and_migration() -> Result<()> {
+    let sims = sims(3)?;
+    let lb = lb(&sims, "workflow")?;
+
+    // Placed, then home; the route header says so, with the predicted cached tokens.
+    let (st, home, route) = call(
+        &lb,
+        &[("x-workflow-id", "wf-a"), ("x-request-id", "a1")],
+        "step one",
+    )?;
+    ensure!(st == 200, "status {st}");
+    ensure!(
+        route.starts_with("policy=workflow; reason=placed; cached=0"),
+        "{route}"
+    );
+    let (_, b2, route) = call(
+        &lb,
+        &[("x-workflow-id", "wf-a"), ("x-request-id", "a2")],
+        "step one",
+    )?;
+    ensure!(b2 == home, "second call left home: {b2} vs {home}");
+    ensure!(route.contains("reason=home"), "{route}");
+    let cached: u64 = route
+        .rsplit('=')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .context("cached=N")?;
+    ensure!(
+        cached > 100,
+        "the home was predicted to hold the context: {route}"
+    );
+
+    // Lineage: a call naming only its parent joins the parent's workflow and home.
+    let (_, b3, _) = call(
+        &lb,
+        &[("x-parent-request-id", "a2"), ("x-request-id", "a3")],
+        "a child",
+    )?;
+    ensure!(b3 == home, "an inheriting child left home");
+    let w = admin_workflow(&lb, "wf-a")?;
+    ensure!(w["requests"] == 3, "{w}");
+    ensure!(
+        w["edges"] == serde_json::json!([{"parent": "a2", "child": "a3"}]),
+        "{w}"
+    );
+    ensure!(w["home_name"] == serde_json::json!(home), "{w}");
+
+    // Explicit end, then DELETE forgets it.
+    call(
+        &lb,
+        &[("x-workflow-id", "wf-a"), ("x-workflow-end", "true")],
+        "done",
+    )?;
+    ensure!(admin_workflow(&lb, "wf-a")?["ended"] == true);
+    let del = ureq::delete(&lb.admin_url("/admin/workflows/wf-a")).call()?;
+    ensure!(del.status() == 200);
+    ensure!(matches!(
+        ureq::get(&lb.admin_url("/admin/workflows/wf-a")).call(),
+        Err(ureq::Error::Status(404, _))
+    ));
+
+    // Migration: the home of wf-b answers 503; the next call moves it for good,
+    // with no error for the client.
+    let (_, home_b, _) = call(&lb, &[("x-workflow-id", "wf-b")], "migrating work")?;
+    let dead = sims
+        .iter()
+        .find(|s| s.url().ends_with(&home_b))
+        .context("home of wf-b")?;
+    dead.fault("503")?;
+    let (st, moved_to, route) = call(&lb, &[("x-workflow-id", "wf-b")], "migrating work")?;
+    ensure!(st == 200, "a call to a failed home failed: {st}");
+    ensure!(moved_to != home_b, "still on the failed home");
+    ensure!(route.contains("reason=migrated"), "{route}");
+    dead.fault("none")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, again, route) = call(&lb, &[("x-workflow-id", "wf-b")], "migrating work")?;
+    ensure!(
+        again == moved_to && route.contains("reason=home"),
+        "the workflow went back: {again} {route}"
+    );
+    let w = admin_workflow(&lb, "wf-b")?;
+    ensure!(w["moves"] == 1, "{w}");
+
+    let m = ureq::get(&lb.admin_url("/metrics")).call()?.into_string()?;
+    for reason in ["placed", "home", "migrated"] {
+        ensure!(
+            m.contains(&format!(
+                "agentlb_routed_requests_total{{policy=\"workflow\",reason=\"{reason}\"}}"
+            )),
+            "no {reason} decisions in the metrics"
+        );
+    }
+    ensure!(
+        m.contains("agentlb_predicted_cached_tokens_total{"),
+        "no reuse metric"
+    );
+    Ok(())
+}
+
+/// Runs `py/openai_responses.py` against `urls`; its JSON report.
+fn responses_chains(
+    py: &str,
+    urls: &[String],
+    chains: usize,
+    turns: usize,
+) -> Result<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/openai_responses.py");
+    let out = std::process::Command::new(py)
+        .arg(script)
+        .arg(MODEL)
+        .arg(chains.to_string())
+        .arg(turns.to_string())
+        .args(urls)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn python() -> Option<String> {
+    match std::env::var("AGENTLB_PYTHON") {
+        Ok(p) => Some(p),
+        Err(_) => {
+            assert!(
+                std::env::var("AGENTLB_REQUIRE_PYTHON").as_deref() != Ok("1"),
+                "AGENTLB_PYTHON is unset and AGENTLB_REQUIRE_PYTHON=1"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn responses_chains_follow_their_owner_through_one_and_three_replicas() -> Result<()> {
+    let Some(py) = python() else {
+        eprintln!("responses chains: skipped: AGENTLB_PYTHON unset (cargo xtask test sets it)");
+        return Ok(());
+    };
+    let sims = sims(4)?;
+    let (chains, turns) = (6, 3);
+
+    // One gateway, then three with the client alternating between them.
+    for n in [1usize, 3] {
+        let lbs: Vec<Lb> = (0..n)
+            .map(|_| lb(&sims, "workflow"))
+            .collect::<Result<_>>()?;
+        let urls: Vec<String> = lbs.iter().map(|l| l.url("")).collect();
+        let v = responses_chains(&py, &urls, chains, turns)?;
+        ensure!(v["errors"] == serde_json::json!([]), "{n} replica(s): {v}");
+        ensure!(v["calls"] == chains * (turns + 1), "{v}");
+        ensure!(v["retrieved"] == chains, "{v}");
+        let cached: Vec<u64> = v["cached"]
+            .as_array()
+            .context("cached")?
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .collect();
+        ensure!(
+            cached.len() == chains * turns && cached.iter().all(|&c| c > 0),
+            "every continuation hits its owner's cache: {v}"
+        );
+        if n == 3 {
+            // Replicas that had not seen an id asked the backends.
+            let asked: u64 = lbs
+                .iter()
+                .filter_map(|l| ureq::get(&l.admin_url("/metrics")).call().ok())
+                .filter_map(|r| r.into_string().ok())
+                .filter(|m| m.contains("agentlb_response_owner_lookups_total{kind=\"found\"}"))
+                .count() as u64;
+            ensure!(asked > 0, "no replica looked an owner up");
+        }
+    }
+
+    // Without owner routing (what other routers do), round robin breaks the chains:
+    // the check can fail.
+    let mut args: Vec<String> = vec!["--policy".into(), "round_robin".into()];
+    for s in &sims {
+        args.extend(["--backend".to_owned(), s.url()]);
+    }
+    let cfg = testkit::temp_file(
+        "no-owner.toml",
+        "[routing]\nfollow_response_owner = false\n",
+    )?;
+    args.extend(["--config".to_owned(), cfg.display().to_string()]);
+    let rr = Lb::start(&args)?;
+    let v = responses_chains(&py, &[rr.url("")], chains, turns)?;
+    let failed = v["errors"].as_array().map_or(0, Vec::len);
+    ensure!(
+        failed > chains / 2,
+        "round robin without owner routing should break chains: {v}"
+    );
+    ensure!(
+        v["errors"]
+            .as_array()
+            .is_some_and(|e| e.iter().all(|x| x["status"] == 404)),
+        "{v}"
+    );
+    Ok(())
+}

@@ -65,6 +65,24 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// `{policy, reason}` of a routing decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReasonLabels {
+    /// Policy name.
+    pub policy: &'static str,
+    /// [`crate::controller::Reason`] label.
+    pub reason: &'static str,
+}
+
+/// `{backend, policy}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendPolicyLabels {
+    /// Backend name.
+    pub backend: Arc<String>,
+    /// Policy name.
+    pub policy: &'static str,
+}
+
 /// `{workflow}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkflowLabel {
@@ -130,15 +148,20 @@ pub struct Metrics {
     lineage: Counter,
     wf_requests: Family<WorkflowLabel, Counter>,
     agent_requests: Family<AgentLabel, Counter>,
+    routed: Family<RouteReasonLabels, Counter>,
+    owner_lookups: Family<KindLabel, Counter>,
+    predicted_cached: Family<BackendPolicyLabels, Counter>,
+    reported_cached: Family<BackendPolicyLabels, Counter>,
     wf_cap: LabelCap,
     agent_cap: LabelCap,
 }
 
 /// Every value of the `route` label.
-pub const ROUTES: [&str; 6] = [
+pub const ROUTES: [&str; 7] = [
     "chat",
     "completions",
     "embeddings",
+    "responses",
     "models",
     "health",
     "other",
@@ -241,6 +264,30 @@ impl Metrics {
             "Requests per agent",
             agent_requests.clone(),
         );
+        let routed = Family::<RouteReasonLabels, Counter>::default();
+        r.register(
+            "routed_requests",
+            "Routing decisions by policy and reason (home, spill, placed, migrated, implicit, owner, balanced, session)",
+            routed.clone(),
+        );
+        let owner_lookups = Family::<KindLabel, Counter>::default();
+        r.register(
+            "response_owner_lookups",
+            "Responses API ids this replica had not seen, looked up on every backend (found / not_found)",
+            owner_lookups.clone(),
+        );
+        let predicted_cached = Family::<BackendPolicyLabels, Counter>::default();
+        r.register(
+            "predicted_cached_tokens",
+            "Prompt tokens agentlb predicted the chosen backend had cached; context-reuse efficiency = reported_cached_tokens / predicted_cached_tokens",
+            predicted_cached.clone(),
+        );
+        let reported_cached = Family::<BackendPolicyLabels, Counter>::default();
+        r.register(
+            "reported_cached_tokens",
+            "Prompt tokens the backend reported as cached (usage.prompt_tokens_details.cached_tokens)",
+            reported_cached.clone(),
+        );
         r.register_collector(Box::new(KernelCollector(dataplane)));
         r.register_collector(Box::new(StateCollector {
             controller,
@@ -270,6 +317,10 @@ impl Metrics {
             lineage,
             wf_requests,
             agent_requests,
+            routed,
+            owner_lookups,
+            predicted_cached,
+            reported_cached,
             wf_cap: LabelCap {
                 seen: Mutex::default(),
                 max: max_labels,
@@ -354,6 +405,38 @@ impl Metrics {
     /// A new lineage edge.
     pub fn lineage_edge(&self) {
         self.lineage.inc();
+    }
+
+    /// A routing decision.
+    pub fn routed(&self, policy: &'static str, reason: crate::controller::Reason) {
+        self.routed
+            .get_or_create(&RouteReasonLabels {
+                policy,
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// A Responses API owner lookup on the backends.
+    pub fn response_owner_lookup(&self, found: bool) {
+        let kind = if found { "found" } else { "not_found" };
+        self.owner_lookups.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Predicted vs reported cached prompt tokens of one response.
+    pub fn cache_reuse(
+        &self,
+        backend: &Arc<String>,
+        policy: &'static str,
+        predicted: u64,
+        reported: u64,
+    ) {
+        let l = BackendPolicyLabels {
+            backend: backend.clone(),
+            policy,
+        };
+        self.predicted_cached.get_or_create(&l).inc_by(predicted);
+        self.reported_cached.get_or_create(&l).inc_by(reported);
     }
 
     /// A request of a workflow (and agent).
@@ -523,6 +606,25 @@ impl Collector for StateCollector {
             "Workflows in the table",
             None,
             MetricType::Gauge,
+        )?)?;
+        let e = ConstCounter::new(self.controller.workflows.evictions());
+        e.encode(encoder.encode_descriptor(
+            "workflow_evictions",
+            "Workflows evicted from the full table (ended ones first, then least recently seen idle ones)",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let f = ConstCounter::new(
+            self.controller
+                .workflows
+                .full
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        f.encode(encoder.encode_descriptor(
+            "workflow_table_full",
+            "Requests not tracked because every table entry had requests in flight",
+            None,
+            MetricType::Counter,
         )?)?;
         Ok(())
     }

@@ -4,7 +4,10 @@
 //! - `GET /admin/dataplane`: programs, maps, pins, kernel counters;
 //! - `GET /admin/backends`, `POST /admin/backends` `{"url", "name"?}`,
 //!   `POST /admin/backends/{id}/drain`, `DELETE /admin/backends/{id}`;
-//! - `GET /admin/workflows?offset=&limit=`, `GET /admin/workflows/{id}`;
+//! - `GET /admin/workflows?offset=&limit=`, `GET /admin/workflows/{id}` (home, secondary
+//!   homes, spills, moves, agents, lineage edges, fan-out, tokens; `~<hex>` names an
+//!   implicit workflow), `DELETE /admin/workflows/{id}` (ends it: forgotten, its next
+//!   request is placed anew);
 //! - `POST /admin/reload`.
 
 pub mod client;
@@ -200,18 +203,61 @@ impl Admin {
                 ))
             }
             (&Method::GET, ["admin", "workflows", id]) => {
+                let id = percent_decode(id);
                 let e = self
                     .controller
                     .workflows
-                    .get(id)
+                    .get(&id)
                     .ok_or_else(|| ApiError::not_found(format!("no workflow {id}")))?;
                 let mut v = serde_json::to_value(&e).unwrap_or(serde_json::Value::Null);
+                let name = |b: Option<u32>| {
+                    b.and_then(|b| self.controller.backend(b))
+                        .map(|b| b.name.clone())
+                };
+                v["home_name"] = name(e.home).into();
+                v["secondary_names"] = e
+                    .secondaries
+                    .iter()
+                    .map(|&b| name(Some(b)).into())
+                    .collect::<Vec<serde_json::Value>>()
+                    .into();
+                v["last_backend_name"] = name(e.last_backend).into();
                 v["edges"] = e
                     .edges
                     .iter()
                     .map(|(p, c)| serde_json::json!({"parent": p, "child": c}))
                     .collect();
+                v["agents"] = e
+                    .agents
+                    .iter()
+                    .map(|(a, n)| (a.clone(), serde_json::Value::from(*n)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+                v["backends"] = e
+                    .backends
+                    .iter()
+                    .map(|&(b, n)| {
+                        (
+                            name(Some(b)).unwrap_or_else(|| format!("#{b}")),
+                            serde_json::Value::from(n),
+                        )
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
                 Ok(json(StatusCode::OK, &v))
+            }
+            (&Method::DELETE, ["admin", "workflows", id]) => {
+                // Ends the workflow: its entry is forgotten, its next request is placed anew.
+                let id = percent_decode(id);
+                let key = crate::controller::workflows::lookup_key(&id);
+                if self.controller.workflows.remove(key) {
+                    Ok(json(
+                        StatusCode::OK,
+                        &serde_json::json!({"id": id, "deleted": true}),
+                    ))
+                } else {
+                    Err(ApiError::not_found(format!("no workflow {id}")))
+                }
             }
             (&Method::POST, ["admin", "reload"]) => match self.reloader.reload().await {
                 Ok(r) => Ok(json(
@@ -250,4 +296,26 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
             _ = stop.changed() => break,
         }
     }
+}
+
+/// Decodes `%XX` escapes of a path segment (workflow ids may hold any character).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -82,11 +82,13 @@ pub enum PolicyName {
     LeastLoaded,
     /// Workflow (or conversation root) affinity by rendezvous hashing, bounded load.
     Workflow,
+    /// Session key (`workflows.session_header`) affinity by rendezvous hashing, bounded load.
+    Session,
 }
 
 impl PolicyName {
     /// All accepted names.
-    pub const ALL: [&'static str; 3] = ["round_robin", "least_loaded", "workflow"];
+    pub const ALL: [&'static str; 4] = ["round_robin", "least_loaded", "workflow", "session"];
 
     /// Parses a policy name (`-` and `_` are interchangeable).
     pub fn parse(s: &str) -> Option<Self> {
@@ -94,6 +96,7 @@ impl PolicyName {
             "round_robin" => Some(Self::RoundRobin),
             "least_loaded" => Some(Self::LeastLoaded),
             "workflow" => Some(Self::Workflow),
+            "session" => Some(Self::Session),
             _ => None,
         }
     }
@@ -104,6 +107,7 @@ impl PolicyName {
             Self::RoundRobin => "round_robin",
             Self::LeastLoaded => "least_loaded",
             Self::Workflow => "workflow",
+            Self::Session => "session",
         }
     }
 }
@@ -220,6 +224,12 @@ pub struct WorkflowConfig {
     pub idle_ttl: Duration,
     /// Lineage edges per workflow.
     pub max_edges_per_workflow: usize,
+    /// Agents per workflow.
+    pub max_agents_per_workflow: usize,
+    /// Request ids remembered for lineage inheritance.
+    pub max_lineage: usize,
+    /// Response ids whose owner is remembered.
+    pub max_responses: usize,
     /// Metric label cap.
     pub max_metric_labels: usize,
     /// Id length cap.
@@ -237,6 +247,10 @@ pub struct RoutingConfig {
     pub root_chars: usize,
     /// Minimum length of that message for a request to get a conversation root.
     pub root_min_chars: usize,
+    /// `workflow`: secondary homes kept per workflow.
+    pub secondary_homes: usize,
+    /// Responses API follow-ups go to the backend that stored the response (any policy).
+    pub follow_response_owner: bool,
 }
 
 impl Default for RoutingConfig {
@@ -245,6 +259,8 @@ impl Default for RoutingConfig {
             load_bound: 1.25,
             root_chars: 1024,
             root_min_chars: 256,
+            secondary_homes: 2,
+            follow_response_owner: true,
         }
     }
 }
@@ -377,7 +393,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
-    let policy_name = raw.routing.policy.as_deref().unwrap_or("round_robin");
+    let policy_name = raw.routing.policy.as_deref().unwrap_or("workflow");
     let policy = PolicyName::parse(policy_name).unwrap_or_else(|| {
         v.issue(
             "routing.policy",
@@ -398,6 +414,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         load_bound: load_bound.clamp(1.0, 100.0),
         root_chars: v.size("routing.root_chars", rr.root_chars, 1024, 1),
         root_min_chars: v.size("routing.root_min_chars", rr.root_min_chars, 256, 1),
+        secondary_homes: rr.secondary_homes.unwrap_or(2).min(8),
+        follow_response_owner: rr.follow_response_owner.unwrap_or(true),
     };
 
     let k = &raw.kernel;
@@ -545,6 +563,9 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         max_workflows: v.size("workflows.max_workflows", w.max_workflows, 100_000, 1),
         idle_ttl: Duration::from_secs(w.idle_ttl_secs.unwrap_or(3_600).max(1)),
         max_edges_per_workflow: w.max_edges_per_workflow.unwrap_or(1_024),
+        max_agents_per_workflow: w.max_agents_per_workflow.unwrap_or(256),
+        max_lineage: v.size("workflows.max_lineage", w.max_lineage, 100_000, 1),
+        max_responses: v.size("workflows.max_responses", w.max_responses, 100_000, 1),
         max_metric_labels: w.max_metric_labels.unwrap_or(1_000),
         max_id_len: v.size("workflows.max_id_len", w.max_id_len, 256, 1),
         session_header,
@@ -732,7 +753,7 @@ mod tests {
         );
         assert_eq!(c.backends[0].port, 8000);
         assert_eq!(c.backends[0].name, "127.0.0.1:8000");
-        assert_eq!(c.policy, PolicyName::RoundRobin);
+        assert_eq!(c.policy, PolicyName::Workflow);
         assert_eq!(c.kernel.mode, KernelMode::Auto);
         assert!(c.kernel.sockmap);
     }

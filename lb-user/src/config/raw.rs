@@ -78,6 +78,12 @@ pub struct RawWorkflows {
     pub idle_ttl_secs: Option<u64>,
     /// Lineage edges kept per workflow.
     pub max_edges_per_workflow: Option<usize>,
+    /// Distinct agents kept per workflow.
+    pub max_agents_per_workflow: Option<usize>,
+    /// Request ids remembered for lineage inheritance (request → workflow).
+    pub max_lineage: Option<usize>,
+    /// Responses API response ids whose owner backend is remembered.
+    pub max_responses: Option<usize>,
     /// Distinct workflow/agent label values in metrics (the rest are `_other`).
     pub max_metric_labels: Option<usize>,
     /// Maximum length of workflow/agent/request ids.
@@ -119,6 +125,10 @@ pub struct RawRouting {
     pub root_chars: Option<usize>,
     /// A first non-system message shorter than this gives no conversation root.
     pub root_min_chars: Option<usize>,
+    /// `workflow`: secondary homes kept per workflow.
+    pub secondary_homes: Option<usize>,
+    /// Send Responses API follow-ups to the backend that stored the response.
+    pub follow_response_owner: Option<bool>,
 }
 
 /// `[kernel]`.

@@ -25,7 +25,17 @@ use crate::{
     model::{Backend, BackendLoad},
 };
 
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+/// The HTTP client of probes (and of the Responses owner lookup).
+pub type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// A probe client with a small pool per backend.
+pub fn probe_client() -> ProbeClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(2)
+        .build(connector)
+}
 
 /// Runs the checker until `stop` turns true. `cfg` is re-read every round, so a
 /// reload takes effect on the next round.
@@ -34,11 +44,7 @@ pub async fn run(
     cfg: watch::Receiver<HealthConfig>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: ProbeClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(2)
-        .build(connector);
+    let client = probe_client();
     loop {
         let c = cfg.borrow().clone();
         let backends = controller.backends();
@@ -53,7 +59,8 @@ pub async fn run(
     }
 }
 
-async fn get(
+/// `GET path` on a backend: status and body, `None` on any failure or after `timeout`.
+pub async fn get(
     client: &ProbeClient,
     b: &Backend,
     path: &str,

@@ -7,6 +7,8 @@
 
 pub mod health;
 pub mod policies;
+pub mod responses;
+pub mod table;
 pub mod workflows;
 
 use std::sync::{
@@ -22,7 +24,7 @@ use crate::{
     dataplane::PublishedBackend,
     model::{Backend, BackendId, RequestMeta},
 };
-pub use policies::Policy;
+pub use policies::{Policy, Reason};
 
 /// Controller errors.
 #[derive(Debug, Error)]
@@ -61,6 +63,17 @@ pub enum NoBackend {
     Busy,
 }
 
+/// A routing decision.
+#[derive(Debug, Clone)]
+pub struct Picked {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// Why.
+    pub reason: Reason,
+    /// Prompt tokens the backend is predicted to have cached for this request.
+    pub predicted_cached: u64,
+}
+
 /// Registry + policy + workflow table.
 pub struct Controller {
     backends: ArcSwap<Vec<Arc<Backend>>>,
@@ -68,6 +81,8 @@ pub struct Controller {
     next_id: AtomicU32,
     /// Workflow table.
     pub workflows: workflows::WorkflowTable,
+    /// Owners of stored Responses API responses.
+    pub responses: responses::ResponseOwners,
 }
 
 impl std::fmt::Debug for Controller {
@@ -93,6 +108,7 @@ impl Controller {
             policy: ArcSwap::from_pointee(policies::build(policy, routing)),
             next_id: AtomicU32::new(next),
             workflows: workflows::WorkflowTable::new(wf),
+            responses: responses::ResponseOwners::new(wf.max_responses),
         }
     }
 
@@ -126,7 +142,7 @@ impl Controller {
         meta: &RequestMeta,
         exclude: &[BackendId],
         per_backend_limit: u64,
-    ) -> Result<Arc<Backend>, NoBackend> {
+    ) -> Result<Picked, NoBackend> {
         let snap = self.backends.load();
         if snap.is_empty() {
             return Err(NoBackend::Empty);
@@ -157,14 +173,67 @@ impl Controller {
         if free.is_empty() {
             return Err(NoBackend::Busy);
         }
-        let i = self
-            .policy
-            .load()
-            .pick(&free, meta)
+        // A request that must reach one backend (the owner of a stored response).
+        if let Some(owner) = meta.pinned {
+            let b = free.iter().find(|b| b.id == owner).cloned();
+            return match b {
+                Some(b) => {
+                    b.requests.fetch_add(1, Ordering::Relaxed);
+                    Ok(Picked {
+                        backend: b,
+                        reason: Reason::Owner,
+                        predicted_cached: 0,
+                    })
+                }
+                None if exclude.contains(&owner)
+                    || !snap.iter().any(|b| b.id == owner && b.routable()) =>
+                {
+                    Err(NoBackend::Unavailable)
+                }
+                None => Err(NoBackend::Busy),
+            };
+        }
+        let policy = self.policy.load();
+        let key = policies::workflow::routing_key(meta).filter(|_| policy.uses_homes());
+        let (choice, predicted) = match key {
+            Some(key) => {
+                let implicit = meta.workflow_id.is_none();
+                let id = match &meta.workflow_id {
+                    Some(w) => std::borrow::Cow::Borrowed(w.as_str()),
+                    None => std::borrow::Cow::Owned(workflows::implicit_id(key)),
+                };
+                self.workflows.route(key, &id, implicit, |homes| {
+                    let home_busy = homes.home.is_some_and(|h| {
+                        !exclude.contains(&h) && snap.iter().any(|b| b.id == h && b.routable())
+                    });
+                    let c = policy.route(
+                        &free,
+                        meta,
+                        Some(policies::HomeCtx {
+                            homes,
+                            home_busy,
+                            implicit,
+                        }),
+                    );
+                    let predicted = c.map_or(0, |c| {
+                        homes.predicted_cached(free[c.index].id, meta.prompt_tokens_estimate())
+                    });
+                    (c, predicted)
+                })
+            }
+            None => (policy.route(&free, meta, None), 0),
+        };
+        let choice = choice.ok_or(NoBackend::Unavailable)?;
+        let b = free
+            .get(choice.index)
+            .cloned()
             .ok_or(NoBackend::Unavailable)?;
-        let b = free.get(i).cloned().ok_or(NoBackend::Unavailable)?;
         b.requests.fetch_add(1, Ordering::Relaxed);
-        Ok(b)
+        Ok(Picked {
+            backend: b,
+            reason: choice.reason,
+            predicted_cached: predicted,
+        })
     }
 
     /// Current backends.
@@ -175,6 +244,11 @@ impl Controller {
     /// A backend by id.
     pub fn backend(&self, id: BackendId) -> Option<Arc<Backend>> {
         self.backends.load().iter().find(|b| b.id == id).cloned()
+    }
+
+    /// Whether the current policy keeps workflow homes.
+    pub fn uses_homes(&self) -> bool {
+        self.policy.load().uses_homes()
     }
 
     /// Policy name.

@@ -1,17 +1,32 @@
-//! The workflow table: what agentlb has seen of each workflow — backends used,
-//! agents, lineage edges (parent request → child request), request and token
-//! counts. Bounded: at most `max_workflows` entries (least recently seen evicted)
-//! and idle entries expire after `idle_ttl`.
+//! The workflow home table: what agentlb knows of each workflow — its home backend (where
+//! its context lives), at most k secondary homes (where it spilled or lived before), its
+//! agents and lineage edges (parent request → child request), request and token counts.
+//!
+//! Keys are 64-bit hashes: of the workflow id, or for an *implicit* workflow (a client
+//! that sent no id) its conversation root (shown as `~<hex>`). The table is a
+//! [`Table`](super::table::Table): bounded (`workflows.max_workflows`), sharded (no global
+//! lock on the request path), O(1) per operation. When full, ended workflows go first
+//! (`X-Workflow-End: true` or `DELETE /admin/workflows/{id}` end one), then the least
+//! recently seen idle ones; a workflow with requests in flight is never evicted. Idle
+//! entries expire after `workflows.idle_ttl_secs`.
+//!
+//! Lineage: each answered request of a workflow is remembered (request id → workflow, in a
+//! second bounded table, `workflows.max_lineage`), so a call that names its parent
+//! (`X-Parent-Request-Id`) but no workflow inherits the parent's workflow.
+//!
+//! An entry of an idle workflow costs about 200 bytes plus its id (measured by
+//! `cargo xtask bench control`): the agent graph is allocated only for workflows that
+//! name agents or parents.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Mutex,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
 
-use crate::config::WorkflowConfig;
+use super::table::{Class, Classify, Table, Upsert};
+use crate::{config::WorkflowConfig, model::BackendId};
 
 /// Token usage reported by a backend for one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -24,31 +39,152 @@ pub struct Usage {
     pub cached_tokens: u64,
 }
 
-/// One workflow.
+/// Where a workflow lives: what the routing policy reads and updates for each request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Homes {
+    /// The home backend (`None` until placed).
+    pub home: Option<BackendId>,
+    /// Secondary homes, most recent first (spill targets and former homes).
+    pub secondaries: Vec<BackendId>,
+    /// The latest request went to `secondaries[0]` because the home was over its bound.
+    pub spilled: bool,
+    /// Requests that spilled.
+    pub spills: u32,
+    /// Times the home moved because it failed or was drained.
+    pub moves: u32,
+    /// Backend of the latest answered request.
+    pub last_backend: Option<BackendId>,
+    /// Prompt tokens of the latest answered request (what that backend caches now).
+    pub last_prompt_tokens: u32,
+}
+
+impl Homes {
+    /// Records `b` as the most recent secondary home, keeping at most `k`.
+    pub fn push_secondary(&mut self, b: BackendId, k: usize) {
+        self.secondaries.retain(|&x| x != b);
+        if k == 0 {
+            return;
+        }
+        self.secondaries.insert(0, b);
+        self.secondaries.truncate(k);
+    }
+
+    /// Makes `b` the home; the former home becomes a secondary (its cache may still hold
+    /// part of the context) unless it is `gone`.
+    pub fn rehome(&mut self, b: BackendId, k: usize, gone: bool) {
+        let old = self.home.replace(b);
+        self.secondaries.retain(|&x| x != b);
+        if let Some(o) = old.filter(|&o| o != b && !gone) {
+            self.push_secondary(o, k);
+        }
+        self.spilled = false;
+    }
+
+    /// Tokens the backend `b` is predicted to hold of a prompt of `prompt_tokens`: the
+    /// latest prompt of the workflow when `b` answered it.
+    pub fn predicted_cached(&self, b: BackendId, prompt_tokens: u64) -> u64 {
+        if self.last_backend == Some(b) {
+            u64::from(self.last_prompt_tokens).min(prompt_tokens)
+        } else {
+            0
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Graph {
+    agents: Vec<(Box<str>, u32)>,
+    edges: Vec<(Box<str>, Box<str>)>,
+}
+
+/// One workflow (the stored form).
+#[derive(Debug)]
+struct Wf {
+    id: Box<str>,
+    implicit: bool,
+    ended: bool,
+    /// Seconds since the table's epoch.
+    first_seen: u32,
+    last_seen: u32,
+    requests: u32,
+    inflight: u32,
+    homes: Homes,
+    /// Requests answered per backend.
+    per_backend: Vec<(BackendId, u32)>,
+    usage: Usage,
+    graph: Option<Box<Graph>>,
+}
+
+impl Classify for Wf {
+    fn class(&self) -> Class {
+        if self.inflight > 0 {
+            Class::Pinned
+        } else if self.ended {
+            Class::Ended
+        } else {
+            Class::Idle
+        }
+    }
+}
+
+/// What a request inherited from its parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inherited {
+    /// The workflow's routing key.
+    pub key: u64,
+    /// The workflow id (`~<hex>` for an implicit workflow).
+    pub id: String,
+}
+
+#[derive(Debug)]
+struct Lineage {
+    key: u64,
+    id: Box<str>,
+}
+
+impl Classify for Lineage {
+    fn class(&self) -> Class {
+        Class::Idle
+    }
+}
+
+/// One workflow, as the admin API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkflowEntry {
-    /// Id.
+    /// Id (`~<hex>` for an implicit workflow).
     pub id: String,
+    /// The workflow has no id of its own: its key is its conversation root.
+    pub implicit: bool,
+    /// The workflow was ended (`X-Workflow-End`); it is evicted first.
+    pub ended: bool,
     /// Unix seconds of the first request.
     pub first_seen_unix: u64,
     /// Unix seconds of the last request.
     pub last_seen_unix: u64,
-    #[serde(skip)]
-    last_seen: Instant,
-    /// Requests.
+    /// Requests answered.
     pub requests: u64,
     /// Requests in flight.
     pub inflight: u64,
-    /// Requests per backend name.
-    pub backends: BTreeMap<String, u64>,
-    /// The backend of the latest request (where its context lives now).
-    pub current_backend: Option<String>,
-    /// Times the workflow moved because its backend failed.
+    /// Home backend id.
+    pub home: Option<BackendId>,
+    /// Secondary homes, most recent first.
+    pub secondaries: Vec<BackendId>,
+    /// The latest request spilled to `secondaries[0]`.
+    pub spilled: bool,
+    /// Requests that spilled off an overloaded home.
+    pub spills: u64,
+    /// Times the home moved because it failed or was drained.
     pub moves: u64,
+    /// Backend of the latest answered request.
+    pub last_backend: Option<BackendId>,
+    /// Requests answered per backend id.
+    pub backends: Vec<(BackendId, u64)>,
     /// Requests per agent.
-    pub agents: BTreeMap<String, u64>,
+    pub agents: Vec<(String, u64)>,
     /// Lineage edges `(parent request id, child request id)`.
-    pub edges: BTreeSet<(String, String)>,
+    pub edges: Vec<(String, String)>,
+    /// Largest number of children of one parent request.
+    pub max_fan_out: u64,
     /// Token totals.
     pub usage: Usage,
 }
@@ -58,14 +194,16 @@ pub struct WorkflowEntry {
 pub struct WorkflowSummary {
     /// Id.
     pub id: String,
+    /// Implicit workflow.
+    pub implicit: bool,
     /// Requests.
     pub requests: u64,
+    /// Requests in flight.
+    pub inflight: u64,
     /// Agents seen.
     pub agents: usize,
-    /// Backends used.
-    pub backends: usize,
-    /// Current backend.
-    pub current_backend: Option<String>,
+    /// Home backend id.
+    pub home: Option<BackendId>,
     /// Unix seconds of the last request.
     pub last_seen_unix: u64,
 }
@@ -73,119 +211,200 @@ pub struct WorkflowSummary {
 /// The table.
 #[derive(Debug)]
 pub struct WorkflowTable {
-    inner: Mutex<HashMap<String, WorkflowEntry>>,
-    max: usize,
+    table: Table<Wf>,
+    lineage: Table<Lineage>,
     ttl: Duration,
     max_edges: usize,
+    max_agents: usize,
+    epoch: Instant,
+    epoch_unix: u64,
+    /// Requests that found the table full of active workflows (not tracked).
+    pub full: AtomicU64,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// The routing key of a workflow id.
+pub fn key_of(id: &str) -> u64 {
+    super::policies::workflow::stable_hash(id.as_bytes())
+}
+
+/// The display id of an implicit workflow.
+pub fn implicit_id(key: u64) -> String {
+    format!("~{key:016x}")
 }
 
 impl WorkflowTable {
     /// An empty table.
     pub fn new(cfg: &WorkflowConfig) -> Self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         Self {
-            inner: Mutex::new(HashMap::new()),
-            max: cfg.max_workflows,
+            table: Table::new(cfg.max_workflows),
+            lineage: Table::new(cfg.max_lineage),
             ttl: cfg.idle_ttl,
             max_edges: cfg.max_edges_per_workflow,
+            max_agents: cfg.max_agents_per_workflow,
+            epoch: Instant::now(),
+            epoch_unix: now,
+            full: AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkflowEntry>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn now(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
-    /// Records the start of a request. Returns whether a new lineage edge was seen.
+    fn insert(&self, id: &str, implicit: bool) -> impl FnOnce() -> Wf {
+        let now = self.now();
+        move || Wf {
+            id: id.into(),
+            implicit,
+            ended: false,
+            first_seen: now,
+            last_seen: now,
+            requests: 0,
+            inflight: 0,
+            homes: Homes::default(),
+            per_backend: Vec::new(),
+            usage: Usage::default(),
+            graph: None,
+        }
+    }
+
+    /// Runs the routing decision `f` on the workflow's homes (creating the entry for a new
+    /// workflow). When the table is full of active workflows, `f` runs on a scratch
+    /// [`Homes`] and nothing is stored.
+    pub fn route<R>(
+        &self,
+        key: u64,
+        id: &str,
+        implicit: bool,
+        f: impl FnOnce(&mut Homes) -> R,
+    ) -> R {
+        let now = self.now();
+        self.table
+            .upsert(key, self.insert(id, implicit), |e, how| match e {
+                Some(e) => {
+                    e.last_seen = now;
+                    f(&mut e.homes)
+                }
+                None => {
+                    debug_assert_eq!(how, Upsert::Full);
+                    self.full.fetch_add(1, Ordering::Relaxed);
+                    f(&mut Homes::default())
+                }
+            })
+    }
+
+    /// The homes of a workflow (a copy).
+    pub fn homes(&self, key: u64) -> Option<Homes> {
+        self.table.get(key, |e| e.homes.clone())
+    }
+
+    /// Records that a request of the workflow was answered by `backend` (the response head
+    /// arrived). Returns whether a new lineage edge was recorded.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &self,
+        key: u64,
         id: &str,
+        implicit: bool,
         agent: Option<&str>,
         parent: Option<&str>,
         request_id: &str,
-        backend: &str,
+        backend: BackendId,
     ) -> bool {
-        let mut map = self.lock();
-        if !map.contains_key(id) && map.len() >= self.max {
-            // Evict the least recently seen entry.
-            if let Some(old) = map
-                .values()
-                .min_by_key(|e| e.last_seen)
-                .map(|e| e.id.clone())
-            {
-                map.remove(&old);
+        let now = self.now();
+        let (max_edges, max_agents) = (self.max_edges, self.max_agents);
+        let new_edge = self.table.upsert(key, self.insert(id, implicit), |e, _| {
+            let Some(e) = e else {
+                self.full.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            e.last_seen = now;
+            e.ended = false;
+            e.requests = e.requests.saturating_add(1);
+            e.inflight = e.inflight.saturating_add(1);
+            e.homes.last_backend = Some(backend);
+            match e.per_backend.iter_mut().find(|(b, _)| *b == backend) {
+                Some((_, n)) => *n = n.saturating_add(1),
+                None => e.per_backend.push((backend, 1)),
             }
-        }
-        let now = unix_now();
-        let e = map.entry(id.to_owned()).or_insert_with(|| WorkflowEntry {
-            id: id.to_owned(),
-            first_seen_unix: now,
-            last_seen_unix: now,
-            last_seen: Instant::now(),
-            requests: 0,
-            inflight: 0,
-            backends: BTreeMap::new(),
-            current_backend: None,
-            moves: 0,
-            agents: BTreeMap::new(),
-            edges: BTreeSet::new(),
-            usage: Usage::default(),
+            if agent.is_none() && parent.is_none() {
+                return false;
+            }
+            let g = e.graph.get_or_insert_with(Box::default);
+            if let Some(a) = agent {
+                if let Some((_, c)) = g.agents.iter_mut().find(|(n, _)| &**n == a) {
+                    *c = c.saturating_add(1);
+                } else if g.agents.len() < max_agents {
+                    g.agents.push((a.into(), 1));
+                }
+            }
+            match parent {
+                Some(p) if g.edges.len() < max_edges => {
+                    g.edges.push((p.into(), request_id.into()));
+                    true
+                }
+                _ => false,
+            }
         });
-        e.last_seen = Instant::now();
-        e.last_seen_unix = now;
-        e.requests += 1;
-        e.inflight += 1;
-        *e.backends.entry(backend.to_owned()).or_default() += 1;
-        e.current_backend = Some(backend.to_owned());
-        if let Some(a) = agent {
-            *e.agents.entry(a.to_owned()).or_default() += 1;
-        }
-        match parent {
-            Some(p) if e.edges.len() < self.max_edges => {
-                e.edges.insert((p.to_owned(), request_id.to_owned()))
-            }
-            _ => false,
-        }
+        self.lineage.upsert(
+            key_of(request_id),
+            || Lineage { key, id: id.into() },
+            |_, _| (),
+        );
+        new_edge
     }
 
-    /// Records that a request of the workflow was moved off a failed backend
-    /// (the request itself is recorded by [`Self::start`] on the new backend).
-    pub fn moved(&self, id: &str) {
-        if let Some(e) = self.lock().get_mut(id) {
-            e.moves += 1;
-        }
-    }
-
-    /// Records the end of a request with its token usage.
-    pub fn finish(&self, id: &str, usage: Option<Usage>) {
-        if let Some(e) = self.lock().get_mut(id) {
+    /// Records the end of a request on `backend`, with its token usage.
+    pub fn finish(&self, key: u64, backend: BackendId, usage: Option<Usage>) {
+        self.table.update(key, |e| {
             e.inflight = e.inflight.saturating_sub(1);
             if let Some(u) = usage {
                 e.usage.prompt_tokens += u.prompt_tokens;
                 e.usage.completion_tokens += u.completion_tokens;
                 e.usage.cached_tokens += u.cached_tokens;
+                if e.homes.last_backend == Some(backend) {
+                    e.homes.last_prompt_tokens =
+                        u32::try_from(u.prompt_tokens + u.completion_tokens).unwrap_or(u32::MAX);
+                }
             }
-        }
+        });
     }
 
-    /// Drops idle entries; returns how many.
+    /// Marks a workflow ended (its entry is evicted first); false when unknown.
+    pub fn end(&self, key: u64) -> bool {
+        self.table.update(key, |e| e.ended = true).is_some()
+    }
+
+    /// Forgets a workflow; its next request is placed anew.
+    pub fn remove(&self, key: u64) -> bool {
+        self.table.remove(key).is_some()
+    }
+
+    /// The workflow a request with this parent request id belongs to.
+    pub fn parent(&self, parent_request_id: &str) -> Option<Inherited> {
+        self.lineage.get(key_of(parent_request_id), |l| Inherited {
+            key: l.key,
+            id: l.id.to_string(),
+        })
+    }
+
+    /// Drops workflows idle for longer than the TTL; returns how many.
     pub fn expire(&self) -> usize {
-        let mut map = self.lock();
-        let before = map.len();
-        let ttl = self.ttl;
-        map.retain(|_, e| e.inflight > 0 || e.last_seen.elapsed() < ttl);
-        before - map.len()
+        let cutoff = self
+            .now()
+            .saturating_sub(u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX));
+        let n = self.table.expire(|e| e.last_seen < cutoff);
+        // Lineage of forgotten workflows is harmless (a child re-creates the entry); it is
+        // bounded by its own capacity.
+        n
     }
 
-    /// Number of workflows tracked.
+    /// Workflows tracked.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.table.len()
     }
 
     /// Whether the table is empty.
@@ -193,42 +412,128 @@ impl WorkflowTable {
         self.len() == 0
     }
 
-    /// Workflows with requests in flight.
-    pub fn active(&self) -> usize {
-        self.lock().values().filter(|e| e.inflight > 0).count()
+    /// Entries evicted to make room.
+    pub fn evictions(&self) -> u64 {
+        self.table.evictions()
     }
 
-    /// One workflow.
+    /// Workflows with requests in flight.
+    pub fn active(&self) -> usize {
+        let mut n = 0;
+        self.table.for_each(|e| n += usize::from(e.inflight > 0));
+        n
+    }
+
+    fn unix(&self, t: u32) -> u64 {
+        self.epoch_unix + u64::from(t)
+    }
+
+    /// One workflow by key.
+    pub fn get_key(&self, key: u64) -> Option<WorkflowEntry> {
+        self.table.get(key, |e| {
+            let (agents, edges) = e.graph.as_deref().map_or((vec![], vec![]), |g| {
+                (
+                    g.agents
+                        .iter()
+                        .map(|(a, n)| (a.to_string(), u64::from(*n)))
+                        .collect(),
+                    g.edges
+                        .iter()
+                        .map(|(p, c)| (p.to_string(), c.to_string()))
+                        .collect::<Vec<_>>(),
+                )
+            });
+            let mut fan: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+            for (p, _) in &edges {
+                *fan.entry(p.as_str()).or_default() += 1;
+            }
+            let max_fan_out = fan.values().copied().max().unwrap_or(0);
+            WorkflowEntry {
+                id: e.id.to_string(),
+                implicit: e.implicit,
+                ended: e.ended,
+                first_seen_unix: self.unix(e.first_seen),
+                last_seen_unix: self.unix(e.last_seen),
+                requests: u64::from(e.requests),
+                inflight: u64::from(e.inflight),
+                home: e.homes.home,
+                secondaries: e.homes.secondaries.clone(),
+                spilled: e.homes.spilled,
+                spills: u64::from(e.homes.spills),
+                moves: u64::from(e.homes.moves),
+                last_backend: e.homes.last_backend,
+                backends: e
+                    .per_backend
+                    .iter()
+                    .map(|&(b, n)| (b, u64::from(n)))
+                    .collect(),
+                agents,
+                max_fan_out,
+                edges,
+                usage: e.usage,
+            }
+        })
+    }
+
+    /// One workflow by id (`~<hex>` names an implicit one).
     pub fn get(&self, id: &str) -> Option<WorkflowEntry> {
-        self.lock().get(id).cloned()
+        self.get_key(lookup_key(id))
     }
 
     /// A page of summaries, most recently seen first.
     pub fn page(&self, offset: usize, limit: usize) -> (usize, Vec<WorkflowSummary>) {
-        let map = self.lock();
-        let mut v: Vec<&WorkflowEntry> = map.values().collect();
-        v.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then_with(|| a.id.cmp(&b.id)));
+        let mut v: Vec<(u32, WorkflowSummary)> = Vec::new();
+        self.table.for_each(|e| {
+            v.push((
+                e.last_seen,
+                WorkflowSummary {
+                    id: e.id.to_string(),
+                    implicit: e.implicit,
+                    requests: u64::from(e.requests),
+                    inflight: u64::from(e.inflight),
+                    agents: e.graph.as_ref().map_or(0, |g| g.agents.len()),
+                    home: e.homes.home,
+                    last_seen_unix: self.unix(e.last_seen),
+                },
+            ));
+        });
+        v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
         let total = v.len();
-        let page = v
-            .into_iter()
-            .skip(offset)
-            .take(limit)
-            .map(|e| WorkflowSummary {
-                id: e.id.clone(),
-                requests: e.requests,
-                agents: e.agents.len(),
-                backends: e.backends.values().filter(|n| **n > 0).count(),
-                current_backend: e.current_backend.clone(),
-                last_seen_unix: e.last_seen_unix,
-            })
-            .collect();
-        (total, page)
+        (
+            total,
+            v.into_iter()
+                .skip(offset)
+                .take(limit)
+                .map(|(_, s)| s)
+                .collect(),
+        )
     }
+
+    /// Per backend: live (not ended) workflows homed there.
+    pub fn homed_per_backend(&self) -> std::collections::HashMap<BackendId, u64> {
+        let mut m = std::collections::HashMap::new();
+        self.table.for_each(|e| {
+            if let (Some(h), false) = (e.homes.home, e.ended) {
+                *m.entry(h).or_default() += 1;
+            }
+        });
+        m
+    }
+}
+
+/// The table key of a workflow id as the admin API names it: `~<16 hex>` is an implicit
+/// workflow's key itself.
+pub fn lookup_key(id: &str) -> u64 {
+    id.strip_prefix('~')
+        .filter(|h| h.len() == 16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or_else(|| key_of(id))
 }
 
 /// Extracts token usage from the tail of a response body (JSON or the last SSE
 /// chunks): the numbers after `"prompt_tokens":`, `"completion_tokens":` and
-/// `"cached_tokens":`, last occurrence wins. Cheap: no JSON parse of the body.
+/// `"cached_tokens":` (or the Responses API's `"input_tokens"`/`"output_tokens"`), last
+/// occurrence wins. Cheap: no JSON parse of the body.
 pub fn usage_from_tail(tail: &[u8]) -> Option<Usage> {
     let text = std::str::from_utf8(tail).ok().or_else(|| {
         // The tail may start mid-character; skip to a boundary.
@@ -240,10 +545,13 @@ pub fn usage_from_tail(tail: &[u8]) -> Option<Usage> {
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()
     };
-    let prompt = num("\"prompt_tokens\"")?;
+    // Chat/completions name them prompt/completion tokens, the Responses API input/output.
+    let prompt = num("\"prompt_tokens\"").or_else(|| num("\"input_tokens\""))?;
     Some(Usage {
         prompt_tokens: prompt,
-        completion_tokens: num("\"completion_tokens\"").unwrap_or(0),
+        completion_tokens: num("\"completion_tokens\"")
+            .or_else(|| num("\"output_tokens\""))
+            .unwrap_or(0),
         cached_tokens: num("\"cached_tokens\"").unwrap_or(0),
     })
 }
@@ -257,22 +565,36 @@ mod tests {
             max_workflows: max,
             idle_ttl: Duration::from_secs(60),
             max_edges_per_workflow: 2,
+            max_agents_per_workflow: 8,
+            max_lineage: 100,
+            max_responses: 100,
             max_metric_labels: 10,
             max_id_len: 256,
             session_header: "x-user-id".into(),
         }
     }
 
+    fn start(
+        t: &WorkflowTable,
+        id: &str,
+        agent: Option<&str>,
+        parent: Option<&str>,
+        rid: &str,
+        b: BackendId,
+    ) -> bool {
+        t.start(key_of(id), id, false, agent, parent, rid, b)
+    }
+
     #[test]
-    fn tracks_agents_backends_edges_and_usage() {
+    fn tracks_agents_backends_edges_usage_and_lineage() {
         let t = WorkflowTable::new(&cfg(10));
-        assert!(!t.start("w", Some("planner"), None, "r1", "b0"));
-        assert!(t.start("w", Some("coder"), Some("r1"), "r2", "b0"));
-        assert!(t.start("w", Some("coder"), Some("r1"), "r3", "b1"));
-        assert!(!t.start("w", None, Some("r2"), "r4", "b1"), "edge cap");
-        t.moved("w");
+        assert!(!start(&t, "w", Some("planner"), None, "r1", 0));
+        assert!(start(&t, "w", Some("coder"), Some("r1"), "r2", 0));
+        assert!(start(&t, "w", Some("coder"), Some("r1"), "r3", 1));
+        assert!(!start(&t, "w", None, Some("r2"), "r4", 1), "edge cap");
         t.finish(
-            "w",
+            key_of("w"),
+            1,
             Some(Usage {
                 prompt_tokens: 10,
                 completion_tokens: 2,
@@ -282,26 +604,92 @@ mod tests {
         let e = t.get("w").expect("entry");
         assert_eq!(e.requests, 4);
         assert_eq!(e.inflight, 3);
-        assert_eq!(e.agents["coder"], 2);
+        assert_eq!(e.agents, vec![("planner".into(), 1), ("coder".into(), 2)]);
         assert_eq!(e.edges.len(), 2);
-        assert_eq!(e.current_backend.as_deref(), Some("b1"));
-        assert_eq!(e.moves, 1);
+        assert_eq!(e.max_fan_out, 2);
+        assert_eq!(e.last_backend, Some(1));
         assert_eq!(e.usage.cached_tokens, 8);
+        assert_eq!(t.homes(key_of("w")).map(|h| h.last_prompt_tokens), Some(12));
         assert_eq!(t.active(), 1);
+        // A child naming r3 as parent inherits the workflow.
+        assert_eq!(t.parent("r3").map(|i| i.id), Some("w".into()));
+        assert!(t.parent("nope").is_none());
     }
 
     #[test]
-    fn bounded_by_lru() {
-        let t = WorkflowTable::new(&cfg(2));
-        t.start("a", None, None, "1", "b");
-        std::thread::sleep(Duration::from_millis(2));
-        t.start("b", None, None, "2", "b");
-        std::thread::sleep(Duration::from_millis(2));
-        t.start("c", None, None, "3", "b");
-        assert_eq!(t.len(), 2);
+    fn evicts_ended_then_least_recent_and_never_an_active_workflow() {
+        let t = WorkflowTable::new(&cfg(3));
+        for (i, w) in ["a", "b", "c"].iter().enumerate() {
+            start(&t, w, None, None, &format!("r{i}"), 0);
+        }
+        // a and b finished, c still running.
+        t.finish(key_of("a"), 0, None);
+        t.finish(key_of("b"), 0, None);
+        // b ended: it goes first even though a is older.
+        assert!(t.end(key_of("b")));
+        start(&t, "d", None, None, "r4", 0);
+        assert!(t.get("b").is_none());
+        assert!(t.get("a").is_some());
+        start(&t, "e", None, None, "r5", 0);
         assert!(t.get("a").is_none());
-        let (total, page) = t.page(0, 1);
-        assert_eq!((total, page[0].id.as_str()), (2, "c"));
+        assert!(t.get("c").is_some(), "active workflow kept");
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.evictions(), 2);
+        // Full of active workflows: routing still works on a scratch entry.
+        let r = t.route(key_of("f"), "f", false, |h| {
+            h.home = Some(7);
+            h.home
+        });
+        assert_eq!(r, Some(7));
+        assert!(t.get("f").is_none());
+        assert_eq!(t.full.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn homes_rehome_and_secondaries() {
+        let mut h = Homes::default();
+        h.rehome(1, 2, false);
+        assert_eq!((h.home, h.secondaries.clone()), (Some(1), vec![]));
+        h.rehome(2, 2, false);
+        assert_eq!((h.home, h.secondaries.clone()), (Some(2), vec![1]));
+        h.rehome(3, 2, true);
+        assert_eq!(
+            (h.home, h.secondaries.clone()),
+            (Some(3), vec![1]),
+            "a failed home is not kept"
+        );
+        h.push_secondary(4, 2);
+        h.push_secondary(5, 2);
+        assert_eq!(h.secondaries, vec![5, 4]);
+        h.last_backend = Some(3);
+        h.last_prompt_tokens = 100;
+        assert_eq!(h.predicted_cached(3, 250), 100);
+        assert_eq!(h.predicted_cached(3, 50), 50);
+        assert_eq!(h.predicted_cached(4, 250), 0);
+    }
+
+    #[test]
+    fn remove_and_implicit_ids() {
+        let t = WorkflowTable::new(&cfg(10));
+        let k = 0x0123_4567_89ab_cdef;
+        let id = implicit_id(k);
+        t.start(k, &id, true, None, None, "r1", 0);
+        assert_eq!(lookup_key(&id), k);
+        let e = t.get(&id).expect("implicit entry");
+        assert!(e.implicit);
+        assert!(t.remove(k));
+        assert!(t.get(&id).is_none());
+        assert!(!t.end(k));
+    }
+
+    #[test]
+    fn page_lists_most_recent_first() {
+        let t = WorkflowTable::new(&cfg(10));
+        start(&t, "a", None, None, "1", 0);
+        start(&t, "b", None, None, "2", 0);
+        let (total, page) = t.page(0, 10);
+        assert_eq!(total, 2);
+        assert_eq!(page.len(), 2);
     }
 
     #[test]

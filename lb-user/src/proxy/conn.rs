@@ -361,10 +361,13 @@ impl Conn {
             Ready,
             Models,
             Proxied,
+            Stored(super::responses::StoredOp),
             Refused(ApiError),
         }
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let stored = super::responses::stored_op(path, head.method());
         let target = match (path, head.method()) {
+            _ if stored.is_some() => Target::Stored(stored.unwrap_or_else(|| unreachable!())),
             (b"/health", b"GET") => Target::Health,
             (b"/ready", b"GET") => Target::Ready,
             (b"/v1/models", b"GET") => Target::Models,
@@ -407,8 +410,15 @@ impl Conn {
                 );
                 Ok(())
             }
-            Target::Proxied => {
-                return match self.proxied(head, framing, rid, s, started, route).await {
+            Target::Proxied | Target::Stored(_) => {
+                let op = match target {
+                    Target::Stored(op) => Some(op),
+                    _ => None,
+                };
+                return match self
+                    .proxied(head, framing, rid, s, started, route, op)
+                    .await
+                {
                     Ok(keep) => keep,
                     Err(e) => {
                         // A slot may have been released without a response.
@@ -557,7 +567,9 @@ impl Conn {
         }
     }
 
-    /// A proxied route: body, metadata, admission, upstream, relay.
+    /// A proxied route: body, metadata, admission, upstream, relay. `stored` is a request
+    /// on a stored Responses API response (no body needed).
+    #[allow(clippy::too_many_arguments)]
     async fn proxied(
         &mut self,
         head: Head,
@@ -566,13 +578,16 @@ impl Conn {
         s: &Arc<Settings>,
         started: Instant,
         route: &'static str,
+        stored: Option<super::responses::StoredOp>,
     ) -> Result<bool, ApiError> {
         let limits = &s.limits;
-        let is_json = head
-            .values_of(Known::ContentType)
-            .next()
-            .and_then(|v| v.split(|&b| b == b';').next())
-            .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"application/json"));
+        let bodyless = stored.is_some() && framing == Framing::Empty;
+        let is_json = bodyless
+            || head
+                .values_of(Known::ContentType)
+                .next()
+                .and_then(|v| v.split(|&b| b == b';').next())
+                .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"application/json"));
         if !is_json {
             return Err(ApiError::invalid_request(
                 "Content-Type must be application/json",
@@ -592,8 +607,43 @@ impl Conn {
             }
         }
         let body = self.read_body(framing, s).await?;
-        let meta = meta::extract(&head, Some(&body), rid.to_owned(), &s.meta)?;
+        let mut meta = meta::extract(
+            &head,
+            (!bodyless).then_some(&body[..]),
+            rid.to_owned(),
+            &s.meta,
+        )?;
         let proxy = self.proxy.clone();
+        // Responses API: a request on a stored response goes to the backend that has it,
+        // and a continuation joins the chain's workflow.
+        let owner_of = stored
+            .as_ref()
+            .map(|o| o.id.clone())
+            .or_else(|| meta.previous_response_id.clone())
+            .filter(|_| s.follow_response_owner);
+        if let Some(id) = &owner_of {
+            let timeout = limits
+                .connect_timeout
+                .max(std::time::Duration::from_secs(2));
+            let owner = proxy.response_owner(id, timeout).await?;
+            meta.pinned = Some(owner.backend);
+            if meta.workflow_id.is_none()
+                && let Some(w) = owner.workflow
+            {
+                meta.workflow_id = Some(w);
+                meta.workflow_source = Some(meta::WorkflowSource::Response);
+                meta.root_key = None;
+            }
+        }
+        // Lineage: a call that names its parent but no workflow joins the parent's.
+        if meta.workflow_id.is_none()
+            && let Some(p) = meta.parent_request_id.as_deref()
+            && let Some(inh) = proxy.controller.workflows.parent(p)
+        {
+            meta.workflow_id = Some(inh.id);
+            meta.workflow_source = Some(meta::WorkflowSource::Lineage);
+            meta.root_key = None;
+        }
         if let Some(m) = meta.model.as_deref()
             && !proxy
                 .controller
@@ -645,6 +695,8 @@ impl Conn {
             head: uh,
             backend,
             inflight,
+            reason,
+            predicted_cached,
         } = up;
         let ufr = h1::response_framing(&uh)
             .map_err(|m| ApiError::bad_gateway(format!("backend {} sent {m}", backend.name)))?;
@@ -674,8 +726,16 @@ impl Conn {
             out.extend_from_slice(b"\r\n");
         }
         h1::put_header(out, H_REQUEST_ID.as_bytes(), rid.as_bytes());
+        let policy = proxy.controller.policy_name();
         if s.backend_header {
             h1::put_header(out, H_BACKEND.as_bytes(), backend.name.as_bytes());
+            out.extend_from_slice(b"x-agentlb-route: policy=");
+            out.extend_from_slice(policy.as_bytes());
+            out.extend_from_slice(b"; reason=");
+            out.extend_from_slice(reason.as_str().as_bytes());
+            out.extend_from_slice(b"; cached=");
+            h1::put_dec(out, predicted_cached);
+            out.extend_from_slice(b"\r\n");
         }
         match cfr {
             // 204 and 304 carry no Content-Length (RFC 9110 §8.6).
@@ -696,32 +756,75 @@ impl Conn {
 
         let status = uh.status;
         proxy.metrics.answered(route, &backend.label, status);
-        if let Some(w) = &meta.workflow_id {
+        proxy.metrics.routed(policy, reason);
+        // The workflow this request belongs to in the table: its id, or its conversation
+        // root when the policy keeps homes for implicit workflows.
+        let tracked: Option<(u64, Option<String>)> = match (&meta.workflow_id, meta.root_key) {
+            (Some(w), _) => Some((crate::controller::workflows::lookup_key(w), None)),
+            (None, Some(k)) if proxy.controller.uses_homes() => {
+                Some((k, Some(crate::controller::workflows::implicit_id(k))))
+            }
+            _ => None,
+        };
+        if let Some((key, implicit)) = &tracked {
+            let id = implicit
+                .as_deref()
+                .or(meta.workflow_id.as_deref())
+                .unwrap_or("");
             if proxy.controller.workflows.start(
-                w,
+                *key,
+                id,
+                implicit.is_some(),
                 meta.agent_id.as_deref(),
                 meta.parent_request_id.as_deref(),
                 &meta.request_id,
-                &backend.name,
+                backend.id,
             ) {
                 proxy.metrics.lineage_edge();
             }
-            proxy.metrics.workflow_request(w, meta.agent_id.as_deref());
+            if let Some(w) = &meta.workflow_id {
+                proxy.metrics.workflow_request(w, meta.agent_id.as_deref());
+            }
         }
-        let wf = meta.workflow_id;
+        // Responses API: learn the owner of a new response; forget a deleted one.
+        let learn_owner = route == "responses" && stored.is_none() && status == 200;
+        if let Some(op) = &stored
+            && head.method() == b"DELETE"
+            && status == 200
+        {
+            proxy.controller.responses.forget(&op.id);
+        }
+        let chain_workflow: Option<String> = tracked
+            .as_ref()
+            .and_then(|(_, implicit)| implicit.clone().or_else(|| meta.workflow_id.clone()));
+        let wf_key = tracked.map(|(k, _)| k);
+        let end_workflow = meta.workflow_end;
         let metrics = proxy.metrics.clone();
         let this = proxy.clone();
         let backend_log = backend.clone();
         let rid_log = meta.request_id;
-        let want_usage = wf.is_some();
-        let on_end = move |outcome: Outcome, usage, ended: Instant| {
+        let want_usage = wf_key.is_some() || predicted_cached > 0;
+        let on_end = move |outcome: Outcome,
+                           usage: Option<crate::controller::workflows::Usage>,
+                           ended: Instant| {
             this.metrics.finished(
                 route,
                 ended.saturating_duration_since(started).as_secs_f64(),
                 outcome,
             );
-            if let Some(w) = &wf {
-                this.controller.workflows.finish(w, usage);
+            if let Some(u) = usage {
+                this.metrics.cache_reuse(
+                    &backend_log.label,
+                    policy,
+                    predicted_cached,
+                    u.cached_tokens,
+                );
+            }
+            if let Some(k) = wf_key {
+                this.controller.workflows.finish(k, backend_log.id, usage);
+                if end_workflow {
+                    this.controller.workflows.end(k);
+                }
             }
             match outcome {
                 Outcome::Complete => {}
@@ -741,6 +844,16 @@ impl Conn {
             on_end,
             (permit, inflight),
         );
+        if learn_owner {
+            let owners = proxy.clone();
+            let owner = backend.id;
+            tracker.capture_response_id(Box::new(move |id: String| {
+                owners
+                    .controller
+                    .responses
+                    .record(&id, owner, chain_workflow.as_deref());
+            }));
+        }
         if !conn.buf.is_empty() {
             tracker.arrived(head_at);
         }

@@ -46,6 +46,10 @@ pub enum WorkflowSource {
     AgenticContext,
     /// cookie `agentlb_wf`.
     Cookie,
+    /// Inherited from the parent request (`X-Parent-Request-Id`).
+    Lineage,
+    /// Inherited from the stored response it continues (`previous_response_id`).
+    Response,
 }
 
 /// Per-request metadata, extracted once.
@@ -69,6 +73,21 @@ pub struct RequestMeta {
     pub stream: bool,
     /// Hash of the conversation root when no workflow id was sent.
     pub root_key: Option<u64>,
+    /// Body length in bytes (a bound on the prompt's size).
+    pub body_len: usize,
+    /// The client asked to end its workflow after this request (`X-Workflow-End: true`).
+    pub workflow_end: bool,
+    /// Responses API: the stored response this request continues.
+    pub previous_response_id: Option<String>,
+    /// The request must go to this backend (the owner of the stored response it names).
+    pub pinned: Option<crate::model::BackendId>,
+}
+
+impl RequestMeta {
+    /// A rough prompt size in tokens: a token is about 4 bytes of text.
+    pub fn prompt_tokens_estimate(&self) -> u64 {
+        (self.body_len / 4) as u64
+    }
 }
 
 /// Limits for ids.
@@ -115,6 +134,15 @@ struct BodyFields<'a> {
     messages: Option<Vec<MessageRef<'a>>>,
     #[serde(borrow, default)]
     prompt: Option<&'a RawValue>,
+    /// Responses API: the system text.
+    #[serde(borrow, default)]
+    instructions: Option<&'a RawValue>,
+    /// Responses API: a string or a list of input items (messages).
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    /// Responses API: the stored response this one continues.
+    #[serde(borrow, default)]
+    previous_response_id: Option<Cow<'a, str>>,
 }
 
 /// A chat message as far as the conversation root needs it.
@@ -143,13 +171,21 @@ fn head(s: &str, n: usize) -> &str {
 }
 
 /// The conversation root's hash (see the module docs).
-fn root_key(
-    messages: Option<&[MessageRef<'_>]>,
-    prompt: Option<&RawValue>,
-    limits: &MetaLimits,
-) -> Option<u64> {
+fn root_key(fields: &BodyFields<'_>, limits: &MetaLimits) -> Option<u64> {
     let mut h = StableHasher::default();
-    let first = match (messages, prompt) {
+    // Responses API input items have the shape of chat messages.
+    let items: Option<Vec<MessageRef<'_>>> = match fields.input {
+        Some(i) if i.get().starts_with('[') => serde_json::from_str(i.get()).ok(),
+        _ => None,
+    };
+    if let Some(ins) = fields.instructions {
+        write_piece(&mut h, b"system");
+        write_piece(&mut h, ins.get().as_bytes());
+    }
+    let first = match (
+        fields.messages.as_deref().or(items.as_deref()),
+        fields.prompt.or(fields.input),
+    ) {
         (Some(msgs), _) => {
             let mut rest = msgs.iter();
             let mut first = None;
@@ -281,7 +317,7 @@ pub fn extract(
     request_id: String,
     limits: &MetaLimits,
 ) -> Result<RequestMeta, ApiError> {
-    let fields: BodyFields<'_> = match body {
+    let mut fields: BodyFields<'_> = match body {
         // JSON is UTF-8 (RFC 8259 §8.1). Validating the whole body once is
         // cheaper than serde_json validating every string it borrows, and a
         // body with invalid bytes anywhere (even in a skipped string) is refused
@@ -303,17 +339,18 @@ pub fn extract(
         }
         None => BodyFields::default(),
     };
-    let agentic: Option<AgenticContext> = match fields.vllm_xargs.and_then(|x| x.agentic_context) {
-        None => None,
-        Some(AgenticField::Object(o)) => Some(o),
-        Some(AgenticField::Text(t)) => Some(serde_json::from_str(&t).map_err(|e| {
-            ApiError::invalid_request(
-                format!("vllm_xargs.agentic_context is not a JSON object: {e}"),
-                "invalid_json",
-            )
-        })?),
-    };
-    let wm = fields.workflow_metadata.unwrap_or_default();
+    let agentic: Option<AgenticContext> =
+        match fields.vllm_xargs.take().and_then(|x| x.agentic_context) {
+            None => None,
+            Some(AgenticField::Object(o)) => Some(o),
+            Some(AgenticField::Text(t)) => Some(serde_json::from_str(&t).map_err(|e| {
+                ApiError::invalid_request(
+                    format!("vllm_xargs.agentic_context is not a JSON object: {e}"),
+                    "invalid_json",
+                )
+            })?),
+        };
+    let wm = fields.workflow_metadata.take().unwrap_or_default();
 
     let (workflow, source) =
         if let Some(v) = header(headers.values_of(Known::WorkflowId).next(), "x-workflow-id")? {
@@ -357,11 +394,16 @@ pub fn extract(
         headers.get_all(&limits.session_header).next(),
         &limits.session_header,
     )?;
-    let root_key = if workflow.is_none() {
-        root_key(fields.messages.as_deref(), fields.prompt, limits)
+    // A Responses API continuation belongs to its chain, not to a conversation root.
+    let root_key = if workflow.is_none() && fields.previous_response_id.is_none() {
+        root_key(&fields, limits)
     } else {
         None
     };
+    let workflow_end = headers
+        .get_all("x-workflow-end")
+        .next()
+        .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"true") || v.trim_ascii() == b"1");
     Ok(RequestMeta {
         workflow_id: opt_id("workflow id", workflow.as_deref(), limits)?,
         workflow_source: source,
@@ -372,6 +414,14 @@ pub fn extract(
         model: fields.model.map(Cow::into_owned),
         stream: fields.stream.unwrap_or(false),
         root_key,
+        body_len: body.map_or(0, <[u8]>::len),
+        workflow_end,
+        previous_response_id: opt_id(
+            "previous_response_id",
+            fields.previous_response_id.as_deref(),
+            limits,
+        )?,
+        pinned: None,
     })
 }
 

@@ -25,6 +25,7 @@ pub mod error;
 pub mod h1;
 pub mod limits;
 pub mod meta;
+pub mod responses;
 pub mod stream;
 pub mod upstream;
 
@@ -54,10 +55,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// The OpenAI routes agentlb proxies.
-const PROXIED: [&[u8]; 3] = [
+const PROXIED: [&[u8]; 4] = [
     b"/v1/chat/completions",
     b"/v1/completions",
     b"/v1/embeddings",
+    b"/v1/responses",
 ];
 
 /// Settings that a reload can change without restarting.
@@ -75,6 +77,8 @@ pub struct Settings {
     pub circuit_open: Duration,
     /// Add `x-agentlb-backend` to proxied responses.
     pub backend_header: bool,
+    /// Send Responses API follow-ups to the backend that stored the response.
+    pub follow_response_owner: bool,
 }
 
 impl Settings {
@@ -92,6 +96,7 @@ impl Settings {
             circuit_failures: c.health.circuit_failures,
             circuit_open: c.health.circuit_open,
             backend_header: c.backend_header,
+            follow_response_owner: c.routing.follow_response_owner,
         }
     }
 }
@@ -164,6 +169,10 @@ pub struct Upstream {
     pub backend: Arc<Backend>,
     /// Counts the request in flight on `backend` until dropped.
     pub inflight: Inflight,
+    /// Why the request went to `backend`.
+    pub reason: crate::controller::Reason,
+    /// Prompt tokens `backend` was predicted to have cached.
+    pub predicted_cached: u64,
 }
 
 /// Shared proxy state.
@@ -176,6 +185,8 @@ pub struct Proxy {
     /// Admission.
     pub limiter: Arc<limits::Limiter>,
     budget: limits::RetryBudget,
+    /// Client of the Responses owner lookup.
+    probe: crate::controller::health::ProbeClient,
 }
 
 /// Bodies up to this size are sent in the same write as the upstream head.
@@ -199,6 +210,7 @@ impl Proxy {
             settings: ArcSwap::from_pointee(Settings::from_config(config)),
             limiter,
             budget: limits::RetryBudget::default(),
+            probe: crate::controller::health::probe_client(),
         }
     }
 
@@ -267,7 +279,7 @@ impl Proxy {
         // other backend can be tried.
         let mut last_status: Option<Upstream> = None;
         loop {
-            let backend = match self.pick(meta, &tried, limits).await {
+            let picked = match self.pick(meta, &tried, limits).await {
                 Ok(b) => b,
                 Err(e) => {
                     // Nothing left to try: answer with the last failure.
@@ -277,6 +289,7 @@ impl Proxy {
                     return Err(last.unwrap_or(e));
                 }
             };
+            let backend = picked.backend;
             if !backend.admit() {
                 tried.push(backend.id);
                 continue;
@@ -317,16 +330,15 @@ impl Proxy {
                 Ok(Ok((conn, h))) => {
                     backend.record_success();
                     if !tried.is_empty() {
-                        if let Some(w) = &meta.workflow_id {
-                            self.controller.workflows.moved(w);
-                        }
-                        tracing::info!(request_id = rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, failed_attempts = tried.len(), "request moved to another backend");
+                        tracing::info!(request_id = rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, failed_attempts = tried.len(), reason = picked.reason.as_str(), "request moved to another backend");
                     }
                     return Ok(Upstream {
                         conn,
                         head: h,
                         backend,
                         inflight,
+                        reason: picked.reason,
+                        predicted_cached: picked.predicted_cached,
                     });
                 }
                 Ok(Err(e)) => e,
@@ -342,6 +354,8 @@ impl Proxy {
                         head: h,
                         backend: backend.clone(),
                         inflight,
+                        reason: picked.reason,
+                        predicted_cached: picked.predicted_cached,
                     });
                     (
                         "status",
@@ -409,7 +423,7 @@ impl Proxy {
         meta: &RequestMeta,
         tried: &[u32],
         limits: &Limits,
-    ) -> Result<Arc<Backend>, ApiError> {
+    ) -> Result<crate::controller::Picked, ApiError> {
         let mut deadline = None;
         let mut place = None;
         loop {
@@ -454,6 +468,8 @@ fn route_label(path: &[u8]) -> &'static str {
         b"/v1/chat/completions" => "chat",
         b"/v1/completions" => "completions",
         b"/v1/embeddings" => "embeddings",
+        b"/v1/responses" => "responses",
+        p if p.starts_with(b"/v1/responses/") => "responses",
         b"/v1/models" => "models",
         b"/health" | b"/ready" => "health",
         _ => "other",

@@ -48,8 +48,16 @@ where
     tail: Vec<u8>,
     want_usage: bool,
     on_end: Option<E>,
+    /// Responses API: the first body bytes, until a response id is found in them.
+    capture: Option<(Vec<u8>, OnId)>,
     _hold: H,
 }
+
+/// Called with the response id found at the start of a Responses API body.
+pub type OnId = Box<dyn FnOnce(String) + Send>;
+
+/// Bytes of a body searched for a response id.
+const CAPTURE: usize = 8 * 1024;
 
 impl<F, E, H> Tracker<F, E, H>
 where
@@ -69,8 +77,15 @@ where
             tail: Vec::new(),
             want_usage,
             on_end: Some(on_end),
+            capture: None,
             _hold: hold,
         }
+    }
+
+    /// Looks for a Responses API response id at the start of the body and hands it to
+    /// `on_id` as soon as it has arrived.
+    pub fn capture_response_id(&mut self, on_id: OnId) {
+        self.capture = Some((Vec::new(), on_id));
     }
 
     /// The bytes of the next [`Tracker::data`] call arrived at `at` (they came
@@ -95,6 +110,18 @@ where
             self.ttfb = Some(t);
             if let Some(f) = self.on_first.take() {
                 f(t);
+            }
+        }
+        if let Some((buf, _)) = &mut self.capture {
+            let take = data.len().min(CAPTURE.saturating_sub(buf.len()));
+            buf.extend_from_slice(&data[..take]);
+            let id = crate::controller::responses::response_id_in(buf);
+            if id.is_some() || buf.len() >= CAPTURE {
+                if let (Some(id), Some((_, on_id))) = (id, self.capture.take()) {
+                    on_id(id);
+                } else {
+                    self.capture = None;
+                }
             }
         }
         if !self.want_usage {

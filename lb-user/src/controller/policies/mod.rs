@@ -2,18 +2,91 @@
 
 mod least_loaded;
 mod round_robin;
+mod session;
 pub mod workflow;
 
 use std::sync::Arc;
 
 pub use least_loaded::LeastLoaded;
 pub use round_robin::RoundRobin;
+pub use session::SessionPolicy;
 pub use workflow::WorkflowPolicy;
 
 use crate::{
     config::{PolicyName, RoutingConfig},
+    controller::workflows::Homes,
     model::{Backend, RequestMeta},
 };
+
+/// Why a request went where it went (the `reason` of `x-agentlb-route` and a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The workflow's home.
+    Home,
+    /// A secondary home: the home was over its load bound (or at its concurrency limit).
+    Spill,
+    /// A new workflow placed on its first choice.
+    Placed,
+    /// The home failed or was drained: the workflow moved for good.
+    Migrated,
+    /// A new implicit workflow (no id: keyed by its conversation root) placed.
+    Implicit,
+    /// The backend that owns the stored response the request refers to.
+    Owner,
+    /// Balanced without affinity (no key, or a policy without affinity).
+    Balanced,
+    /// A session key's backend.
+    Session,
+}
+
+impl Reason {
+    /// All reasons, in label order.
+    pub const ALL: [Reason; 8] = [
+        Self::Home,
+        Self::Spill,
+        Self::Placed,
+        Self::Migrated,
+        Self::Implicit,
+        Self::Owner,
+        Self::Balanced,
+        Self::Session,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Home => "home",
+            Self::Spill => "spill",
+            Self::Placed => "placed",
+            Self::Migrated => "migrated",
+            Self::Implicit => "implicit",
+            Self::Owner => "owner",
+            Self::Balanced => "balanced",
+            Self::Session => "session",
+        }
+    }
+}
+
+/// A policy's choice: an index into the candidates and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    /// Index into the candidate backends.
+    pub index: usize,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// What a policy with homes knows beyond the candidates.
+#[derive(Debug)]
+pub struct HomeCtx<'a> {
+    /// The workflow's homes, updated in place by the decision.
+    pub homes: &'a mut Homes,
+    /// The home is healthy but not a candidate (at its concurrency limit): spill, do not
+    /// move.
+    pub home_busy: bool,
+    /// The workflow is implicit (keyed by its conversation root).
+    pub implicit: bool,
+}
 
 /// A routing policy: given the backend snapshot and the request's metadata, the
 /// index of the backend to use (`None` when there is none).
@@ -22,6 +95,23 @@ pub trait Policy: Send + Sync {
     fn name(&self) -> &'static str;
     /// Chooses a backend.
     fn pick(&self, backends: &[Arc<Backend>], meta: &RequestMeta) -> Option<usize>;
+    /// Whether the policy keeps workflow homes (the controller then passes them to
+    /// [`Policy::route`]).
+    fn uses_homes(&self) -> bool {
+        false
+    }
+    /// Chooses a backend with the workflow's homes when the policy keeps them.
+    fn route(
+        &self,
+        backends: &[Arc<Backend>],
+        meta: &RequestMeta,
+        _home: Option<HomeCtx<'_>>,
+    ) -> Option<Choice> {
+        self.pick(backends, meta).map(|index| Choice {
+            index,
+            reason: Reason::Balanced,
+        })
+    }
 }
 
 /// Builds the configured policy.
@@ -29,7 +119,11 @@ pub fn build(name: PolicyName, routing: &RoutingConfig) -> Box<dyn Policy> {
     match name {
         PolicyName::RoundRobin => Box::new(RoundRobin::default()),
         PolicyName::LeastLoaded => Box::new(LeastLoaded::default()),
-        PolicyName::Workflow => Box::new(WorkflowPolicy::new(routing.load_bound)),
+        PolicyName::Workflow => Box::new(WorkflowPolicy::new(
+            routing.load_bound,
+            routing.secondary_homes,
+        )),
+        PolicyName::Session => Box::new(SessionPolicy::new(routing.load_bound)),
     }
 }
 

@@ -2,24 +2,41 @@
 //! decision on every gateway replica.
 //!
 //! The routing key of a request is its workflow id (header, body, `agentic_context`,
-//! cookie) or, when the client sent none, its *conversation root*
-//! ([`RequestMeta::root_key`]: the system messages plus the first characters of the first
-//! other message), so the agents of one workflow, which share that context, share a key
-//! without sending ids. Backends are ranked for the key by rendezvous hashing on their URL
-//! (highest random weight), a pure function of the key and the backend set, so independent
+//! cookie, or inherited from its parent request) or, when the client sent none, its
+//! *conversation root* ([`RequestMeta::root_key`]: the system messages plus the first
+//! characters of the first other message), so the agents of one workflow, which share
+//! that context, share a key without sending ids (an *implicit* workflow).
+//!
+//! Placement: backends are ranked for the key by rendezvous hashing on their URL (highest
+//! random weight), a pure function of the key and the backend set, so independent
 //! replicas rank alike and a backend joining or leaving moves only the keys it wins or
-//! held. The first backend in that order whose load is within `bound` × the mean load takes
-//! the request ("home"); an overloaded home spills the request to the next in order, and
-//! the workflow returns home as soon as the home is back under the bound, without state to
-//! thrash. Load is what every replica observes alike: the backends' own `/metrics`
-//! (queued requests plus KV pressure near a full cache), not per-replica in-flight counts:
-//! a busy batch that still admits work is no reason to leave a cached context, a queue
-//! or a cache about to evict is. Requests with no key go to the least loaded backend.
+//! held. A new workflow is placed on the first backend in that order whose load is within
+//! `bound` × the mean load (+1 request of slack): its *home*, recorded in the workflow
+//! table ([`Homes`]).
+//!
+//! Later calls go home while the home is within the bound. Over it, the call *spills* to a
+//! secondary home (one under the bound where the workflow was before, else the next in
+//! rendezvous order), recorded; the workflow stays there until the home is again no
+//! busier than the mean — hysteresis between the mean and the bound, so it does not bounce
+//! around the bound, and every replica, which reads the same backend metrics, converges
+//! on the same choice. A home that fails or is drained is replaced for good (*migrated*)
+//! by a secondary home under the bound, else the next in order.
+//!
+//! Load is what every replica observes alike: the backends' own `/metrics` (queued
+//! requests plus KV pressure near a full cache), not per-replica in-flight counts: a busy
+//! batch that still admits work is no reason to leave a cached context, a queue or a cache
+//! about to evict is. Requests with no key go to the least loaded backend.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
-use super::Policy;
-use crate::model::{Backend, RequestMeta};
+use super::{Choice, HomeCtx, Policy, Reason};
+use crate::{
+    controller::workflows::{Homes, lookup_key},
+    model::{Backend, RequestMeta},
+};
 
 /// KV usage above which a backend counts as loaded: below it, a cached context costs
 /// nothing to keep and new work fits without evicting (vLLM preempts near 1.0).
@@ -32,17 +49,68 @@ const KV_WEIGHT: f64 = 10.0;
 const BOUND_SLACK: f64 = 1.0;
 
 /// Affinity by workflow (or conversation root) with bounded load.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WorkflowPolicy {
     bound: f64,
+    secondaries: usize,
+    rotor: AtomicUsize,
 }
 
 impl WorkflowPolicy {
-    /// A policy whose home may carry up to `bound` × the mean load (≥ 1).
-    pub fn new(bound: f64) -> Self {
+    /// A policy whose home may carry up to `bound` × the mean load (≥ 1), keeping at most
+    /// `secondaries` secondary homes per workflow.
+    pub fn new(bound: f64, secondaries: usize) -> Self {
         Self {
             bound: bound.max(1.0),
+            secondaries,
+            rotor: AtomicUsize::new(0),
         }
+    }
+}
+
+/// Loads of the candidates and the bound they are held to.
+pub(crate) struct Loads {
+    pub(crate) loads: Vec<f64>,
+    pub(crate) mean: f64,
+    pub(crate) limit: f64,
+}
+
+impl Loads {
+    pub(crate) fn of(backends: &[Arc<Backend>], bound: f64) -> Self {
+        let loads: Vec<f64> = backends.iter().map(|b| load_of(b)).collect();
+        let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
+        Self {
+            limit: bound * mean + BOUND_SLACK,
+            mean,
+            loads,
+        }
+    }
+
+    pub(crate) fn under(&self, i: usize) -> bool {
+        self.loads[i] <= self.limit
+    }
+
+    /// The least loaded candidate (ties: fewer in flight here, then a rotating start so
+    /// equal backends share the work).
+    pub(crate) fn least(&self, backends: &[Arc<Backend>], rotor: &AtomicUsize) -> Option<usize> {
+        let n = backends.len();
+        if n == 0 {
+            return None;
+        }
+        let start = rotor.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).map(|k| (start + k) % n).min_by(|&a, &b| {
+            self.loads[a]
+                .total_cmp(&self.loads[b])
+                .then(backends[a].inflight().cmp(&backends[b].inflight()))
+        })
+    }
+
+    /// The first of `order` under the bound, skipping `skip`.
+    pub(crate) fn first_under(&self, order: &[usize], skip: Option<usize>) -> Option<usize> {
+        order
+            .iter()
+            .copied()
+            .find(|&i| Some(i) != skip && self.under(i))
     }
 }
 
@@ -96,7 +164,7 @@ pub fn load_of(b: &Backend) -> f64 {
 pub fn routing_key(meta: &RequestMeta) -> Option<u64> {
     meta.workflow_id
         .as_deref()
-        .map(|w| stable_hash(w.as_bytes()))
+        .map(lookup_key)
         .or(meta.root_key)
 }
 
@@ -111,32 +179,147 @@ pub fn rendezvous_order(backends: &[Arc<Backend>], key: u64) -> Vec<usize> {
     scored.into_iter().map(|(_, i)| i).collect()
 }
 
+impl WorkflowPolicy {
+    /// Where a workflow over its home's bound goes: where it already spilled while that
+    /// is under the bound, else its first secondary home under the bound, else the next
+    /// backend in rendezvous order under the bound.
+    fn spill_target(
+        &self,
+        backends: &[Arc<Backend>],
+        l: &Loads,
+        order: &[usize],
+        h: &Homes,
+        home: Option<usize>,
+    ) -> Option<usize> {
+        let pos = |id| backends.iter().position(|b| b.id == id);
+        h.secondaries
+            .iter()
+            .filter_map(|&id| pos(id))
+            .find(|&i| Some(i) != home && l.under(i))
+            .or_else(|| l.first_under(order, home))
+    }
+
+    fn spill(&self, backends: &[Arc<Backend>], h: &mut Homes, i: usize) -> Choice {
+        h.push_secondary(backends[i].id, self.secondaries.max(1));
+        h.spilled = true;
+        h.spills = h.spills.saturating_add(1);
+        Choice {
+            index: i,
+            reason: Reason::Spill,
+        }
+    }
+
+    fn with_homes(
+        &self,
+        backends: &[Arc<Backend>],
+        key: u64,
+        l: &Loads,
+        ctx: HomeCtx<'_>,
+    ) -> Option<Choice> {
+        let order = rendezvous_order(backends, key);
+        let h = ctx.homes;
+        let k = self.secondaries;
+        let Some(home_id) = h.home else {
+            // A new workflow: its first choice under the bound.
+            let i = l
+                .first_under(&order, None)
+                .or_else(|| order.first().copied())?;
+            h.rehome(backends[i].id, k, false);
+            let reason = if ctx.implicit {
+                Reason::Implicit
+            } else {
+                Reason::Placed
+            };
+            return Some(Choice { index: i, reason });
+        };
+        let home = backends.iter().position(|b| b.id == home_id);
+        match home {
+            Some(hi) => {
+                // Back home (or still home) unless over the bound, or spilled and the home
+                // not yet back to the mean.
+                let stay_away = h.spilled && l.loads[hi] > l.mean;
+                if l.under(hi) && !stay_away {
+                    h.spilled = false;
+                    return Some(Choice {
+                        index: hi,
+                        reason: Reason::Home,
+                    });
+                }
+                match self.spill_target(backends, l, &order, h, Some(hi)) {
+                    Some(i) => Some(self.spill(backends, h, i)),
+                    None => {
+                        // Everyone is over the bound: the context is worth most at home.
+                        h.spilled = false;
+                        Some(Choice {
+                            index: hi,
+                            reason: Reason::Home,
+                        })
+                    }
+                }
+            }
+            None if ctx.home_busy => {
+                let i = self
+                    .spill_target(backends, l, &order, h, None)
+                    .or_else(|| l.least(backends, &self.rotor))?;
+                Some(self.spill(backends, h, i))
+            }
+            None => {
+                // The home failed, was drained or removed: move for good.
+                let i = self
+                    .spill_target(backends, l, &order, h, None)
+                    .or_else(|| order.first().copied())?;
+                h.rehome(backends[i].id, k, true);
+                h.moves = h.moves.saturating_add(1);
+                Some(Choice {
+                    index: i,
+                    reason: Reason::Migrated,
+                })
+            }
+        }
+    }
+}
+
 impl Policy for WorkflowPolicy {
     fn name(&self) -> &'static str {
         "workflow"
     }
 
+    fn uses_homes(&self) -> bool {
+        true
+    }
+
     fn pick(&self, backends: &[Arc<Backend>], meta: &RequestMeta) -> Option<usize> {
+        self.route(backends, meta, None).map(|c| c.index)
+    }
+
+    fn route(
+        &self,
+        backends: &[Arc<Backend>],
+        meta: &RequestMeta,
+        home: Option<HomeCtx<'_>>,
+    ) -> Option<Choice> {
         if backends.is_empty() {
             return None;
         }
-        let loads: Vec<f64> = backends.iter().map(|b| load_of(b)).collect();
+        let l = Loads::of(backends, self.bound);
         let Some(key) = routing_key(meta) else {
-            // No context to keep: the least loaded backend (scraped load, then in-flight).
-            return (0..backends.len()).min_by(|&a, &b| {
-                loads[a]
-                    .total_cmp(&loads[b])
-                    .then(backends[a].inflight().cmp(&backends[b].inflight()))
+            return l.least(backends, &self.rotor).map(|index| Choice {
+                index,
+                reason: Reason::Balanced,
             });
         };
-        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
-        let limit = self.bound * mean + BOUND_SLACK;
+        if let Some(ctx) = home {
+            return self.with_homes(backends, key, &l, ctx);
+        }
+        // Without a table: the stateless rule (first in order under the bound).
         let order = rendezvous_order(backends, key);
-        order
-            .iter()
-            .copied()
-            .find(|&i| loads[i] <= limit)
-            .or_else(|| order.first().copied())
+        let index = l
+            .first_under(&order, None)
+            .or_else(|| order.first().copied())?;
+        Some(Choice {
+            index,
+            reason: Reason::Home,
+        })
     }
 }
 
@@ -162,7 +345,7 @@ mod tests {
     #[test]
     fn a_workflow_always_lands_on_its_home() {
         let b = test_backends(4);
-        let p = WorkflowPolicy::new(1.25);
+        let p = WorkflowPolicy::new(1.25, 2);
         for w in 0..50 {
             let m = meta(&format!("wf-{w}"));
             let first = p.pick(&b, &m);
@@ -175,7 +358,7 @@ mod tests {
     #[test]
     fn workflows_spread_over_backends() {
         let b = test_backends(4);
-        let p = WorkflowPolicy::new(1.25);
+        let p = WorkflowPolicy::new(1.25, 2);
         let mut counts = [0usize; 4];
         for w in 0..4000 {
             if let Some(i) = p.pick(&b, &meta(&format!("wf-{w}"))) {
@@ -192,7 +375,7 @@ mod tests {
         let a = test_backends(5);
         let mut b = test_backends(5);
         b.reverse();
-        let (p, q) = (WorkflowPolicy::new(1.25), WorkflowPolicy::new(1.25));
+        let (p, q) = (WorkflowPolicy::new(1.25, 2), WorkflowPolicy::new(1.25, 2));
         for w in 0..200 {
             let m = meta(&format!("wf-{w}"));
             let x = p.pick(&a, &m).map(|i| a[i].url.clone());
@@ -204,7 +387,7 @@ mod tests {
     #[test]
     fn removing_a_backend_moves_only_its_workflows() {
         let all = test_backends(4);
-        let p = WorkflowPolicy::new(1.25);
+        let p = WorkflowPolicy::new(1.25, 2);
         let fewer: Vec<Arc<Backend>> = all[..3].to_vec();
         for w in 0..300 {
             let m = meta(&format!("wf-{w}"));
@@ -219,7 +402,7 @@ mod tests {
     #[test]
     fn an_overloaded_home_spills_to_the_next_and_takes_it_back() {
         let b = test_backends(4);
-        let p = WorkflowPolicy::new(1.25);
+        let p = WorkflowPolicy::new(1.25, 2);
         let m = meta("wf-hot");
         let home = p.pick(&b, &m).expect("home");
         let order = rendezvous_order(&b, routing_key(&m).expect("key"));
@@ -247,19 +430,148 @@ mod tests {
         set_load(&b[0], 5.0);
         set_load(&b[1], 1.0);
         set_load(&b[2], 4.0);
-        let p = WorkflowPolicy::new(1.25);
+        let p = WorkflowPolicy::new(1.25, 2);
         assert_eq!(p.pick(&b, &RequestMeta::default()), Some(1));
     }
 
     #[test]
     fn the_conversation_root_is_a_key() {
         let b = test_backends(4);
-        let p = WorkflowPolicy::new(1.25);
+        let p = WorkflowPolicy::new(1.25, 2);
         let m = RequestMeta {
             root_key: Some(42),
             ..RequestMeta::default()
         };
         assert_eq!(routing_key(&m), Some(42));
         assert_eq!(p.pick(&b, &m), Some(rendezvous_order(&b, 42)[0]));
+    }
+
+    fn routed(p: &WorkflowPolicy, b: &[Arc<Backend>], m: &RequestMeta, h: &mut Homes) -> Choice {
+        p.route(
+            b,
+            m,
+            Some(HomeCtx {
+                homes: h,
+                home_busy: false,
+                implicit: false,
+            }),
+        )
+        .expect("a choice")
+    }
+
+    #[test]
+    fn homes_place_stay_spill_with_hysteresis_and_return() {
+        let b = test_backends(4);
+        let p = WorkflowPolicy::new(1.25, 2);
+        let m = meta("wf-h");
+        let mut h = Homes::default();
+        let c = routed(&p, &b, &m, &mut h);
+        assert_eq!(c.reason, Reason::Placed);
+        let home = c.index;
+        assert_eq!(h.home, Some(b[home].id));
+        assert_eq!(routed(&p, &b, &m, &mut h).reason, Reason::Home);
+        // Home over the bound: spill, recorded.
+        for x in &b {
+            set_load(x, 1.0);
+        }
+        set_load(&b[home], 9.0); // mean 3, bound 4.75
+        let c = routed(&p, &b, &m, &mut h);
+        assert_eq!(c.reason, Reason::Spill);
+        assert_ne!(c.index, home);
+        let spilled_to = c.index;
+        assert_eq!(
+            (h.spills, h.spilled, h.secondaries.first()),
+            (1, true, Some(&b[spilled_to].id))
+        );
+        // Between the mean and the bound: stays where it spilled (no bouncing).
+        set_load(&b[home], 2.0); // mean 1.25, bound 2.56: home under the bound, above the mean
+        assert_eq!(routed(&p, &b, &m, &mut h).index, spilled_to);
+        // Back to the mean: home again.
+        set_load(&b[home], 1.0);
+        let c = routed(&p, &b, &m, &mut h);
+        assert_eq!((c.index, c.reason, h.spilled), (home, Reason::Home, false));
+    }
+
+    #[test]
+    fn a_failed_home_migrates_for_good_and_a_busy_one_spills() {
+        let b = test_backends(4);
+        let p = WorkflowPolicy::new(1.25, 2);
+        let m = meta("wf-m");
+        let mut h = Homes::default();
+        let home = routed(&p, &b, &m, &mut h).index;
+        let home_id = b[home].id;
+        // The home is no longer a candidate and not busy: it failed.
+        let rest: Vec<Arc<Backend>> = b.iter().filter(|x| x.id != home_id).cloned().collect();
+        let c = routed(&p, &rest, &m, &mut h);
+        assert_eq!(c.reason, Reason::Migrated);
+        assert_eq!(h.home, Some(rest[c.index].id));
+        assert_eq!(h.moves, 1);
+        assert!(
+            !h.secondaries.contains(&home_id),
+            "a failed home is not a secondary"
+        );
+        // The old home is back: the workflow stays on its new home.
+        assert_eq!(routed(&p, &b, &m, &mut h).reason, Reason::Home);
+        assert_eq!(h.home, Some(rest[c.index].id));
+        // The home busy (at its concurrency limit) but healthy: spill, keep the home.
+        let new_home = h.home;
+        let others: Vec<Arc<Backend>> = b
+            .iter()
+            .filter(|x| Some(x.id) != new_home)
+            .cloned()
+            .collect();
+        let c = p
+            .route(
+                &others,
+                &m,
+                Some(HomeCtx {
+                    homes: &mut h,
+                    home_busy: true,
+                    implicit: false,
+                }),
+            )
+            .expect("a choice");
+        assert_eq!(c.reason, Reason::Spill);
+        assert_eq!(h.home, new_home);
+    }
+
+    #[test]
+    fn independent_tables_agree_on_every_home() {
+        let b = test_backends(6);
+        let (p, q) = (WorkflowPolicy::new(1.25, 2), WorkflowPolicy::new(1.25, 2));
+        for w in 0..300 {
+            let m = meta(&format!("wf-{w}"));
+            let (mut h1, mut h2) = (Homes::default(), Homes::default());
+            for _ in 0..3 {
+                let a = routed(&p, &b, &m, &mut h1).index;
+                let c = routed(&q, &b, &m, &mut h2).index;
+                assert_eq!(a, c);
+            }
+            assert_eq!(h1, h2);
+        }
+    }
+
+    #[test]
+    fn implicit_workflows_are_placed_with_their_reason() {
+        let b = test_backends(3);
+        let p = WorkflowPolicy::new(1.25, 2);
+        let m = RequestMeta {
+            root_key: Some(7),
+            ..RequestMeta::default()
+        };
+        let mut h = Homes::default();
+        let c = p
+            .route(
+                &b,
+                &m,
+                Some(HomeCtx {
+                    homes: &mut h,
+                    home_busy: false,
+                    implicit: true,
+                }),
+            )
+            .expect("a choice");
+        assert_eq!(c.reason, Reason::Implicit);
+        assert_eq!(c.index, rendezvous_order(&b, 7)[0]);
     }
 }
