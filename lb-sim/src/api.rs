@@ -418,7 +418,13 @@ fn metrics(inst: &Instance) -> Resp {
     let engine = inst.engine();
     let text = {
         let e = engine.lock();
-        crate::metrics::render(&inst.cfg.model, 0, &e.gauges(), e.metrics())
+        crate::metrics::render(
+            &inst.cfg.model,
+            0,
+            &e.gauges(),
+            e.metrics(),
+            Some((inst.cfg.block_size, inst.cfg.num_gpu_blocks)),
+        )
     };
     let mut r = Response::new(SimBody::full(text));
     r.headers_mut().insert(

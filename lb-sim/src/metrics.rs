@@ -154,8 +154,14 @@ fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Renders the metrics text of one instance.
-pub fn render(model: &str, engine_idx: usize, g: &Gauges, m: &EngineMetrics) -> String {
+/// Renders the metrics text of one instance; `cache` is (block size, GPU blocks).
+pub fn render(
+    model: &str,
+    engine_idx: usize,
+    g: &Gauges,
+    m: &EngineMetrics,
+    cache: Option<(usize, usize)>,
+) -> String {
     let labels = format!(
         "engine=\"{engine_idx}\",model_name=\"{}\"",
         escape_label(model)
@@ -210,6 +216,18 @@ pub fn render(model: &str, engine_idx: usize, g: &Gauges, m: &EngineMetrics) -> 
         "KV-cache usage. 1 means 100 percent usage.",
         g.kv_usage,
     );
+    // vLLM's cache configuration as an info gauge: value 1, the settings as labels.
+    if let Some((block_size, blocks)) = cache {
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig"
+        );
+        let _ = writeln!(out, "# TYPE vllm:cache_config_info gauge");
+        let _ = writeln!(
+            out,
+            "vllm:cache_config_info{{block_size=\"{block_size}\",enable_prefix_caching=\"True\",num_gpu_blocks=\"{blocks}\",{labels}}} 1.0"
+        );
+    }
     gauge(
         &mut out,
         "vllm_sim:clock_lag_seconds",
@@ -309,7 +327,8 @@ mod tests {
             ttft: h,
             ..EngineMetrics::default()
         };
-        let text = render("m", 0, &Gauges::default(), &m);
+        let text = render("m", 0, &Gauges::default(), &m, Some((16, 1000)));
+        assert!(text.contains("vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",num_gpu_blocks=\"1000\""));
         assert!(text.contains(
             "vllm:time_to_first_token_seconds_bucket{engine=\"0\",model_name=\"m\",le=\"0.001\"} 1.0"
         ));

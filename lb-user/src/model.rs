@@ -28,6 +28,9 @@ pub struct BackendLoad {
     pub waiting: f64,
     /// `vllm:kv_cache_usage_perc` (or the older `vllm:gpu_cache_usage_perc`), 0..1.
     pub kv_usage: f64,
+    /// KV capacity in tokens: `block_size` × `num_gpu_blocks` of `vllm:cache_config_info`
+    /// (0 when the backend does not say).
+    pub kv_capacity_tokens: f64,
 }
 
 /// Circuit-breaker state of a backend (passive health).

@@ -607,6 +607,36 @@ impl Collector for StateCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        if let Some(ix) = &self.controller.prefix {
+            let g = ConstGauge::new(ix.len() as i64);
+            g.encode(encoder.encode_descriptor(
+                "prefix_index_blocks",
+                "Blocks in the approximate prefix index",
+                None,
+                MetricType::Gauge,
+            )?)?;
+            let g = ConstGauge::new(ix.bytes() as i64);
+            g.encode(encoder.encode_descriptor(
+                "prefix_index_bytes",
+                "Approximate memory of the prefix index",
+                None,
+                MetricType::Gauge,
+            )?)?;
+            let c = ConstCounter::new(ix.evictions());
+            c.encode(encoder.encode_descriptor(
+                "prefix_index_evictions",
+                "Blocks evicted from the full prefix index (ended workflows' first)",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        let g = ConstGauge::new(self.controller.responses.len() as i64);
+        g.encode(encoder.encode_descriptor(
+            "response_owners",
+            "Responses API ids whose owner backend is known",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let e = ConstCounter::new(self.controller.workflows.evictions());
         e.encode(encoder.encode_descriptor(
             "workflow_evictions",

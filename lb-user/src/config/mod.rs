@@ -84,11 +84,19 @@ pub enum PolicyName {
     Workflow,
     /// Session key (`workflows.session_header`) affinity by rendezvous hashing, bounded load.
     Session,
+    /// The backend with the longest predicted cached prefix, weighed against its load.
+    Prefix,
 }
 
 impl PolicyName {
     /// All accepted names.
-    pub const ALL: [&'static str; 4] = ["round_robin", "least_loaded", "workflow", "session"];
+    pub const ALL: [&'static str; 5] = [
+        "round_robin",
+        "least_loaded",
+        "workflow",
+        "session",
+        "prefix",
+    ];
 
     /// Parses a policy name (`-` and `_` are interchangeable).
     pub fn parse(s: &str) -> Option<Self> {
@@ -97,6 +105,7 @@ impl PolicyName {
             "least_loaded" => Some(Self::LeastLoaded),
             "workflow" => Some(Self::Workflow),
             "session" => Some(Self::Session),
+            "prefix" => Some(Self::Prefix),
             _ => None,
         }
     }
@@ -108,6 +117,7 @@ impl PolicyName {
             Self::LeastLoaded => "least_loaded",
             Self::Workflow => "workflow",
             Self::Session => "session",
+            Self::Prefix => "prefix",
         }
     }
 }
@@ -251,6 +261,14 @@ pub struct RoutingConfig {
     pub secondary_homes: usize,
     /// Responses API follow-ups go to the backend that stored the response (any policy).
     pub follow_response_owner: bool,
+    /// Prefix index capacity in blocks (0: no index).
+    pub prefix_index_blocks: usize,
+    /// Prefix index block size, bytes.
+    pub prefix_block_bytes: usize,
+    /// Blocks hashed at most per request.
+    pub prefix_max_blocks: usize,
+    /// Prefix index entries older than this do not count (seconds).
+    pub prefix_ttl_secs: u64,
 }
 
 impl Default for RoutingConfig {
@@ -261,6 +279,10 @@ impl Default for RoutingConfig {
             root_min_chars: 256,
             secondary_homes: 2,
             follow_response_owner: true,
+            prefix_index_blocks: 262_144,
+            prefix_block_bytes: 128,
+            prefix_max_blocks: 8192,
+            prefix_ttl_secs: 600,
         }
     }
 }
@@ -416,6 +438,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         root_min_chars: v.size("routing.root_min_chars", rr.root_min_chars, 256, 1),
         secondary_homes: rr.secondary_homes.unwrap_or(2).min(8),
         follow_response_owner: rr.follow_response_owner.unwrap_or(true),
+        prefix_index_blocks: rr.prefix_index_blocks.unwrap_or(262_144),
+        prefix_block_bytes: v.size("routing.prefix_block_bytes", rr.prefix_block_bytes, 128, 8),
+        prefix_max_blocks: v.size("routing.prefix_max_blocks", rr.prefix_max_blocks, 8192, 1),
+        prefix_ttl_secs: rr.prefix_ttl_secs.unwrap_or(600).max(1),
     };
 
     let k = &raw.kernel;

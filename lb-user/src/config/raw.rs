@@ -129,6 +129,14 @@ pub struct RawRouting {
     pub secondary_homes: Option<usize>,
     /// Send Responses API follow-ups to the backend that stored the response.
     pub follow_response_owner: Option<bool>,
+    /// Prefix index capacity in blocks (0 disables it).
+    pub prefix_index_blocks: Option<usize>,
+    /// Prefix index block size in bytes of the message stream.
+    pub prefix_block_bytes: Option<usize>,
+    /// Blocks hashed at most per request.
+    pub prefix_max_blocks: Option<usize>,
+    /// Prefix index entries older than this do not count.
+    pub prefix_ttl_secs: Option<u64>,
 }
 
 /// `[kernel]`.

@@ -144,6 +144,16 @@ pub fn parse_load(text: &str) -> BackendLoad {
                 kv_sum += v;
                 kv_n += 1;
             }
+            "vllm:cache_config_info" => {
+                let label = |k: &str| -> Option<f64> {
+                    let at = name_labels.find(&format!("{k}=\""))? + k.len() + 2;
+                    let rest = &name_labels[at..];
+                    rest[..rest.find('"')?].parse().ok()
+                };
+                if let (Some(bs), Some(n)) = (label("block_size"), label("num_gpu_blocks")) {
+                    load.kv_capacity_tokens += bs * n;
+                }
+            }
             _ => {}
         }
     }
@@ -162,8 +172,10 @@ mod tests {
         let text = "# HELP x\nvllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3.0\n\
                     vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 2\n\
                     vllm:num_requests_waiting{engine=\"0\"} 7\n\
-                    vllm:gpu_cache_usage_perc{engine=\"0\"} 0.5\n";
+                    vllm:gpu_cache_usage_perc{engine=\"0\"} 0.5\n\
+                    vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"1000\",engine=\"0\"} 1.0\n";
         let l = parse_load(text);
         assert_eq!((l.running, l.waiting, l.kv_usage), (5.0, 7.0, 0.5));
+        assert_eq!(l.kv_capacity_tokens, 16_000.0);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod health;
 pub mod policies;
+pub mod prefix;
 pub mod responses;
 pub mod table;
 pub mod workflows;
@@ -83,6 +84,8 @@ pub struct Controller {
     pub workflows: workflows::WorkflowTable,
     /// Owners of stored Responses API responses.
     pub responses: responses::ResponseOwners,
+    /// The approximate prefix index (`None` when `routing.prefix_index_blocks = 0`).
+    pub prefix: Option<prefix::PrefixIndex>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -109,6 +112,13 @@ impl Controller {
             next_id: AtomicU32::new(next),
             workflows: workflows::WorkflowTable::new(wf),
             responses: responses::ResponseOwners::new(wf.max_responses),
+            prefix: (routing.prefix_index_blocks > 0).then(|| {
+                prefix::PrefixIndex::new(
+                    routing.prefix_index_blocks,
+                    routing.prefix_block_bytes,
+                    routing.prefix_ttl_secs,
+                )
+            }),
         }
     }
 
@@ -195,6 +205,29 @@ impl Controller {
         }
         let policy = self.policy.load();
         let key = policies::workflow::routing_key(meta).filter(|_| policy.uses_homes());
+        let index = self
+            .prefix
+            .as_ref()
+            .filter(|_| !meta.blocks.is_empty() && (policy.uses_homes() || policy.uses_prefix()));
+        let estimate = meta.prompt_tokens_estimate();
+        let demand = (key.is_some() || policy.uses_prefix()).then(|| policies::Demand {
+            footprints: free
+                .iter()
+                .map(|b| self.workflows.footprint(b.id))
+                .collect(),
+            estimate: estimate as f64,
+            work: self.workflows.work_per_request(),
+            matched: index.map_or_else(Vec::new, |ix| {
+                let ids: Vec<BackendId> = free.iter().map(|b| b.id).collect();
+                ix.predicted_tokens(&meta.blocks, &ids)
+            }),
+        });
+        let matched = |i: usize| {
+            demand
+                .as_ref()
+                .and_then(|d| d.matched.get(i).copied())
+                .unwrap_or(0.0) as u64
+        };
         let (choice, predicted) = match key {
             Some(key) => {
                 let implicit = meta.workflow_id.is_none();
@@ -202,7 +235,7 @@ impl Controller {
                     Some(w) => std::borrow::Cow::Borrowed(w.as_str()),
                     None => std::borrow::Cow::Owned(workflows::implicit_id(key)),
                 };
-                self.workflows.route(key, &id, implicit, |homes| {
+                self.workflows.route(key, &id, implicit, estimate, |homes| {
                     let home_busy = homes.home.is_some_and(|h| {
                         !exclude.contains(&h) && snap.iter().any(|b| b.id == h && b.routable())
                     });
@@ -213,15 +246,34 @@ impl Controller {
                             homes,
                             home_busy,
                             implicit,
+                            demand: demand.as_ref(),
                         }),
                     );
                     let predicted = c.map_or(0, |c| {
-                        homes.predicted_cached(free[c.index].id, meta.prompt_tokens_estimate())
+                        homes
+                            .predicted_cached(free[c.index].id, estimate)
+                            .max(matched(c.index))
                     });
                     (c, predicted)
                 })
             }
-            None => (policy.route(&free, meta, None), 0),
+            None => {
+                let mut scratch = workflows::Homes::default();
+                let c = match &demand {
+                    Some(d) => policy.route(
+                        &free,
+                        meta,
+                        Some(policies::HomeCtx {
+                            homes: &mut scratch,
+                            home_busy: false,
+                            implicit: false,
+                            demand: Some(d),
+                        }),
+                    ),
+                    None => policy.route(&free, meta, None),
+                };
+                (c, c.map_or(0, |c| matched(c.index)))
+            }
         };
         let choice = choice.ok_or(NoBackend::Unavailable)?;
         let b = free
@@ -229,6 +281,9 @@ impl Controller {
             .cloned()
             .ok_or(NoBackend::Unavailable)?;
         b.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(ix) = index {
+            ix.insert(&meta.blocks, b.id);
+        }
         Ok(Picked {
             backend: b,
             reason: choice.reason,

@@ -163,17 +163,16 @@ impl<V: Classify> Shard<V> {
         v
     }
 
-    /// Evicts the least recent entry of the first non-empty class; false when every entry
+    /// Evicts the least recent entry of the first non-empty class; `None` when every entry
     /// is pinned.
-    fn evict_one(&mut self) -> bool {
+    fn evict_one(&mut self) -> Option<V> {
         for l in 0..2 {
             let t = self.tail[l];
             if t != NIL {
-                self.release(t);
-                return true;
+                return self.release(t);
             }
         }
-        false
+        None
     }
 
     fn alloc(&mut self, key: u64, val: V) -> u32 {
@@ -259,15 +258,27 @@ impl<V: Classify> Table<V> {
         insert: impl FnOnce() -> V,
         f: impl FnOnce(Option<&mut V>, Upsert) -> R,
     ) -> R {
+        self.upsert_evicting(key, insert, f, drop)
+    }
+
+    /// [`Table::upsert`], handing an entry evicted to make room to `evicted`.
+    pub fn upsert_evicting<R>(
+        &self,
+        key: u64,
+        insert: impl FnOnce() -> V,
+        f: impl FnOnce(Option<&mut V>, Upsert) -> R,
+        evicted: impl FnOnce(V),
+    ) -> R {
         let mut s = self.shard(key);
         let (i, how) = match s.map.get(&key) {
             Some(&i) => (i, Upsert::Found),
             None => {
                 let mut how = Upsert::Inserted;
                 if s.map.len() >= self.per_shard {
-                    if !s.evict_one() {
+                    let Some(old) = s.evict_one() else {
                         return f(None, Upsert::Full);
-                    }
+                    };
+                    evicted(old);
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                     how = Upsert::Evicted;
                 }
@@ -304,7 +315,7 @@ impl<V: Classify> Table<V> {
 
     /// Removes the least recent entries of each class for which `stale` holds, stopping at
     /// the first that is not (lists are in recency order, so this costs what it removes).
-    pub fn expire(&self, stale: impl Fn(&V) -> bool) -> usize {
+    pub fn expire(&self, stale: impl Fn(&V) -> bool, mut gone: impl FnMut(V)) -> usize {
         let mut n = 0;
         for sh in self.shards.iter() {
             let mut s = sh.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -314,7 +325,9 @@ impl<V: Classify> Table<V> {
                     if t == NIL || !s.slots[t as usize].val.as_ref().is_some_and(&stale) {
                         break;
                     }
-                    s.release(t);
+                    if let Some(v) = s.release(t) {
+                        gone(v);
+                    }
                     n += 1;
                 }
             }
@@ -453,7 +466,7 @@ mod tests {
             );
         }
         put(&t, 100, Class::Pinned);
-        assert_eq!(t.expire(|e| e.n == 1), 5);
+        assert_eq!(t.expire(|e| e.n == 1, drop), 5);
         assert_eq!(t.len(), 6);
         for k in 0..5 {
             assert!(t.get(k, |_| ()).is_none());

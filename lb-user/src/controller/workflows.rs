@@ -19,7 +19,7 @@
 //! name agents or parents.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicI64, AtomicU64, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -54,8 +54,12 @@ pub struct Homes {
     pub moves: u32,
     /// Backend of the latest answered request.
     pub last_backend: Option<BackendId>,
-    /// Prompt tokens of the latest answered request (what that backend caches now).
+    /// Tokens of the latest answered request, prompt and completion (what that backend
+    /// caches now): the workflow's predicted KV footprint. Before the first answer, the
+    /// first prompt's estimated size.
     pub last_prompt_tokens: u32,
+    /// The backend whose footprint ledger counts `last_prompt_tokens`.
+    pub fp_at: Option<BackendId>,
 }
 
 impl Homes {
@@ -220,7 +224,20 @@ pub struct WorkflowTable {
     epoch_unix: u64,
     /// Requests that found the table full of active workflows (not tracked).
     pub full: AtomicU64,
+    /// Predicted KV footprint (tokens) of live workflows per backend, by backend id modulo
+    /// [`FP_SLOTS`].
+    footprints: Box<[AtomicI64]>,
+    /// Work of an average request in tokens (uncached prompt + completion), an EWMA (f64
+    /// bits).
+    work: AtomicU64,
 }
+
+/// Slots of the footprint ledger: backend ids are assigned from 0 upwards, so ids alias
+/// only after this many backends were ever added to one process.
+pub const FP_SLOTS: usize = 4096;
+
+/// Work of a request before any was measured, in tokens.
+const DEFAULT_WORK: f64 = 1000.0;
 
 /// The routing key of a workflow id.
 pub fn key_of(id: &str) -> u64 {
@@ -247,6 +264,31 @@ impl WorkflowTable {
             epoch: Instant::now(),
             epoch_unix: now,
             full: AtomicU64::new(0),
+            footprints: (0..FP_SLOTS).map(|_| AtomicI64::new(0)).collect(),
+            work: AtomicU64::new(DEFAULT_WORK.to_bits()),
+        }
+    }
+
+    fn fp_add(&self, b: BackendId, delta: i64) {
+        self.footprints[b as usize % FP_SLOTS].fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Predicted KV footprint (tokens) of the live workflows whose context is on `b`.
+    pub fn footprint(&self, b: BackendId) -> f64 {
+        self.footprints[b as usize % FP_SLOTS]
+            .load(Ordering::Relaxed)
+            .max(0) as f64
+    }
+
+    /// Work of an average request, in tokens (uncached prompt + completion).
+    pub fn work_per_request(&self) -> f64 {
+        f64::from_bits(self.work.load(Ordering::Relaxed))
+    }
+
+    /// Takes a workflow's footprint off the ledger (it ended, was evicted or forgotten).
+    fn release(&self, h: &mut Homes) {
+        if let Some(b) = h.fp_at.take() {
+            self.fp_add(b, -i64::from(h.last_prompt_tokens));
         }
     }
 
@@ -279,21 +321,35 @@ impl WorkflowTable {
         key: u64,
         id: &str,
         implicit: bool,
+        estimate: u64,
         f: impl FnOnce(&mut Homes) -> R,
     ) -> R {
         let now = self.now();
-        self.table
-            .upsert(key, self.insert(id, implicit), |e, how| match e {
+        self.table.upsert_evicting(
+            key,
+            self.insert(id, implicit),
+            |e, how| match e {
                 Some(e) => {
                     e.last_seen = now;
-                    f(&mut e.homes)
+                    let r = f(&mut e.homes);
+                    if e.homes.fp_at.is_none()
+                        && !e.ended
+                        && let Some(h) = e.homes.home
+                    {
+                        e.homes.last_prompt_tokens = u32::try_from(estimate).unwrap_or(u32::MAX);
+                        e.homes.fp_at = Some(h);
+                        self.fp_add(h, i64::from(e.homes.last_prompt_tokens));
+                    }
+                    r
                 }
                 None => {
                     debug_assert_eq!(how, Upsert::Full);
                     self.full.fetch_add(1, Ordering::Relaxed);
                     f(&mut Homes::default())
                 }
-            })
+            },
+            |mut old| self.release(&mut old.homes),
+        )
     }
 
     /// The homes of a workflow (a copy).
@@ -316,39 +372,45 @@ impl WorkflowTable {
     ) -> bool {
         let now = self.now();
         let (max_edges, max_agents) = (self.max_edges, self.max_agents);
-        let new_edge = self.table.upsert(key, self.insert(id, implicit), |e, _| {
-            let Some(e) = e else {
-                self.full.fetch_add(1, Ordering::Relaxed);
-                return false;
-            };
-            e.last_seen = now;
-            e.ended = false;
-            e.requests = e.requests.saturating_add(1);
-            e.inflight = e.inflight.saturating_add(1);
-            e.homes.last_backend = Some(backend);
-            match e.per_backend.iter_mut().find(|(b, _)| *b == backend) {
-                Some((_, n)) => *n = n.saturating_add(1),
-                None => e.per_backend.push((backend, 1)),
-            }
-            if agent.is_none() && parent.is_none() {
-                return false;
-            }
-            let g = e.graph.get_or_insert_with(Box::default);
-            if let Some(a) = agent {
-                if let Some((_, c)) = g.agents.iter_mut().find(|(n, _)| &**n == a) {
-                    *c = c.saturating_add(1);
-                } else if g.agents.len() < max_agents {
-                    g.agents.push((a.into(), 1));
+        let new_edge = self.table.upsert_evicting(
+            key,
+            self.insert(id, implicit),
+            |e, _| {
+                let Some(e) = e else {
+                    self.full.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                };
+                e.last_seen = now;
+                // A request after the end starts the workflow again.
+                e.ended = false;
+                e.requests = e.requests.saturating_add(1);
+                e.inflight = e.inflight.saturating_add(1);
+                e.homes.last_backend = Some(backend);
+                match e.per_backend.iter_mut().find(|(b, _)| *b == backend) {
+                    Some((_, n)) => *n = n.saturating_add(1),
+                    None => e.per_backend.push((backend, 1)),
                 }
-            }
-            match parent {
-                Some(p) if g.edges.len() < max_edges => {
-                    g.edges.push((p.into(), request_id.into()));
-                    true
+                if agent.is_none() && parent.is_none() {
+                    return false;
                 }
-                _ => false,
-            }
-        });
+                let g = e.graph.get_or_insert_with(Box::default);
+                if let Some(a) = agent {
+                    if let Some((_, c)) = g.agents.iter_mut().find(|(n, _)| &**n == a) {
+                        *c = c.saturating_add(1);
+                    } else if g.agents.len() < max_agents {
+                        g.agents.push((a.into(), 1));
+                    }
+                }
+                match parent {
+                    Some(p) if g.edges.len() < max_edges => {
+                        g.edges.push((p.into(), request_id.into()));
+                        true
+                    }
+                    _ => false,
+                }
+            },
+            |mut old| self.release(&mut old.homes),
+        );
         self.lineage.upsert(
             key_of(request_id),
             || Lineage { key, id: id.into() },
@@ -359,28 +421,48 @@ impl WorkflowTable {
 
     /// Records the end of a request on `backend`, with its token usage.
     pub fn finish(&self, key: u64, backend: BackendId, usage: Option<Usage>) {
+        if let Some(u) = usage {
+            // EWMA of a request's work, over all requests.
+            let w = (u.prompt_tokens.saturating_sub(u.cached_tokens) + u.completion_tokens) as f64;
+            let old = self.work_per_request();
+            self.work
+                .store((old * 0.98 + w * 0.02).to_bits(), Ordering::Relaxed);
+        }
         self.table.update(key, |e| {
             e.inflight = e.inflight.saturating_sub(1);
             if let Some(u) = usage {
                 e.usage.prompt_tokens += u.prompt_tokens;
                 e.usage.completion_tokens += u.completion_tokens;
                 e.usage.cached_tokens += u.cached_tokens;
-                if e.homes.last_backend == Some(backend) {
+                if e.homes.last_backend == Some(backend) && !e.ended {
+                    // The context now lives on `backend`, this large.
+                    self.release(&mut e.homes);
                     e.homes.last_prompt_tokens =
                         u32::try_from(u.prompt_tokens + u.completion_tokens).unwrap_or(u32::MAX);
+                    e.homes.fp_at = Some(backend);
+                    self.fp_add(backend, i64::from(e.homes.last_prompt_tokens));
                 }
             }
         });
     }
 
-    /// Marks a workflow ended (its entry is evicted first); false when unknown.
+    /// Marks a workflow ended (its entry is evicted first, its footprint released); false
+    /// when unknown.
     pub fn end(&self, key: u64) -> bool {
-        self.table.update(key, |e| e.ended = true).is_some()
+        self.table
+            .update(key, |e| {
+                e.ended = true;
+                self.release(&mut e.homes);
+            })
+            .is_some()
     }
 
     /// Forgets a workflow; its next request is placed anew.
     pub fn remove(&self, key: u64) -> bool {
-        self.table.remove(key).is_some()
+        self.table
+            .remove(key)
+            .map(|mut e| self.release(&mut e.homes))
+            .is_some()
     }
 
     /// The workflow a request with this parent request id belongs to.
@@ -396,7 +478,9 @@ impl WorkflowTable {
         let cutoff = self
             .now()
             .saturating_sub(u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX));
-        let n = self.table.expire(|e| e.last_seen < cutoff);
+        let n = self
+            .table
+            .expire(|e| e.last_seen < cutoff, |mut e| self.release(&mut e.homes));
         // Lineage of forgotten workflows is harmless (a child re-creates the entry); it is
         // bounded by its own capacity.
         n
@@ -636,7 +720,7 @@ mod tests {
         assert_eq!(t.len(), 3);
         assert_eq!(t.evictions(), 2);
         // Full of active workflows: routing still works on a scratch entry.
-        let r = t.route(key_of("f"), "f", false, |h| {
+        let r = t.route(key_of("f"), "f", false, 0, |h| {
             h.home = Some(7);
             h.home
         });
@@ -706,5 +790,44 @@ mod tests {
         let sse = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\": 5,\"completion_tokens\": 3}}\n\ndata: [DONE]\n\n";
         assert_eq!(usage_from_tail(sse).map(|u| u.prompt_tokens), Some(5));
         assert_eq!(usage_from_tail(b"data: [DONE]"), None);
+    }
+
+    #[test]
+    fn the_footprint_ledger_follows_the_context_and_is_released() {
+        let t = WorkflowTable::new(&cfg(2));
+        let u = |p, c| {
+            Some(Usage {
+                prompt_tokens: p,
+                completion_tokens: c,
+                cached_tokens: 0,
+            })
+        };
+        // Placed on 1 with an estimate, then answered by 1: booked at its real size.
+        t.route(key_of("a"), "a", false, 500, |h| h.rehome(1, 2, false));
+        assert_eq!(t.footprint(1), 500.0);
+        start(&t, "a", None, None, "r1", 1);
+        t.finish(key_of("a"), 1, u(1000, 24));
+        assert_eq!(t.footprint(1), 1024.0);
+        // The next answer comes from 2 (a spill): the context moved there.
+        start(&t, "a", None, None, "r2", 2);
+        t.finish(key_of("a"), 2, u(1100, 10));
+        assert_eq!((t.footprint(1), t.footprint(2)), (0.0, 1110.0));
+        // Ending releases it.
+        assert!(t.end(key_of("a")));
+        assert_eq!(t.footprint(2), 0.0);
+        // Eviction releases it too.
+        for w in ["b", "c", "d"] {
+            t.route(key_of(w), w, false, 100, |h| h.rehome(3, 2, false));
+        }
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t.footprint(3),
+            200.0,
+            "the evicted workflow's footprint is gone"
+        );
+        assert!(
+            t.work_per_request() > DEFAULT_WORK,
+            "work EWMA moved towards 1024 and 1110"
+        );
     }
 }

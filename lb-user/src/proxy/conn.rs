@@ -799,6 +799,10 @@ impl Conn {
             .and_then(|(_, implicit)| implicit.clone().or_else(|| meta.workflow_id.clone()));
         let wf_key = tracked.map(|(k, _)| k);
         let end_workflow = meta.workflow_end;
+        // The last prompt of an ended workflow goes first from the prefix index.
+        if end_workflow && let Some(ix) = &proxy.controller.prefix {
+            ix.demote(&meta.blocks);
+        }
         let metrics = proxy.metrics.clone();
         let this = proxy.clone();
         let backend_log = backend.clone();

@@ -81,6 +81,8 @@ pub struct RequestMeta {
     pub previous_response_id: Option<String>,
     /// The request must go to this backend (the owner of the stored response it names).
     pub pinned: Option<crate::model::BackendId>,
+    /// Chained hashes of the prompt's blocks (see [`crate::controller::prefix`]).
+    pub blocks: Vec<u64>,
 }
 
 impl RequestMeta {
@@ -101,6 +103,10 @@ pub struct MetaLimits {
     pub root_chars: usize,
     /// Shorter first messages give no root.
     pub root_min_chars: usize,
+    /// Block size of the prefix index in bytes (0: no block hashes).
+    pub prefix_block: usize,
+    /// Blocks hashed at most per request.
+    pub prefix_max_blocks: usize,
 }
 
 impl Default for MetaLimits {
@@ -110,6 +116,8 @@ impl Default for MetaLimits {
             session_header: "x-user-id".into(),
             root_chars: 1024,
             root_min_chars: 256,
+            prefix_block: 0,
+            prefix_max_blocks: 0,
         }
     }
 }
@@ -168,6 +176,29 @@ fn head(s: &str, n: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// Block hashes of the prompt's message stream (see [`crate::controller::prefix`]).
+fn prompt_blocks(fields: &BodyFields<'_>, limits: &MetaLimits) -> Vec<u64> {
+    let mut h =
+        crate::controller::prefix::BlockHasher::new(limits.prefix_block, limits.prefix_max_blocks);
+    if let Some(msgs) = fields.messages.as_deref() {
+        for m in msgs {
+            h.write(m.role.as_deref().unwrap_or("").as_bytes());
+            h.write(&[0xff]);
+            h.write(m.content.map_or("", RawValue::get).as_bytes());
+            h.write(&[0xfe]);
+        }
+    } else {
+        for part in [fields.instructions, fields.prompt, fields.input]
+            .into_iter()
+            .flatten()
+        {
+            h.write(part.get().as_bytes());
+            h.write(&[0xfe]);
+        }
+    }
+    h.finish()
 }
 
 /// The conversation root's hash (see the module docs).
@@ -404,6 +435,11 @@ pub fn extract(
         .get_all("x-workflow-end")
         .next()
         .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"true") || v.trim_ascii() == b"1");
+    let blocks = if limits.prefix_block > 0 {
+        prompt_blocks(&fields, limits)
+    } else {
+        Vec::new()
+    };
     Ok(RequestMeta {
         workflow_id: opt_id("workflow id", workflow.as_deref(), limits)?,
         workflow_source: source,
@@ -422,6 +458,7 @@ pub fn extract(
             limits,
         )?,
         pinned: None,
+        blocks,
     })
 }
 

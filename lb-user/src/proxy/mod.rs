@@ -92,6 +92,16 @@ impl Settings {
                 session_header: c.workflows.session_header.clone(),
                 root_chars: c.routing.root_chars,
                 root_min_chars: c.routing.root_min_chars,
+                prefix_block: if c.routing.prefix_index_blocks > 0
+                    && matches!(
+                        c.policy,
+                        crate::config::PolicyName::Workflow | crate::config::PolicyName::Prefix
+                    ) {
+                    c.routing.prefix_block_bytes
+                } else {
+                    0
+                },
+                prefix_max_blocks: c.routing.prefix_max_blocks,
             },
             circuit_failures: c.health.circuit_failures,
             circuit_open: c.health.circuit_open,

@@ -1,6 +1,7 @@
 //! Routing policies: one trait, one file per policy.
 
 mod least_loaded;
+mod prefix;
 mod round_robin;
 mod session;
 pub mod workflow;
@@ -8,6 +9,7 @@ pub mod workflow;
 use std::sync::Arc;
 
 pub use least_loaded::LeastLoaded;
+pub use prefix::PrefixPolicy;
 pub use round_robin::RoundRobin;
 pub use session::SessionPolicy;
 pub use workflow::WorkflowPolicy;
@@ -37,11 +39,13 @@ pub enum Reason {
     Balanced,
     /// A session key's backend.
     Session,
+    /// The backend predicted to hold the longest prefix of the prompt (`prefix` policy).
+    Prefix,
 }
 
 impl Reason {
     /// All reasons, in label order.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Self::Home,
         Self::Spill,
         Self::Placed,
@@ -50,6 +54,7 @@ impl Reason {
         Self::Owner,
         Self::Balanced,
         Self::Session,
+        Self::Prefix,
     ];
 
     /// Label value.
@@ -63,6 +68,7 @@ impl Reason {
             Self::Owner => "owner",
             Self::Balanced => "balanced",
             Self::Session => "session",
+            Self::Prefix => "prefix",
         }
     }
 }
@@ -86,6 +92,23 @@ pub struct HomeCtx<'a> {
     pub home_busy: bool,
     /// The workflow is implicit (keyed by its conversation root).
     pub implicit: bool,
+    /// KV demand, for placement by footprint and the cost of a spill (`None`: balance by
+    /// load alone).
+    pub demand: Option<&'a Demand>,
+}
+
+/// What the controller knows of KV demand when a policy places or spills a workflow.
+#[derive(Debug, Clone, Default)]
+pub struct Demand {
+    /// Predicted KV footprint (tokens) of the live workflows on each candidate.
+    pub footprints: Vec<f64>,
+    /// This request's prompt size, estimated (tokens).
+    pub estimate: f64,
+    /// Work of an average request (tokens of prefill and decode), to weigh a queue.
+    pub work: f64,
+    /// Prompt tokens each candidate is predicted to hold, from the prefix index (empty
+    /// without one).
+    pub matched: Vec<f64>,
 }
 
 /// A routing policy: given the backend snapshot and the request's metadata, the
@@ -98,6 +121,11 @@ pub trait Policy: Send + Sync {
     /// Whether the policy keeps workflow homes (the controller then passes them to
     /// [`Policy::route`]).
     fn uses_homes(&self) -> bool {
+        false
+    }
+    /// Whether the policy reads the prefix index (the controller then fills
+    /// [`Demand::matched`] and passes the demand even without homes).
+    fn uses_prefix(&self) -> bool {
         false
     }
     /// Chooses a backend with the workflow's homes when the policy keeps them.
@@ -124,6 +152,7 @@ pub fn build(name: PolicyName, routing: &RoutingConfig) -> Box<dyn Policy> {
             routing.secondary_homes,
         )),
         PolicyName::Session => Box::new(SessionPolicy::new(routing.load_bound)),
+        PolicyName::Prefix => Box::new(PrefixPolicy::default()),
     }
 }
 

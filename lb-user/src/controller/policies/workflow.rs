@@ -32,7 +32,7 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
-use super::{Choice, HomeCtx, Policy, Reason};
+use super::{Choice, Demand, HomeCtx, Policy, Reason};
 use crate::{
     controller::workflows::{Homes, lookup_key},
     model::{Backend, RequestMeta},
@@ -44,6 +44,9 @@ const KV_KNEE: f64 = 0.85;
 /// Weight of KV usage past the knee, in queued requests per unit of usage: a full cache
 /// counts as 1.5 queued requests.
 const KV_WEIGHT: f64 = 10.0;
+/// Share of a backend's KV capacity its live workflows' footprint may exceed the bound
+/// by before a new workflow is placed elsewhere.
+const FOOTPRINT_SLACK: f64 = 0.10;
 /// Slack added to the bound, in queued requests: a home with one more waiting request
 /// than its share keeps its workflows (moving one costs its whole prefill).
 const BOUND_SLACK: f64 = 1.0;
@@ -199,6 +202,53 @@ impl WorkflowPolicy {
             .or_else(|| l.first_under(order, home))
     }
 
+    /// Where a new workflow goes: the first backend in rendezvous order under the load
+    /// bound whose share of the live workflows' predicted KV footprint, against its KV
+    /// capacity, is within `bound` × the cluster's (so a few huge workflows do not pile
+    /// onto one backend and a tight cluster is packed evenly); failing that, the one under
+    /// the load bound with the most room; failing that, the first choice.
+    fn place(
+        &self,
+        backends: &[Arc<Backend>],
+        l: &Loads,
+        order: &[usize],
+        d: Option<&Demand>,
+    ) -> Option<usize> {
+        let Some(d) = d.filter(|d| d.footprints.len() == backends.len()) else {
+            return l
+                .first_under(order, None)
+                .or_else(|| order.first().copied());
+        };
+        let caps: Vec<f64> = backends
+            .iter()
+            .map(|b| b.load.load().kv_capacity_tokens)
+            .collect();
+        // Without every capacity known there is nothing to balance against.
+        if !caps.iter().all(|&c| c > 0.0) {
+            return l.first_under(order, None).or_else(|| order.first().copied());
+        }
+        let total: f64 = d.footprints.iter().sum::<f64>() + d.estimate;
+        let room: f64 = caps.iter().sum();
+        let mean = total / room;
+        let ratio = |i: usize| d.footprints[i] / caps[i];
+        // A backend fits while its share is within the bound, plus an absolute slack: while
+        // the cluster's KV is far from full, the first choice is kept, which is what keeps
+        // independent replicas (whose ledgers differ slightly) on the same placement.
+        let fits = |i: usize| ratio(i) <= self.bound * mean + FOOTPRINT_SLACK;
+        order
+            .iter()
+            .copied()
+            .find(|&i| l.under(i) && fits(i))
+            .or_else(|| {
+                order
+                    .iter()
+                    .copied()
+                    .filter(|&i| l.under(i))
+                    .min_by(|&a, &b| ratio(a).total_cmp(&ratio(b)))
+            })
+            .or_else(|| order.first().copied())
+    }
+
     fn spill(&self, backends: &[Arc<Backend>], h: &mut Homes, i: usize) -> Choice {
         h.push_secondary(backends[i].id, self.secondaries.max(1));
         h.spilled = true;
@@ -220,10 +270,7 @@ impl WorkflowPolicy {
         let h = ctx.homes;
         let k = self.secondaries;
         let Some(home_id) = h.home else {
-            // A new workflow: its first choice under the bound.
-            let i = l
-                .first_under(&order, None)
-                .or_else(|| order.first().copied())?;
+            let i = self.place(backends, l, &order, ctx.demand)?;
             h.rehome(backends[i].id, k, false);
             let reason = if ctx.implicit {
                 Reason::Implicit
@@ -245,10 +292,29 @@ impl WorkflowPolicy {
                         reason: Reason::Home,
                     });
                 }
-                match self.spill_target(backends, l, &order, h, Some(hi)) {
+                let target = self.spill_target(backends, l, &order, h, Some(hi));
+                // One cost: leave a home over its bound only when the queue ahead there costs
+                // more than recomputing the context elsewhere (a long context stays home
+                // through a short queue; KV pressure counts as queue past the knee).
+                let worth = |i: usize| {
+                    let Some(d) = ctx.demand else { return true };
+                    let est = d.estimate as u64;
+                    // Predicted cached tokens: the prefix index's, or the workflow's own
+                    // latest context.
+                    let cached = |j: usize| {
+                        (h.predicted_cached(backends[j].id, est) as f64)
+                            .max(d.matched.get(j).copied().unwrap_or(0.0))
+                    };
+                    (l.loads[hi] - l.loads[i]) * d.work > cached(hi) - cached(i)
+                };
+                let stays_spilled = stay_away
+                    && l.under(hi)
+                    && h.secondaries.first() == target.map(|i| &backends[i].id);
+                match target.filter(|&i| stays_spilled || worth(i)) {
                     Some(i) => Some(self.spill(backends, h, i)),
                     None => {
-                        // Everyone is over the bound: the context is worth most at home.
+                        // Everyone is over the bound, or moving costs more than waiting: the
+                        // context is worth most at home.
                         h.spilled = false;
                         Some(Choice {
                             index: hi,
@@ -454,6 +520,7 @@ mod tests {
                 homes: h,
                 home_busy: false,
                 implicit: false,
+                demand: None,
             }),
         )
         .expect("a choice")
@@ -528,6 +595,7 @@ mod tests {
                     homes: &mut h,
                     home_busy: true,
                     implicit: false,
+                    demand: None,
                 }),
             )
             .expect("a choice");
@@ -568,10 +636,103 @@ mod tests {
                     homes: &mut h,
                     home_busy: false,
                     implicit: true,
+                    demand: None,
                 }),
             )
             .expect("a choice");
         assert_eq!(c.reason, Reason::Implicit);
         assert_eq!(c.index, rendezvous_order(&b, 7)[0]);
+    }
+
+    fn with_demand(
+        p: &WorkflowPolicy,
+        b: &[Arc<Backend>],
+        m: &RequestMeta,
+        h: &mut Homes,
+        d: &Demand,
+    ) -> Choice {
+        p.route(
+            b,
+            m,
+            Some(HomeCtx {
+                homes: h,
+                home_busy: false,
+                implicit: false,
+                demand: Some(d),
+            }),
+        )
+        .expect("a choice")
+    }
+
+    #[test]
+    fn new_workflows_avoid_a_backend_full_of_footprint() {
+        let b = test_backends(4);
+        let p = WorkflowPolicy::new(1.25, 2);
+        for x in &b {
+            x.load.store(Arc::new(BackendLoad {
+                kv_capacity_tokens: 100_000.0,
+                ..BackendLoad::default()
+            }));
+        }
+        let mut moved = 0;
+        for w in 0..200 {
+            let m = meta(&format!("wf-fp-{w}"));
+            let first = rendezvous_order(&b, routing_key(&m).expect("key"))[0];
+            // The first choice already holds 90k tokens of live workflows, the rest 10k.
+            let mut fp = vec![10_000.0; 4];
+            fp[first] = 90_000.0;
+            let d = Demand {
+                footprints: fp,
+                estimate: 5_000.0,
+                work: 1_000.0,
+                matched: vec![],
+            };
+            let c = with_demand(&p, &b, &m, &mut Homes::default(), &d);
+            assert_eq!(c.reason, Reason::Placed);
+            moved += usize::from(c.index != first);
+        }
+        assert_eq!(moved, 200, "never placed on the full backend");
+        // Balanced footprints: the rendezvous first choice.
+        let m = meta("wf-even");
+        let d = Demand {
+            footprints: vec![30_000.0; 4],
+            estimate: 5_000.0,
+            work: 1_000.0,
+            matched: vec![],
+        };
+        let c = with_demand(&p, &b, &m, &mut Homes::default(), &d);
+        assert_eq!(
+            c.index,
+            rendezvous_order(&b, routing_key(&m).expect("key"))[0]
+        );
+    }
+
+    #[test]
+    fn a_long_cached_context_stays_home_through_a_short_queue() {
+        let b = test_backends(4);
+        let p = WorkflowPolicy::new(1.25, 2);
+        let m = meta("wf-long");
+        let mut h = Homes::default();
+        let d = Demand {
+            footprints: vec![0.0; 4],
+            estimate: 30_000.0,
+            work: 1_000.0,
+            matched: vec![],
+        };
+        let home = with_demand(&p, &b, &m, &mut h, &d).index;
+        // The home holds 30k tokens of this workflow's context.
+        h.last_backend = Some(b[home].id);
+        h.last_prompt_tokens = 30_000;
+        for x in &b {
+            set_load(x, 0.0);
+        }
+        set_load(&b[home], 6.0); // over the bound (mean 1.5, bound 2.9)
+        // 6 queued requests × 1k tokens of work < 30k tokens to recompute: stay.
+        let c = with_demand(&p, &b, &m, &mut h, &d);
+        assert_eq!((c.index, c.reason), (home, Reason::Home));
+        // A short context moves.
+        h.last_prompt_tokens = 2_000;
+        let c = with_demand(&p, &b, &m, &mut h, &d);
+        assert_eq!(c.reason, Reason::Spill);
     }
 }

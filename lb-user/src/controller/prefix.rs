@@ -1,0 +1,327 @@
+//! The approximate prefix index: which backend has recently been sent which prompt
+//! prefix, so a policy can predict cached tokens without asking anyone.
+//!
+//! A prompt is cut into fixed-size blocks of its *message stream* — each message's role
+//! and raw JSON content as the client sent them, in order, for chat requests; `prompt` or
+//! the Responses API's `instructions` and `input` otherwise — and each block gets a hash
+//! chained over all blocks before it ([`block_hashes`]), so equal hashes mean equal
+//! prefixes. Bytes, not tokens: no tokenizer, no `/tokenize` round trip (a token is about
+//! 4 bytes of text, so predictions are in ≈ tokens). Agents of a workflow repeat the shared
+//! context byte for byte, which is what this sees.
+//!
+//! The index maps a block hash to the backends it was routed to (at most
+//! [`WAYS`], each with when), in a bounded [`Table`] (`routing.prefix_index_blocks`,
+//! O(1) per operation): blocks nobody sends again age out first, and the blocks of a
+//! workflow that ended (`X-Workflow-End`) are demoted so they go before any live one.
+//! A backend's entries older than `routing.prefix_ttl_secs` do not count (the backend
+//! has likely evicted them), and neither do those of a backend that was removed.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
+
+use super::table::{Class, Classify, Table};
+use crate::model::BackendId;
+
+/// Backends remembered per block.
+pub const WAYS: usize = 4;
+
+/// Hashes of the blocks of a message stream, chained: `h[i]` identifies bytes
+/// `0..(i + 1) × block`. A final partial block is not hashed (it can't be a shared
+/// prefix's full block). At most `max_blocks`.
+#[derive(Debug, Clone, Default)]
+pub struct BlockHasher {
+    block: usize,
+    max_blocks: usize,
+    cur: u64,
+    fill: usize,
+    word: u64,
+    word_len: u32,
+    chain: u64,
+    /// The hashes so far.
+    pub hashes: Vec<u64>,
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl BlockHasher {
+    /// Blocks of `block` bytes, at most `max_blocks` of them.
+    pub fn new(block: usize, max_blocks: usize) -> Self {
+        Self {
+            block: block.max(8),
+            max_blocks,
+            chain: 0x243f_6a88_85a3_08d3,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds bytes of the stream.
+    pub fn write(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.hashes.len() < self.max_blocks {
+            let room = self.block - self.fill;
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            for &b in now {
+                self.word |= u64::from(b) << (8 * self.word_len);
+                self.word_len += 1;
+                if self.word_len == 8 {
+                    self.cur = mix(self.cur ^ self.word).wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    self.word = 0;
+                    self.word_len = 0;
+                }
+            }
+            self.fill += now.len();
+            bytes = rest;
+            if self.fill == self.block {
+                let h = mix(self.cur ^ self.word ^ u64::from(self.word_len));
+                self.chain = mix(self.chain ^ h);
+                self.hashes.push(self.chain);
+                self.cur = 0;
+                self.word = 0;
+                self.word_len = 0;
+                self.fill = 0;
+            }
+        }
+    }
+
+    /// The chained block hashes.
+    pub fn finish(self) -> Vec<u64> {
+        self.hashes
+    }
+}
+
+/// Block hashes of one byte string (tests and tools).
+pub fn block_hashes(bytes: &[u8], block: usize, max_blocks: usize) -> Vec<u64> {
+    let mut h = BlockHasher::new(block, max_blocks);
+    h.write(bytes);
+    h.finish()
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Way {
+    backend: BackendId,
+    /// Seconds since the index's epoch.
+    at: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    ways: [Option<Way>; WAYS],
+    ended: bool,
+}
+
+impl Classify for Entry {
+    fn class(&self) -> Class {
+        if self.ended {
+            Class::Ended
+        } else {
+            Class::Idle
+        }
+    }
+}
+
+/// The index.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    table: Table<Entry>,
+    block: usize,
+    ttl_secs: u32,
+    epoch: Instant,
+    inserted: AtomicU64,
+}
+
+/// Approximate bytes one entry costs (slot, map entry, ways).
+pub const ENTRY_BYTES: usize = 88;
+
+impl PrefixIndex {
+    /// An index of at most `max_blocks` blocks of `block` bytes; entries older than
+    /// `ttl_secs` are ignored.
+    pub fn new(max_blocks: usize, block: usize, ttl_secs: u64) -> Self {
+        Self {
+            table: Table::new(max_blocks),
+            block,
+            ttl_secs: u32::try_from(ttl_secs).unwrap_or(u32::MAX),
+            epoch: Instant::now(),
+            inserted: AtomicU64::new(0),
+        }
+    }
+
+    /// Block size in bytes.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    fn now(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn has(&self, hash: u64, b: BackendId, now: u32) -> bool {
+        self.table
+            .get(hash, |e| {
+                e.ways
+                    .iter()
+                    .flatten()
+                    .any(|w| w.backend == b && now.saturating_sub(w.at) <= self.ttl_secs)
+            })
+            .unwrap_or(false)
+    }
+
+    /// For each backend, the number of leading blocks of `blocks` it was sent recently
+    /// (binary search: a backend sent block `i` was sent every block before it, unless
+    /// evicted in between, which the search tolerates as a shorter match).
+    pub fn matched_blocks(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<usize> {
+        let now = self.now();
+        backends
+            .iter()
+            .map(|&b| {
+                if blocks.is_empty() || !self.has(blocks[0], b, now) {
+                    return 0;
+                }
+                let (mut lo, mut hi) = (1usize, blocks.len());
+                // Invariant: blocks[..lo] match; blocks[..hi + 1] may not.
+                while lo < hi {
+                    let mid = lo + (hi - lo).div_ceil(2);
+                    if self.has(blocks[mid - 1], b, now) {
+                        lo = mid;
+                    } else {
+                        hi = mid - 1;
+                    }
+                }
+                lo
+            })
+            .collect()
+    }
+
+    /// Predicted cached tokens (≈ bytes / 4) per backend.
+    pub fn predicted_tokens(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<f64> {
+        self.matched_blocks(blocks, backends)
+            .into_iter()
+            .map(|n| (n * self.block) as f64 / 4.0)
+            .collect()
+    }
+
+    /// Records that `blocks` were sent to `backend` (its cache will hold them).
+    pub fn insert(&self, blocks: &[u64], backend: BackendId) {
+        let now = self.now();
+        for &h in blocks {
+            self.table.upsert(
+                h,
+                || Entry {
+                    ways: [None; WAYS],
+                    ended: false,
+                },
+                |e, _| {
+                    let Some(e) = e else { return };
+                    e.ended = false;
+                    let w = Way { backend, at: now };
+                    if let Some(slot) = e
+                        .ways
+                        .iter_mut()
+                        .find(|x| x.is_some_and(|x| x.backend == backend))
+                    {
+                        *slot = Some(w);
+                    } else if let Some(slot) = e.ways.iter_mut().find(|x| x.is_none()) {
+                        *slot = Some(w);
+                    } else if let Some(oldest) =
+                        e.ways.iter_mut().min_by_key(|x| x.map_or(0, |x| x.at))
+                    {
+                        *oldest = Some(w);
+                    }
+                },
+            );
+        }
+        self.inserted
+            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+    }
+
+    /// The blocks of an ended workflow's last prompt go first when the index is full.
+    pub fn demote(&self, blocks: &[u64]) {
+        for &h in blocks {
+            self.table.update(h, |e| e.ended = true);
+        }
+    }
+
+    /// Blocks stored.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Approximate memory, bytes.
+    pub fn bytes(&self) -> usize {
+        self.len() * ENTRY_BYTES
+    }
+
+    /// Blocks evicted to make room.
+    pub fn evictions(&self) -> u64 {
+        self.table.evictions()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_prefixes_hash_alike_and_any_difference_changes_every_later_block() {
+        let a = b"x".repeat(1000);
+        let mut b = a.clone();
+        b[500] = b'y';
+        let ha = block_hashes(&a, 128, 100);
+        let hb = block_hashes(&b, 128, 100);
+        assert_eq!(ha.len(), 7, "1000 / 128 full blocks");
+        assert_eq!(ha[..3], hb[..3]);
+        assert!(ha[3..].iter().zip(&hb[3..]).all(|(x, y)| x != y));
+        // Fed in pieces: the same hashes.
+        let mut h = BlockHasher::new(128, 100);
+        for piece in a.chunks(37) {
+            h.write(piece);
+        }
+        assert_eq!(h.finish(), ha);
+        assert_eq!(block_hashes(&a, 128, 3).len(), 3, "bounded");
+    }
+
+    #[test]
+    fn matches_the_longest_prefix_per_backend() {
+        let idx = PrefixIndex::new(1000, 128, 600);
+        let shared = b"s".repeat(128 * 4);
+        let mut one = shared.clone();
+        one.extend(b"1".repeat(128 * 6));
+        let mut two = shared.clone();
+        two.extend(b"2".repeat(128 * 2));
+        idx.insert(&block_hashes(&one, 128, 100), 0);
+        idx.insert(&block_hashes(&two, 128, 100), 1);
+        let mut q = one.clone();
+        q.extend(b"new".repeat(100));
+        let blocks = block_hashes(&q, 128, 100);
+        assert_eq!(idx.matched_blocks(&blocks, &[0, 1, 2]), vec![10, 4, 0]);
+        assert_eq!(idx.predicted_tokens(&blocks, &[0])[0], 320.0);
+    }
+
+    #[test]
+    fn bounded_with_ended_blocks_first() {
+        let idx = PrefixIndex::new(8, 16, 600);
+        let a = block_hashes(&b"a".repeat(64), 16, 100);
+        let b = block_hashes(&b"b".repeat(64), 16, 100);
+        idx.insert(&a, 0);
+        idx.insert(&b, 0);
+        idx.demote(&b);
+        idx.insert(&block_hashes(&b"c".repeat(64), 16, 100), 0);
+        assert_eq!(idx.len(), 8);
+        assert_eq!(idx.matched_blocks(&a, &[0]), vec![4], "live blocks kept");
+        assert_eq!(
+            idx.matched_blocks(&b, &[0]),
+            vec![0],
+            "ended blocks went first"
+        );
+        assert_eq!(idx.evictions(), 4);
+    }
+}
