@@ -262,8 +262,8 @@ fn home_table_lineage_end_and_migration() -> Result<()> {
         Err(ureq::Error::Status(404, _))
     ));
 
-    // Migration: the home of wf-b answers 503; the next call moves it for good,
-    // with no error for the client.
+    // Migration: the home of wf-b answers 503; the next call moves, with no error for
+    // the client.
     let (_, home_b, _) = call(&lb, &[("x-workflow-id", "wf-b")], "migrating work")?;
     let dead = sims
         .iter()
@@ -274,15 +274,20 @@ fn home_table_lineage_end_and_migration() -> Result<()> {
     ensure!(st == 200, "a call to a failed home failed: {st}");
     ensure!(moved_to != home_b, "still on the failed home");
     ensure!(route.contains("reason=migrated"), "{route}");
+    let w = admin_workflow(&lb, "wf-b")?;
+    ensure!(
+        w["moves"] == 1 && w["away_name"] == serde_json::json!(moved_to),
+        "{w}"
+    );
+    // The home answers again: the workflow goes back (every replica does the same).
     dead.fault("none")?;
     std::thread::sleep(Duration::from_millis(300));
     let (_, again, route) = call(&lb, &[("x-workflow-id", "wf-b")], "migrating work")?;
     ensure!(
-        again == moved_to && route.contains("reason=home"),
-        "the workflow went back: {again} {route}"
+        again == home_b && route.contains("reason=home"),
+        "the workflow did not come back: {again} {route}"
     );
-    let w = admin_workflow(&lb, "wf-b")?;
-    ensure!(w["moves"] == 1, "{w}");
+    ensure!(admin_workflow(&lb, "wf-b")?["away"].is_null());
 
     let m = ureq::get(&lb.admin_url("/metrics")).call()?.into_string()?;
     for reason in ["placed", "home", "migrated"] {
@@ -400,6 +405,105 @@ fn responses_chains_follow_their_owner_through_one_and_three_replicas() -> Resul
             .as_array()
             .is_some_and(|e| e.iter().all(|x| x["status"] == 404)),
         "{v}"
+    );
+    Ok(())
+}
+
+/// A chat call with a long shared context: (status, backend, route header, cached tokens).
+fn long_call(lb: &Lb, wf: &str, turn: usize) -> Result<(u16, String, String, u64)> {
+    let body = serde_json::json!({
+        "model": MODEL,
+        "max_tokens": 4,
+        "messages": [
+            {"role": "system", "content": "You coordinate a team of agents. ".repeat(60)},
+            {"role": "user", "content": format!("{} (turn {turn})", "Shared findings so far: the data shows a steady trend. ".repeat(80))},
+        ],
+    });
+    let r = ureq::post(&lb.url("/v1/chat/completions"))
+        .timeout(Duration::from_secs(30))
+        .set("content-type", "application/json")
+        .set("x-workflow-id", wf)
+        .send_string(&body.to_string());
+    let r = match r {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.into()),
+    };
+    let backend = r.header("x-agentlb-backend").unwrap_or("").to_owned();
+    let route = r.header("x-agentlb-route").unwrap_or("").to_owned();
+    let status = r.status();
+    let v: serde_json::Value = serde_json::from_str(&r.into_string()?)?;
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    Ok((status, backend, route, cached))
+}
+
+#[test]
+fn a_failed_home_migrates_its_workflows_and_prewarms_the_new_home() -> Result<()> {
+    let sims = sims(3)?;
+    let cfg = testkit::temp_file(
+        "fast-health.toml",
+        "[health]\ninterval_ms = 150\nunhealthy_threshold = 1\n",
+    )?;
+    let mut args: Vec<String> = vec![
+        "--policy".into(),
+        "workflow".into(),
+        "--config".into(),
+        cfg.display().to_string(),
+    ];
+    for s in &sims {
+        args.extend(["--backend".to_owned(), s.url()]);
+    }
+    let lb = Lb::start(&args)?;
+    let (st, home, _, _) = long_call(&lb, "wf-k", 0)?;
+    ensure!(st == 200);
+    let (_, again, _, cached) = long_call(&lb, "wf-k", 1)?;
+    ensure!(
+        again == home && cached > 500,
+        "second call: {again} cached {cached}"
+    );
+
+    // The home dies between two calls of the workflow.
+    let dead = sims
+        .iter()
+        .find(|s| s.url().ends_with(&home))
+        .context("home")?;
+    dead.fault("die")?;
+    let warmed = testkit::wait_until(Duration::from_secs(15), || {
+        let m = ureq::get(&lb.admin_url("/metrics"))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        m.contains("agentlb_migrations_total{kind=\"prewarm_ok\"} 1")
+            .then_some(())
+    });
+    if warmed.is_none() {
+        let m = ureq::get(&lb.admin_url("/metrics")).call()?.into_string()?;
+        let lines: Vec<&str> = m
+            .lines()
+            .filter(|l| l.contains("migrations") || l.contains("healthy") || l.contains("prewarm"))
+            .collect();
+        anyhow::bail!(
+            "no pre-warm after the home died: {lines:#?}\n{}",
+            admin_workflow(&lb, "wf-k")?
+        );
+    }
+    let w = admin_workflow(&lb, "wf-k")?;
+    ensure!(w["moves"] == 1, "{w}");
+    let new_home = w["away_name"].as_str().unwrap_or("").to_owned();
+    ensure!(!new_home.is_empty() && new_home != home, "{w}");
+
+    // The next call goes where the workflow moved and hits the cache the pre-warm built.
+    let (st, b, route, cached) = long_call(&lb, "wf-k", 2)?;
+    ensure!(st == 200, "status {st}");
+    ensure!(
+        b == new_home && route.contains("reason=migrated"),
+        "{b} {route}"
+    );
+    ensure!(
+        cached > 500,
+        "the pre-warm made the next call a hit: cached {cached}"
     );
     Ok(())
 }

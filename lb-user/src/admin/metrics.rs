@@ -630,6 +630,31 @@ impl Collector for StateCollector {
                 MetricType::Counter,
             )?)?;
         }
+        let st = &self.controller.prewarm.stats;
+        {
+            let mut fam = encoder.encode_descriptor(
+            "migrations",
+            "Workflows moved off a failed, drained or removed home, and their pre-warm requests (ok, failed, skipped: nothing kept)",
+            None,
+            MetricType::Counter,
+        )?;
+            for (kind, c) in [
+                ("migrated", &st.migrated),
+                ("prewarm_ok", &st.ok),
+                ("prewarm_failed", &st.failed),
+                ("prewarm_skipped", &st.skipped),
+            ] {
+                ConstCounter::new(c.load(std::sync::atomic::Ordering::Relaxed))
+                    .encode(fam.encode_family(&KindLabel { kind })?)?;
+            }
+        }
+        let g = ConstGauge::new(self.controller.prewarm.bytes() as i64);
+        g.encode(encoder.encode_descriptor(
+            "prewarm_kept_bytes",
+            "Bytes of workflows' latest requests kept for pre-warming",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let g = ConstGauge::new(self.controller.responses.len() as i64);
         g.encode(encoder.encode_descriptor(
             "response_owners",

@@ -222,6 +222,7 @@ impl Admin {
                     .collect::<Vec<serde_json::Value>>()
                     .into();
                 v["last_backend_name"] = name(e.last_backend).into();
+                v["away_name"] = name(e.away).into();
                 v["edges"] = e
                     .edges
                     .iter()

@@ -269,6 +269,8 @@ pub struct RoutingConfig {
     pub prefix_max_blocks: usize,
     /// Prefix index entries older than this do not count (seconds).
     pub prefix_ttl_secs: u64,
+    /// Migration pre-warm.
+    pub prewarm: crate::controller::prewarm::PrewarmConfig,
 }
 
 impl Default for RoutingConfig {
@@ -283,6 +285,12 @@ impl Default for RoutingConfig {
             prefix_block_bytes: 128,
             prefix_max_blocks: 8192,
             prefix_ttl_secs: 600,
+            prewarm: crate::controller::prewarm::PrewarmConfig {
+                budget_bytes: 256 << 20,
+                max_body_bytes: 4 << 20,
+                concurrency: 4,
+                timeout: Duration::from_secs(30),
+            },
         }
     }
 }
@@ -442,6 +450,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         prefix_block_bytes: v.size("routing.prefix_block_bytes", rr.prefix_block_bytes, 128, 8),
         prefix_max_blocks: v.size("routing.prefix_max_blocks", rr.prefix_max_blocks, 8192, 1),
         prefix_ttl_secs: rr.prefix_ttl_secs.unwrap_or(600).max(1),
+        prewarm: crate::controller::prewarm::PrewarmConfig {
+            budget_bytes: rr.prewarm_budget_bytes.unwrap_or(256 << 20),
+            max_body_bytes: rr.prewarm_max_body_bytes.unwrap_or(4 << 20),
+            concurrency: v.size("routing.prewarm_concurrency", rr.prewarm_concurrency, 4, 1),
+            timeout: v.millis("routing.prewarm_timeout_ms", rr.prewarm_timeout_ms, 30_000),
+        },
     };
 
     let k = &raw.kernel;

@@ -137,6 +137,14 @@ pub struct RawRouting {
     pub prefix_max_blocks: Option<usize>,
     /// Prefix index entries older than this do not count.
     pub prefix_ttl_secs: Option<u64>,
+    /// Bytes of workflows' latest requests kept for pre-warming (0: off).
+    pub prewarm_budget_bytes: Option<usize>,
+    /// Larger request bodies are not kept for pre-warming.
+    pub prewarm_max_body_bytes: Option<usize>,
+    /// Pre-warm requests at once.
+    pub prewarm_concurrency: Option<usize>,
+    /// Timeout of one pre-warm request.
+    pub prewarm_timeout_ms: Option<u64>,
 }
 
 /// `[kernel]`.

@@ -51,7 +51,16 @@ pub async fn run(
         let probes = backends
             .iter()
             .map(|b| probe(&client, b.clone(), c.clone()));
-        futures_util::future::join_all(probes).await;
+        // Workflows leave a backend that just failed at once (and their new homes are
+        // pre-warmed), instead of on their next call.
+        for (b, failed) in backends
+            .iter()
+            .zip(futures_util::future::join_all(probes).await)
+        {
+            if failed {
+                controller.evacuate(b.id);
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(c.interval) => {}
             _ = stop.changed() => return,
@@ -77,7 +86,8 @@ pub async fn get(
     tokio::time::timeout(timeout, fut).await.ok().flatten()
 }
 
-async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) {
+/// Probes one backend; true when it just turned unhealthy.
+async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) -> bool {
     let ok = matches!(get(client, &b, "/health", c.timeout).await, Some((200, _)));
     let streak = if ok {
         let s = b.probe_streak.load(Ordering::Relaxed);
@@ -91,15 +101,17 @@ async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) {
         s
     };
     let was = b.healthy.load(Ordering::Relaxed);
+    let mut failed = false;
     if was && streak <= -(i64::from(c.unhealthy_threshold)) {
         b.healthy.store(false, Ordering::Relaxed);
         tracing::warn!(backend = %b.name, "backend unhealthy (active check)");
+        failed = true;
     } else if !was && streak >= i64::from(c.healthy_threshold) {
         b.healthy.store(true, Ordering::Relaxed);
         tracing::info!(backend = %b.name, "backend healthy again (active check)");
     }
     if !ok {
-        return;
+        return failed;
     }
     if let Some((200, body)) = get(client, &b, "/metrics", c.timeout).await {
         b.load
@@ -120,6 +132,7 @@ async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) {
             b.models.store(Arc::new(models));
         }
     }
+    false
 }
 
 /// Sums vLLM's load gauges over label sets (several engines per server).

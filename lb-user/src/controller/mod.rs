@@ -8,6 +8,7 @@
 pub mod health;
 pub mod policies;
 pub mod prefix;
+pub mod prewarm;
 pub mod responses;
 pub mod table;
 pub mod workflows;
@@ -86,6 +87,8 @@ pub struct Controller {
     pub responses: responses::ResponseOwners,
     /// The approximate prefix index (`None` when `routing.prefix_index_blocks = 0`).
     pub prefix: Option<prefix::PrefixIndex>,
+    /// Migration of workflows off failed or drained backends, and pre-warm.
+    pub prewarm: prewarm::Prewarmer,
 }
 
 impl std::fmt::Debug for Controller {
@@ -112,6 +115,7 @@ impl Controller {
             next_id: AtomicU32::new(next),
             workflows: workflows::WorkflowTable::new(wf),
             responses: responses::ResponseOwners::new(wf.max_responses),
+            prewarm: prewarm::Prewarmer::new(routing.prewarm.clone(), wf.max_workflows),
             prefix: (routing.prefix_index_blocks > 0).then(|| {
                 prefix::PrefixIndex::new(
                     routing.prefix_index_blocks,
@@ -236,15 +240,19 @@ impl Controller {
                     None => std::borrow::Cow::Owned(workflows::implicit_id(key)),
                 };
                 self.workflows.route(key, &id, implicit, estimate, |homes| {
-                    let home_busy = homes.home.is_some_and(|h| {
-                        !exclude.contains(&h) && snap.iter().any(|b| b.id == h && b.routable())
-                    });
+                    let home = homes
+                        .home
+                        .and_then(|h| snap.iter().find(|b| b.id == h))
+                        .filter(|b| !b.draining.load(Ordering::Relaxed));
+                    let home_busy = home.is_some_and(|b| !exclude.contains(&b.id) && b.routable());
+                    let home_down = home.is_some() && !home_busy;
                     let c = policy.route(
                         &free,
                         meta,
                         Some(policies::HomeCtx {
                             homes,
                             home_busy,
+                            home_down,
                             implicit,
                             demand: demand.as_ref(),
                         }),
@@ -266,6 +274,7 @@ impl Controller {
                         Some(policies::HomeCtx {
                             homes: &mut scratch,
                             home_busy: false,
+                            home_down: false,
                             implicit: false,
                             demand: Some(d),
                         }),
@@ -341,7 +350,7 @@ impl Controller {
         Ok(b)
     }
 
-    /// Removes a backend (in-flight requests to it finish).
+    /// Removes a backend (in-flight requests to it finish; its workflows move).
     pub fn remove(&self, id: BackendId) -> Result<Arc<Backend>, ControllerError> {
         let b = self.backend(id).ok_or(ControllerError::NotFound(id))?;
         self.backends.rcu(|cur| {
@@ -351,15 +360,51 @@ impl Controller {
                 .collect::<Vec<_>>()
         });
         tracing::info!(backend = %b.name, id, "backend removed");
+        self.evacuate(id);
         Ok(b)
     }
 
-    /// Drains a backend: no new requests; in-flight ones finish.
+    /// Drains a backend: no new requests; in-flight ones finish; its workflows move now.
     pub fn drain(&self, id: BackendId) -> Result<Arc<Backend>, ControllerError> {
         let b = self.backend(id).ok_or(ControllerError::NotFound(id))?;
         b.draining.store(true, Ordering::Relaxed);
         tracing::info!(backend = %b.name, id, inflight = b.inflight(), "backend draining");
+        self.evacuate(id);
         Ok(b)
+    }
+
+    /// Moves every workflow whose home is `id` (failed, drained or removed) to the
+    /// backend the policy picks for it now, and pre-warms each new home with the
+    /// workflow's latest request. Returns how many moved.
+    pub fn evacuate(&self, id: BackendId) -> usize {
+        if !self.policy.load().uses_homes() {
+            return 0;
+        }
+        let mut moved = 0;
+        for (key, wid, implicit, body_len) in self.workflows.homed_on(id) {
+            let meta = RequestMeta {
+                workflow_id: (!implicit).then_some(wid),
+                root_key: implicit.then_some(key),
+                body_len,
+                ..RequestMeta::default()
+            };
+            if let Ok(p) = self.pick(&meta, &[id], u64::MAX)
+                && p.reason == Reason::Migrated
+            {
+                p.backend.requests.fetch_sub(1, Ordering::Relaxed);
+                moved += 1;
+                self.prewarm.stats.migrated.fetch_add(1, Ordering::Relaxed);
+                self.prewarm.prewarm(key, p.backend);
+            }
+        }
+        if moved > 0 {
+            tracing::info!(
+                backend = id,
+                workflows = moved,
+                "workflows migrated off the backend"
+            );
+        }
+        moved
     }
 
     /// Reconciles the registry with a new backend list (reload): keeps backends

@@ -50,8 +50,10 @@ pub struct Homes {
     pub spilled: bool,
     /// Requests that spilled.
     pub spills: u32,
-    /// Times the home moved because it failed or was drained.
+    /// Times the workflow moved because its home failed, was drained or removed.
     pub moves: u32,
+    /// While the home is unhealthy: where the workflow went instead.
+    pub away: Option<BackendId>,
     /// Backend of the latest answered request.
     pub last_backend: Option<BackendId>,
     /// Tokens of the latest answered request, prompt and completion (what that backend
@@ -175,6 +177,8 @@ pub struct WorkflowEntry {
     pub secondaries: Vec<BackendId>,
     /// The latest request spilled to `secondaries[0]`.
     pub spilled: bool,
+    /// While the home is unhealthy: where the workflow went instead.
+    pub away: Option<BackendId>,
     /// Requests that spilled off an overloaded home.
     pub spills: u64,
     /// Times the home moved because it failed or was drained.
@@ -543,6 +547,7 @@ impl WorkflowTable {
                 home: e.homes.home,
                 secondaries: e.homes.secondaries.clone(),
                 spilled: e.homes.spilled,
+                away: e.homes.away,
                 spills: u64::from(e.homes.spills),
                 moves: u64::from(e.homes.moves),
                 last_backend: e.homes.last_backend,
@@ -591,6 +596,28 @@ impl WorkflowTable {
                 .map(|(_, s)| s)
                 .collect(),
         )
+    }
+
+    /// Live workflows whose home is `b`: (key, id, implicit, footprint in bytes ≈ 4 ×
+    /// tokens).
+    pub fn homed_on(&self, b: BackendId) -> Vec<(u64, String, bool, usize)> {
+        let mut v = Vec::new();
+        self.table.for_each(|e| {
+            if e.homes.home == Some(b) && !e.ended {
+                let key = if e.implicit {
+                    lookup_key(&e.id)
+                } else {
+                    key_of(&e.id)
+                };
+                v.push((
+                    key,
+                    e.id.to_string(),
+                    e.implicit,
+                    e.homes.last_prompt_tokens as usize * 4,
+                ));
+            }
+        });
+        v
     }
 
     /// Per backend: live (not ended) workflows homed there.

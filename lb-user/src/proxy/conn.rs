@@ -767,6 +767,10 @@ impl Conn {
             _ => None,
         };
         if let Some((key, implicit)) = &tracked {
+            // Kept for a pre-warm, should this workflow have to move.
+            if proxy.controller.uses_homes() {
+                proxy.controller.prewarm.remember(*key, head.path(), &body);
+            }
             let id = implicit
                 .as_deref()
                 .or(meta.workflow_id.as_deref())
@@ -828,6 +832,7 @@ impl Conn {
                 this.controller.workflows.finish(k, backend_log.id, usage);
                 if end_workflow {
                     this.controller.workflows.end(k);
+                    this.controller.prewarm.forget(k);
                 }
             }
             match outcome {

@@ -90,6 +90,9 @@ pub struct HomeCtx<'a> {
     /// The home is healthy but not a candidate (at its concurrency limit): spill, do not
     /// move.
     pub home_busy: bool,
+    /// The home is configured and not draining but unhealthy (or failed this request):
+    /// the workflow goes elsewhere until it is back.
+    pub home_down: bool,
     /// The workflow is implicit (keyed by its conversation root).
     pub implicit: bool,
     /// KV demand, for placement by footprint and the cost of a spill (`None`: balance by

@@ -98,6 +98,7 @@ mod tests {
             Some(HomeCtx {
                 homes: &mut h,
                 home_busy: false,
+                home_down: false,
                 implicit: false,
                 demand: Some(&d),
             }),

@@ -19,8 +19,11 @@
 //! rendezvous order), recorded; the workflow stays there until the home is again no
 //! busier than the mean — hysteresis between the mean and the bound, so it does not bounce
 //! around the bound, and every replica, which reads the same backend metrics, converges
-//! on the same choice. A home that fails or is drained is replaced for good (*migrated*)
-//! by a secondary home under the bound, else the next in order.
+//! on the same choice. A home that is drained or removed is replaced for good
+//! (*migrated*) by a secondary home under the bound, else the next in order; a home that
+//! fails its health checks sends its workflows to the first backend of their order under
+//! the bound until it is healthy again (the same choice on every replica, whatever each
+//! one saw of the failure).
 //!
 //! Load is what every replica observes alike: the backends' own `/metrics` (queued
 //! requests plus KV pressure near a full cache), not per-replica in-flight counts: a busy
@@ -225,7 +228,9 @@ impl WorkflowPolicy {
             .collect();
         // Without every capacity known there is nothing to balance against.
         if !caps.iter().all(|&c| c > 0.0) {
-            return l.first_under(order, None).or_else(|| order.first().copied());
+            return l
+                .first_under(order, None)
+                .or_else(|| order.first().copied());
         }
         let total: f64 = d.footprints.iter().sum::<f64>() + d.estimate;
         let room: f64 = caps.iter().sum();
@@ -282,6 +287,7 @@ impl WorkflowPolicy {
         let home = backends.iter().position(|b| b.id == home_id);
         match home {
             Some(hi) => {
+                h.away = None;
                 // Back home (or still home) unless over the bound, or spilled and the home
                 // not yet back to the mean.
                 let stay_away = h.spilled && l.loads[hi] > l.mean;
@@ -329,12 +335,31 @@ impl WorkflowPolicy {
                     .or_else(|| l.least(backends, &self.rotor))?;
                 Some(self.spill(backends, h, i))
             }
+            None if ctx.home_down => {
+                // The home is unhealthy (or just failed this request): the workflow moves
+                // to the first backend of its order under the bound — the same on every
+                // replica, which is also where it was pre-warmed — and comes back when
+                // the home is healthy again (a restarted vLLM has lost its cache anyway).
+                let i = l
+                    .first_under(&order, None)
+                    .or_else(|| order.first().copied())?;
+                let to = backends[i].id;
+                if h.away != Some(to) {
+                    h.away = Some(to);
+                    h.moves = h.moves.saturating_add(1);
+                }
+                Some(Choice {
+                    index: i,
+                    reason: Reason::Migrated,
+                })
+            }
             None => {
-                // The home failed, was drained or removed: move for good.
+                // The home was drained or removed: move for good.
                 let i = self
                     .spill_target(backends, l, &order, h, None)
                     .or_else(|| order.first().copied())?;
                 h.rehome(backends[i].id, k, true);
+                h.away = None;
                 h.moves = h.moves.saturating_add(1);
                 Some(Choice {
                     index: i,
@@ -519,6 +544,7 @@ mod tests {
             Some(HomeCtx {
                 homes: h,
                 home_busy: false,
+                home_down: false,
                 implicit: false,
                 demand: None,
             }),
@@ -594,6 +620,7 @@ mod tests {
                 Some(HomeCtx {
                     homes: &mut h,
                     home_busy: true,
+                    home_down: false,
                     implicit: false,
                     demand: None,
                 }),
@@ -635,6 +662,7 @@ mod tests {
                 Some(HomeCtx {
                     homes: &mut h,
                     home_busy: false,
+                    home_down: false,
                     implicit: true,
                     demand: None,
                 }),
@@ -657,6 +685,7 @@ mod tests {
             Some(HomeCtx {
                 homes: h,
                 home_busy: false,
+                home_down: false,
                 implicit: false,
                 demand: Some(d),
             }),
@@ -734,5 +763,51 @@ mod tests {
         h.last_prompt_tokens = 2_000;
         let c = with_demand(&p, &b, &m, &mut h, &d);
         assert_eq!(c.reason, Reason::Spill);
+    }
+
+    #[test]
+    fn an_unhealthy_home_sends_its_workflow_to_the_same_place_on_every_replica_until_back() {
+        let b = test_backends(4);
+        let p = WorkflowPolicy::new(1.25, 2);
+        let m = meta("wf-down");
+        let mut h = Homes::default();
+        let home = routed(&p, &b, &m, &mut h).index;
+        let home_id = b[home].id;
+        let rest: Vec<Arc<Backend>> = b.iter().filter(|x| x.id != home_id).cloned().collect();
+        let down = |h: &mut Homes| {
+            p.route(
+                &rest,
+                &m,
+                Some(HomeCtx {
+                    homes: h,
+                    home_busy: false,
+                    home_down: true,
+                    implicit: false,
+                    demand: None,
+                }),
+            )
+            .expect("a choice")
+        };
+        let c = down(&mut h);
+        assert_eq!(c.reason, Reason::Migrated);
+        // The deterministic next choice, whatever this replica's secondaries say.
+        let mut other = Homes {
+            home: Some(home_id),
+            secondaries: vec![rest[(c.index + 1) % rest.len()].id],
+            ..Homes::default()
+        };
+        assert_eq!(down(&mut other).index, c.index);
+        assert_eq!(
+            (h.home, h.away, h.moves),
+            (Some(home_id), Some(rest[c.index].id), 1)
+        );
+        down(&mut h);
+        assert_eq!(h.moves, 1, "still away: one move");
+        // Healthy again: home.
+        let back = routed(&p, &b, &m, &mut h);
+        assert_eq!(
+            (back.index, back.reason, h.away),
+            (home, Reason::Home, None)
+        );
     }
 }
