@@ -125,6 +125,13 @@ async fn serve(
         stop_rx.clone(),
     ));
     let expiry_task = tokio::spawn(expire_workflows(controller.clone(), stop_rx.clone()));
+    // The single writer of workflow decisions (in memory until the kernel consumes them).
+    let decisions_task =
+        controller
+            .decisions
+            .start(Box::new(controller::decisions::MemorySink::new(
+                config.workflows.max_workflows,
+            )));
     let admin_task = match config.admin {
         Some(addr) => {
             let l = TcpListener::bind(addr)
@@ -165,6 +172,9 @@ async fn serve(
     }
     let _ = health_task.await;
     let _ = expiry_task.await;
+    if let Some(t) = decisions_task {
+        t.abort();
+    }
     Ok(())
 }
 

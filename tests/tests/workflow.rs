@@ -298,6 +298,12 @@ fn home_table_lineage_end_and_migration() -> Result<()> {
             "no {reason} decisions in the metrics"
         );
     }
+    let published: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("agentlb_decisions_total{kind=\"published\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    ensure!(published >= 2.0, "placements reach the decision writer: {published}");
     ensure!(
         m.contains("agentlb_predicted_cached_tokens_total{"),
         "no reuse metric"

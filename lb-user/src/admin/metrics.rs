@@ -630,6 +630,26 @@ impl Collector for StateCollector {
                 MetricType::Counter,
             )?)?;
         }
+        let ds = &self.controller.decisions.stats;
+        {
+            let mut fam = encoder.encode_descriptor(
+                "decisions",
+                "Workflow -> backend decisions handed to the single writer (published, dropped: channel full)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (kind, c) in [("published", &ds.published), ("dropped", &ds.dropped)] {
+                ConstCounter::new(c.load(std::sync::atomic::Ordering::Relaxed))
+                    .encode(fam.encode_family(&KindLabel { kind })?)?;
+            }
+        }
+        let g = ConstGauge::new(ds.entries.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        g.encode(encoder.encode_descriptor(
+            "decision_entries",
+            "Workflows in the published decision map",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let st = &self.controller.prewarm.stats;
         {
             let mut fam = encoder.encode_descriptor(

@@ -252,6 +252,10 @@ impl Admin {
                 let id = percent_decode(id);
                 let key = crate::controller::workflows::lookup_key(&id);
                 if self.controller.workflows.remove(key) {
+                    self.controller.prewarm.forget(key);
+                    self.controller
+                        .decisions
+                        .send(crate::controller::decisions::Decision { key, backend: None });
                     Ok(json(
                         StatusCode::OK,
                         &serde_json::json!({"id": id, "deleted": true}),

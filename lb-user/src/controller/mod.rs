@@ -5,6 +5,7 @@
 //! health (circuit breakers on each [`Backend`]), and the workflow table
 //! ([`workflows`]). It publishes the backend set to the dataplane.
 
+pub mod decisions;
 pub mod health;
 pub mod policies;
 pub mod prefix;
@@ -89,6 +90,8 @@ pub struct Controller {
     pub prefix: Option<prefix::PrefixIndex>,
     /// Migration of workflows off failed or drained backends, and pre-warm.
     pub prewarm: prewarm::Prewarmer,
+    /// Workflow → backend decisions for the kernel fast path (single writer).
+    pub decisions: decisions::Publisher,
 }
 
 impl std::fmt::Debug for Controller {
@@ -116,6 +119,7 @@ impl Controller {
             workflows: workflows::WorkflowTable::new(wf),
             responses: responses::ResponseOwners::new(wf.max_responses),
             prewarm: prewarm::Prewarmer::new(routing.prewarm.clone(), wf.max_workflows),
+            decisions: decisions::Publisher::default(),
             prefix: (routing.prefix_index_blocks > 0).then(|| {
                 prefix::PrefixIndex::new(
                     routing.prefix_index_blocks,
@@ -240,6 +244,7 @@ impl Controller {
                     None => std::borrow::Cow::Owned(workflows::implicit_id(key)),
                 };
                 self.workflows.route(key, &id, implicit, estimate, |homes| {
+                    let before = homes.away.or(homes.home);
                     let home = homes
                         .home
                         .and_then(|h| snap.iter().find(|b| b.id == h))
@@ -262,6 +267,13 @@ impl Controller {
                             .predicted_cached(free[c.index].id, estimate)
                             .max(matched(c.index))
                     });
+                    let after = homes.away.or(homes.home);
+                    if after != before {
+                        self.decisions.send(decisions::Decision {
+                            key,
+                            backend: after,
+                        });
+                    }
                     (c, predicted)
                 })
             }

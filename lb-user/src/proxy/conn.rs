@@ -833,6 +833,12 @@ impl Conn {
                 if end_workflow {
                     this.controller.workflows.end(k);
                     this.controller.prewarm.forget(k);
+                    this.controller
+                        .decisions
+                        .send(crate::controller::decisions::Decision {
+                            key: k,
+                            backend: None,
+                        });
                 }
             }
             match outcome {
