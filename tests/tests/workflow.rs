@@ -303,7 +303,10 @@ fn home_table_lineage_end_and_migration() -> Result<()> {
         .find_map(|l| l.strip_prefix("agentlb_decisions_total{kind=\"published\"} "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0);
-    ensure!(published >= 2.0, "placements reach the decision writer: {published}");
+    ensure!(
+        published >= 2.0,
+        "placements reach the decision writer: {published}"
+    );
     ensure!(
         m.contains("agentlb_predicted_cached_tokens_total{"),
         "no reuse metric"
@@ -510,6 +513,85 @@ fn a_failed_home_migrates_its_workflows_and_prewarms_the_new_home() -> Result<()
     ensure!(
         cached > 500,
         "the pre-warm made the next call a hit: cached {cached}"
+    );
+    Ok(())
+}
+
+#[test]
+fn concurrent_workflows_are_balanced_on_kv_demand_and_keep_their_affinity() -> Result<()> {
+    // Four instances of 2,048 blocks (32,768 tokens) each; 24 workflows of ≈ 2.3k tokens
+    // of context each, all starting at once: ≈ 40% of the cluster's KV.
+    let sims: Vec<Sim> = (0..4)
+        .map(|_| {
+            Sim::start(&[
+                "--time-scale",
+                "50",
+                "--model",
+                MODEL,
+                "--num-gpu-blocks",
+                "2048",
+            ])
+        })
+        .collect::<Result<_>>()?;
+    let lb = lb(&sims, "workflow")?;
+    let known = testkit::wait_until(Duration::from_secs(15), || {
+        let v = testkit::get_json(&lb.admin_url("/admin/backends")).ok()?;
+        v["backends"]
+            .as_array()?
+            .iter()
+            .all(|b| b["load"]["kv_capacity_tokens"].as_f64().unwrap_or(0.0) > 0.0)
+            .then_some(())
+    });
+    ensure!(known.is_some(), "KV capacities were not scraped");
+    let url = lb.url("/v1/chat/completions");
+    let threads: Vec<_> = (0..24)
+        .map(|w| {
+            let url = url.clone();
+            std::thread::spawn(move || -> Result<(Vec<String>, u64)> {
+                let mut backends = Vec::new();
+                let mut prompt = 0;
+                let context =
+                    format!("Workflow {w} context: ") + &"observations and notes ".repeat(400);
+                for turn in 0..3 {
+                    let body = serde_json::json!({
+                        "model": MODEL,
+                        "max_tokens": 8,
+                        "messages": [
+                            {"role": "system", "content": "You are one agent of a team."},
+                            {"role": "user", "content": format!("{context} turn {turn}")},
+                        ],
+                    });
+                    let r = ureq::post(&url)
+                        .timeout(Duration::from_secs(60))
+                        .set("content-type", "application/json")
+                        .set("x-workflow-id", &format!("wf-bal-{w}"))
+                        .send_string(&body.to_string())?;
+                    backends.push(r.header("x-agentlb-backend").unwrap_or("").to_owned());
+                    let v: serde_json::Value = serde_json::from_str(&r.into_string()?)?;
+                    prompt = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+                }
+                Ok((backends, prompt))
+            })
+        })
+        .collect();
+    let mut demand: BTreeMap<String, u64> = BTreeMap::new();
+    for t in threads {
+        let (backends, prompt) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("workflow thread panicked"))??;
+        ensure!(
+            backends.iter().all(|b| *b == backends[0]),
+            "a workflow left its backend: {backends:?}"
+        );
+        *demand.entry(backends[0].clone()).or_default() += prompt;
+    }
+    let total: u64 = demand.values().sum();
+    let mean = total as f64 / sims.len() as f64;
+    let max = demand.values().copied().max().unwrap_or(0) as f64;
+    ensure!(
+        demand.len() == sims.len() && max / mean <= 1.25,
+        "KV demand per backend {demand:?}: imbalance {:.2}",
+        max / mean
     );
     Ok(())
 }

@@ -47,8 +47,8 @@ const KV_KNEE: f64 = 0.85;
 /// Weight of KV usage past the knee, in queued requests per unit of usage: a full cache
 /// counts as 1.5 queued requests.
 const KV_WEIGHT: f64 = 10.0;
-/// Share of a backend's KV capacity its live workflows' footprint may exceed the bound
-/// by before a new workflow is placed elsewhere.
+/// Share of a backend's KV capacity its live workflows' footprint may exceed the
+/// cluster's by before a new workflow is placed elsewhere, however small the cluster's.
 const FOOTPRINT_SLACK: f64 = 0.10;
 /// Slack added to the bound, in queued requests: a home with one more waiting request
 /// than its share keeps its workflows (moving one costs its whole prefill).
@@ -236,10 +236,14 @@ impl WorkflowPolicy {
         let room: f64 = caps.iter().sum();
         let mean = total / room;
         let ratio = |i: usize| d.footprints[i] / caps[i];
-        // A backend fits while its share is within the bound, plus an absolute slack: while
-        // the cluster's KV is far from full, the first choice is kept, which is what keeps
-        // independent replicas (whose ledgers differ slightly) on the same placement.
-        let fits = |i: usize| ratio(i) <= self.bound * mean + FOOTPRINT_SLACK;
+        // A backend fits while its share with this workflow is within the bound × the
+        // cluster's, or within an absolute slack above it: while the cluster's KV is far
+        // from full, the first choice is kept, which is what keeps independent replicas
+        // (whose ledgers differ slightly) on the same placement.
+        let fits = |i: usize| {
+            (d.footprints[i] + d.estimate) / caps[i]
+                <= (self.bound * mean).max(mean + FOOTPRINT_SLACK)
+        };
         order
             .iter()
             .copied()
