@@ -502,4 +502,82 @@ mod tests {
         assert!(t.len() <= 64 * 100_000usize.div_ceil(64));
         assert!(t.len() > 90_000, "{}", t.len());
     }
+
+    /// Property: under any sequence of inserts, touches, class changes and removals the
+    /// table holds exactly what a reference model says — evicting the least recently
+    /// used ended entry, else the least recently used idle one, never a pinned one.
+    #[test]
+    fn matches_a_reference_model_under_random_operations() {
+        let mut seed = 0x5eed_u64;
+        let mut next = move || {
+            seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        for round in 0..200 {
+            let cap = 1 + (next() % 12) as usize;
+            let t: Table<E> = Table::new(cap);
+            // Model: key -> (class, last use tick).
+            let mut model: Vec<(u64, Class, u64)> = Vec::new();
+            let mut tick = 0u64;
+            for _ in 0..300 {
+                tick += 1;
+                let key = next() % 24;
+                let class = match next() % 3 {
+                    0 => Class::Pinned,
+                    1 => Class::Ended,
+                    _ => Class::Idle,
+                };
+                match next() % 4 {
+                    0 | 1 => {
+                        let how = put(&t, key, class);
+                        if let Some(m) = model.iter_mut().find(|m| m.0 == key) {
+                            assert_eq!(how, Upsert::Found);
+                            *m = (key, class, tick);
+                        } else if model.len() < cap {
+                            assert_eq!(how, Upsert::Inserted);
+                            model.push((key, class, tick));
+                        } else {
+                            let victim = [Class::Ended, Class::Idle].iter().find_map(|c| {
+                                model
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(_, m)| m.1 == *c)
+                                    .min_by_key(|(_, m)| m.2)
+                                    .map(|(i, _)| i)
+                            });
+                            match victim {
+                                Some(i) => {
+                                    assert_eq!(how, Upsert::Evicted, "round {round}");
+                                    model.remove(i);
+                                    model.push((key, class, tick));
+                                }
+                                None => assert_eq!(how, Upsert::Full, "round {round}"),
+                            }
+                        }
+                    }
+                    2 => {
+                        let found = t.update(key, |e| e.class = class).is_some();
+                        let m = model.iter_mut().find(|m| m.0 == key);
+                        assert_eq!(found, m.is_some());
+                        if let Some(m) = m {
+                            *m = (key, class, tick);
+                        }
+                    }
+                    _ => {
+                        let removed = t.remove(key).is_some();
+                        let before = model.len();
+                        model.retain(|m| m.0 != key);
+                        assert_eq!(removed, model.len() < before);
+                    }
+                }
+                assert_eq!(t.len(), model.len(), "round {round}");
+                for m in &model {
+                    assert!(t.get(m.0, |_| ()).is_some(), "round {round}: lost {}", m.0);
+                }
+            }
+        }
+    }
 }
