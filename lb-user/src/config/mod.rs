@@ -261,6 +261,10 @@ pub struct RoutingConfig {
     pub secondary_homes: usize,
     /// Responses API follow-ups go to the backend that stored the response (any policy).
     pub follow_response_owner: bool,
+    /// `workflow`: place new workflows by predicted KV footprint.
+    pub footprint_placement: bool,
+    /// `workflow`: spilled workflows stay spilled until the home is back to the mean.
+    pub spill_hysteresis: bool,
     /// Prefix index capacity in blocks (0: no index).
     pub prefix_index_blocks: usize,
     /// Prefix index block size, bytes.
@@ -281,6 +285,8 @@ impl Default for RoutingConfig {
             root_min_chars: 256,
             secondary_homes: 2,
             follow_response_owner: true,
+            footprint_placement: true,
+            spill_hysteresis: true,
             prefix_index_blocks: 262_144,
             prefix_block_bytes: 128,
             prefix_max_blocks: 8192,
@@ -446,6 +452,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         root_min_chars: v.size("routing.root_min_chars", rr.root_min_chars, 256, 1),
         secondary_homes: rr.secondary_homes.unwrap_or(2).min(8),
         follow_response_owner: rr.follow_response_owner.unwrap_or(true),
+        footprint_placement: rr.footprint_placement.unwrap_or(true),
+        spill_hysteresis: rr.spill_hysteresis.unwrap_or(true),
         prefix_index_blocks: rr.prefix_index_blocks.unwrap_or(262_144),
         prefix_block_bytes: v.size("routing.prefix_block_bytes", rr.prefix_block_bytes, 128, 8),
         prefix_max_blocks: v.size("routing.prefix_max_blocks", rr.prefix_max_blocks, 8192, 1),

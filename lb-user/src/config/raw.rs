@@ -129,6 +129,10 @@ pub struct RawRouting {
     pub secondary_homes: Option<usize>,
     /// Send Responses API follow-ups to the backend that stored the response.
     pub follow_response_owner: Option<bool>,
+    /// `workflow`: place new workflows by predicted KV footprint.
+    pub footprint_placement: Option<bool>,
+    /// `workflow`: a spilled workflow stays spilled until its home is back to the mean.
+    pub spill_hysteresis: Option<bool>,
     /// Prefix index capacity in blocks (0 disables it).
     pub prefix_index_blocks: Option<usize>,
     /// Prefix index block size in bytes of the message stream.

@@ -365,9 +365,8 @@ impl Conn {
             Refused(ApiError),
         }
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        let stored = super::responses::stored_op(path, head.method());
         let target = match (path, head.method()) {
-            _ if stored.is_some() => Target::Stored(stored.unwrap_or_else(|| unreachable!())),
+            (p, m) if let Some(op) = super::responses::stored_op(p, m) => Target::Stored(op),
             (b"/health", b"GET") => Target::Health,
             (b"/ready", b"GET") => Target::Ready,
             (b"/v1/models", b"GET") => Target::Models,

@@ -150,10 +150,11 @@ pub fn build(name: PolicyName, routing: &RoutingConfig) -> Box<dyn Policy> {
     match name {
         PolicyName::RoundRobin => Box::new(RoundRobin::default()),
         PolicyName::LeastLoaded => Box::new(LeastLoaded::default()),
-        PolicyName::Workflow => Box::new(WorkflowPolicy::new(
-            routing.load_bound,
-            routing.secondary_homes,
-        )),
+        PolicyName::Workflow => Box::new(
+            WorkflowPolicy::new(routing.load_bound, routing.secondary_homes)
+                .footprint(routing.footprint_placement)
+                .hysteresis(routing.spill_hysteresis),
+        ),
         PolicyName::Session => Box::new(SessionPolicy::new(routing.load_bound)),
         PolicyName::Prefix => Box::new(PrefixPolicy::default()),
     }

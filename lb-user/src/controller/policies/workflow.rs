@@ -60,6 +60,8 @@ pub struct WorkflowPolicy {
     bound: f64,
     secondaries: usize,
     rotor: AtomicUsize,
+    footprint: bool,
+    hysteresis: bool,
 }
 
 impl WorkflowPolicy {
@@ -70,7 +72,23 @@ impl WorkflowPolicy {
             bound: bound.max(1.0),
             secondaries,
             rotor: AtomicUsize::new(0),
+            footprint: true,
+            hysteresis: true,
         }
+    }
+
+    /// Whether new workflows are placed by predicted KV footprint (`false`: by load and
+    /// rendezvous order alone).
+    pub fn footprint(mut self, on: bool) -> Self {
+        self.footprint = on;
+        self
+    }
+
+    /// Whether a spilled workflow stays spilled until its home is back to the mean
+    /// (`false`: back home as soon as the home is under the bound).
+    pub fn hysteresis(mut self, on: bool) -> Self {
+        self.hysteresis = on;
+        self
     }
 }
 
@@ -217,7 +235,7 @@ impl WorkflowPolicy {
         order: &[usize],
         d: Option<&Demand>,
     ) -> Option<usize> {
-        let Some(d) = d.filter(|d| d.footprints.len() == backends.len()) else {
+        let Some(d) = d.filter(|d| self.footprint && d.footprints.len() == backends.len()) else {
             return l
                 .first_under(order, None)
                 .or_else(|| order.first().copied());
@@ -294,7 +312,7 @@ impl WorkflowPolicy {
                 h.away = None;
                 // Back home (or still home) unless over the bound, or spilled and the home
                 // not yet back to the mean.
-                let stay_away = h.spilled && l.loads[hi] > l.mean;
+                let stay_away = self.hysteresis && h.spilled && l.loads[hi] > l.mean;
                 if l.under(hi) && !stay_away {
                     h.spilled = false;
                     return Some(Choice {

@@ -200,8 +200,10 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
         sglang_python: anchors.map(|a| a.1),
     };
     let sim = bin.join("vllm-sim");
+    let ablate = args.routers.iter().any(|f| f.contains("ablation"));
     let configs: Vec<RouterConfig> = routers::all()
         .into_iter()
+        .chain(routers::ablations().into_iter().filter(|_| ablate))
         .filter(|c| {
             args.routers.is_empty() || args.routers.iter().any(|f| c.name.contains(f.as_str()))
         })

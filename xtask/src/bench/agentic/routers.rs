@@ -48,6 +48,8 @@ pub struct RouterConfig {
     pub ids: IdMode,
     /// Needs vllm-sim's KV events.
     pub kv_events: bool,
+    /// agentlb: extra `[routing]` settings (TOML lines).
+    pub routing_toml: String,
 }
 
 fn cfg(kind: Kind, name: &str, args: &[&str], ids: IdMode, kv_events: bool) -> RouterConfig {
@@ -57,7 +59,34 @@ fn cfg(kind: Kind, name: &str, args: &[&str], ids: IdMode, kv_events: bool) -> R
         args: args.iter().map(|s| (*s).to_owned()).collect(),
         ids,
         kv_events,
+        routing_toml: String::new(),
     }
+}
+
+/// agentlb `workflow` with parts of the policy turned off, to measure what each part
+/// brings (only run when `--routers` names "ablation").
+pub fn ablations() -> Vec<RouterConfig> {
+    [
+        ("no footprint", "footprint_placement = false\n"),
+        ("no hysteresis", "spill_hysteresis = false\n"),
+        (
+            "neither",
+            "footprint_placement = false\nspill_hysteresis = false\n",
+        ),
+    ]
+    .into_iter()
+    .map(|(what, toml)| {
+        let mut c = cfg(
+            Kind::Agentlb,
+            &format!("agentlb workflow [ablation: {what}]"),
+            &["--policy", "workflow"],
+            IdMode::Headers,
+            false,
+        );
+        c.routing_toml = toml.to_owned();
+        c
+    })
+    .collect()
 }
 
 /// Every configuration, in table order.
@@ -184,7 +213,11 @@ pub fn start(
 ) -> Result<Started> {
     let port = procs::free_port()?;
     let metrics_port = procs::free_port()?;
-    let tag = cfg.name.replace(' ', "-");
+    let tag: String = cfg
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
     let log = tmp.path().join(format!("{tag}-{replica}.log"));
     let cmd = match cfg.kind {
         Kind::Agentlb => {
@@ -194,6 +227,10 @@ pub fn start(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{metrics_port}\"\n\
                  [kernel]\nmode = \"off\"\n[health]\ninterval_ms = 500\ntimeout_ms = 400\n"
             );
+            if !cfg.routing_toml.is_empty() {
+                toml.push_str("[routing]\n");
+                toml.push_str(&cfg.routing_toml);
+            }
             for b in backends {
                 toml.push_str(&format!("[[backends]]\nurl = \"{b}\"\n"));
             }
