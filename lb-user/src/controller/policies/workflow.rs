@@ -204,23 +204,11 @@ pub fn rendezvous_order(backends: &[Arc<Backend>], key: u64) -> Vec<usize> {
 }
 
 impl WorkflowPolicy {
-    /// Where a workflow over its home's bound goes: where it already spilled while that
-    /// is under the bound, else its first secondary home under the bound, else the next
-    /// backend in rendezvous order under the bound.
-    fn spill_target(
-        &self,
-        backends: &[Arc<Backend>],
-        l: &Loads,
-        order: &[usize],
-        h: &Homes,
-        home: Option<usize>,
-    ) -> Option<usize> {
-        let pos = |id| backends.iter().position(|b| b.id == id);
-        h.secondaries
-            .iter()
-            .filter_map(|&id| pos(id))
-            .find(|&i| Some(i) != home && l.under(i))
-            .or_else(|| l.first_under(order, home))
+    /// Where a workflow over its home's bound goes: the next backend in its rendezvous
+    /// order under the bound — a function of the key and the scraped loads, so every
+    /// replica spills a workflow to the same backend (it is recorded as a secondary home).
+    fn spill_target(&self, l: &Loads, order: &[usize], home: Option<usize>) -> Option<usize> {
+        l.first_under(order, home)
     }
 
     /// Where a new workflow goes: the first backend in rendezvous order under the load
@@ -320,20 +308,16 @@ impl WorkflowPolicy {
                         reason: Reason::Home,
                     });
                 }
-                let target = self.spill_target(backends, l, &order, h, Some(hi));
+                let target = self.spill_target(l, &order, Some(hi));
                 // One cost: leave a home over its bound only when the queue ahead there costs
                 // more than recomputing the context elsewhere (a long context stays home
                 // through a short queue; KV pressure counts as queue past the knee).
+                // The home is taken to hold the request's whole prompt and the target none
+                // of it (long contexts stay home through a short queue, short calls may
+                // go): what every replica estimates alike from the request itself.
                 let worth = |i: usize| {
                     let Some(d) = ctx.demand else { return true };
-                    let est = d.estimate as u64;
-                    // Predicted cached tokens: the prefix index's, or the workflow's own
-                    // latest context.
-                    let cached = |j: usize| {
-                        (h.predicted_cached(backends[j].id, est) as f64)
-                            .max(d.matched.get(j).copied().unwrap_or(0.0))
-                    };
-                    (l.loads[hi] - l.loads[i]) * d.work > cached(hi) - cached(i)
+                    (l.loads[hi] - l.loads[i]) * d.work > d.estimate
                 };
                 let stays_spilled = stay_away
                     && l.under(hi)
@@ -353,7 +337,7 @@ impl WorkflowPolicy {
             }
             None if ctx.home_busy => {
                 let i = self
-                    .spill_target(backends, l, &order, h, None)
+                    .spill_target(l, &order, None)
                     .or_else(|| l.least(backends, &self.rotor))?;
                 Some(self.spill(backends, h, i))
             }
@@ -378,7 +362,7 @@ impl WorkflowPolicy {
             None => {
                 // The home was drained or removed: move for good.
                 let i = self
-                    .spill_target(backends, l, &order, h, None)
+                    .spill_target(l, &order, None)
                     .or_else(|| order.first().copied())?;
                 h.rehome(backends[i].id, k, true);
                 h.away = None;
@@ -781,9 +765,12 @@ mod tests {
         // 6 queued requests × 1k tokens of work < 30k tokens to recompute: stay.
         let c = with_demand(&p, &b, &m, &mut h, &d);
         assert_eq!((c.index, c.reason), (home, Reason::Home));
-        // A short context moves.
-        h.last_prompt_tokens = 2_000;
-        let c = with_demand(&p, &b, &m, &mut h, &d);
+        // A short call moves.
+        let short = Demand {
+            estimate: 2_000.0,
+            ..d.clone()
+        };
+        let c = with_demand(&p, &b, &m, &mut h, &short);
         assert_eq!(c.reason, Reason::Spill);
     }
 
