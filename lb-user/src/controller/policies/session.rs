@@ -13,7 +13,7 @@ use std::sync::{Arc, atomic::AtomicUsize};
 
 use super::{
     Choice, HomeCtx, Policy, Reason,
-    workflow::{Loads, rendezvous_order, routing_key, stable_hash},
+    workflow::{Loads, bounded_choice, routing_key, stable_hash},
 };
 use crate::model::{Backend, RequestMeta};
 
@@ -58,20 +58,7 @@ impl Policy for SessionPolicy {
             .as_deref()
             .map(|s| stable_hash(s.as_bytes()))
             .or_else(|| routing_key(meta));
-        let Some(key) = key else {
-            return l.least(backends, &self.rotor).map(|index| Choice {
-                index,
-                reason: Reason::Balanced,
-            });
-        };
-        let order = rendezvous_order(backends, key);
-        let index = l
-            .first_under(&order, None)
-            .or_else(|| order.first().copied())?;
-        Some(Choice {
-            index,
-            reason: Reason::Session,
-        })
+        bounded_choice(backends, &l, key, &self.rotor, Reason::Session)
     }
 }
 

@@ -399,25 +399,36 @@ impl Policy for WorkflowPolicy {
             return None;
         }
         let l = Loads::of(backends, self.bound);
-        let Some(key) = routing_key(meta) else {
-            return l.least(backends, &self.rotor).map(|index| Choice {
-                index,
-                reason: Reason::Balanced,
-            });
-        };
-        if let Some(ctx) = home {
+        let key = routing_key(meta);
+        if let (Some(key), Some(ctx)) = (key, home) {
             return self.with_homes(backends, key, &l, ctx);
         }
-        // Without a table: the stateless rule (first in order under the bound).
-        let order = rendezvous_order(backends, key);
-        let index = l
-            .first_under(&order, None)
-            .or_else(|| order.first().copied())?;
-        Some(Choice {
-            index,
-            reason: Reason::Home,
-        })
+        // Without a table (or a key): the stateless rule.
+        bounded_choice(backends, &l, key, &self.rotor, Reason::Home)
     }
+}
+
+/// The stateless rule of `workflow` and `session`: the first backend of the key's
+/// rendezvous order under the load bound (else the first), or without a key the least
+/// loaded one.
+pub(crate) fn bounded_choice(
+    backends: &[Arc<Backend>],
+    l: &Loads,
+    key: Option<u64>,
+    rotor: &AtomicUsize,
+    reason: Reason,
+) -> Option<Choice> {
+    let Some(key) = key else {
+        return l.least(backends, rotor).map(|index| Choice {
+            index,
+            reason: Reason::Balanced,
+        });
+    };
+    let order = rendezvous_order(backends, key);
+    let index = l
+        .first_under(&order, None)
+        .or_else(|| order.first().copied())?;
+    Some(Choice { index, reason })
 }
 
 #[cfg(test)]
@@ -543,19 +554,31 @@ mod tests {
         assert_eq!(p.pick(&b, &m), Some(rendezvous_order(&b, 42)[0]));
     }
 
-    fn routed(p: &WorkflowPolicy, b: &[Arc<Backend>], m: &RequestMeta, h: &mut Homes) -> Choice {
+    fn route_with(
+        p: &WorkflowPolicy,
+        b: &[Arc<Backend>],
+        m: &RequestMeta,
+        h: &mut Homes,
+        demand: Option<&Demand>,
+        home_busy: bool,
+        home_down: bool,
+    ) -> Choice {
         p.route(
             b,
             m,
             Some(HomeCtx {
                 homes: h,
-                home_busy: false,
-                home_down: false,
+                home_busy,
+                home_down,
                 implicit: false,
-                demand: None,
+                demand,
             }),
         )
         .expect("a choice")
+    }
+
+    fn routed(p: &WorkflowPolicy, b: &[Arc<Backend>], m: &RequestMeta, h: &mut Homes) -> Choice {
+        route_with(p, b, m, h, None, false, false)
     }
 
     #[test]
@@ -619,19 +642,7 @@ mod tests {
             .filter(|x| Some(x.id) != new_home)
             .cloned()
             .collect();
-        let c = p
-            .route(
-                &others,
-                &m,
-                Some(HomeCtx {
-                    homes: &mut h,
-                    home_busy: true,
-                    home_down: false,
-                    implicit: false,
-                    demand: None,
-                }),
-            )
-            .expect("a choice");
+        let c = route_with(&p, &others, &m, &mut h, None, true, false);
         assert_eq!(c.reason, Reason::Spill);
         assert_eq!(h.home, new_home);
     }
@@ -685,18 +696,7 @@ mod tests {
         h: &mut Homes,
         d: &Demand,
     ) -> Choice {
-        p.route(
-            b,
-            m,
-            Some(HomeCtx {
-                homes: h,
-                home_busy: false,
-                home_down: false,
-                implicit: false,
-                demand: Some(d),
-            }),
-        )
-        .expect("a choice")
+        route_with(p, b, m, h, Some(d), false, false)
     }
 
     #[test]
@@ -783,20 +783,7 @@ mod tests {
         let home = routed(&p, &b, &m, &mut h).index;
         let home_id = b[home].id;
         let rest: Vec<Arc<Backend>> = b.iter().filter(|x| x.id != home_id).cloned().collect();
-        let down = |h: &mut Homes| {
-            p.route(
-                &rest,
-                &m,
-                Some(HomeCtx {
-                    homes: h,
-                    home_busy: false,
-                    home_down: true,
-                    implicit: false,
-                    demand: None,
-                }),
-            )
-            .expect("a choice")
-        };
+        let down = |h: &mut Homes| route_with(&p, &rest, &m, h, None, false, true);
         let c = down(&mut h);
         assert_eq!(c.reason, Reason::Migrated);
         // The deterministic next choice, whatever this replica's secondaries say.
