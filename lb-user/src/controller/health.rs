@@ -86,6 +86,22 @@ pub async fn get(
     tokio::time::timeout(timeout, fut).await.ok().flatten()
 }
 
+/// Weight of the newest scrape in the smoothed queue and KV usage.
+const NEW_SAMPLE: f64 = 0.5;
+
+/// The load the policies read: queue and KV usage averaged over the latest scrapes
+/// (half the weight on the newest), so replicas that scrape at different moments of a
+/// fluctuating queue see nearly the same numbers and agree on spills; the rest as
+/// scraped.
+fn smooth(prev: BackendLoad, now: BackendLoad) -> BackendLoad {
+    let mix = |a: f64, b: f64| a * (1.0 - NEW_SAMPLE) + b * NEW_SAMPLE;
+    BackendLoad {
+        waiting: mix(prev.waiting, now.waiting),
+        kv_usage: mix(prev.kv_usage, now.kv_usage),
+        ..now
+    }
+}
+
 /// Probes one backend; true when it just turned unhealthy.
 async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) -> bool {
     let ok = matches!(get(client, &b, "/health", c.timeout).await, Some((200, _)));
@@ -114,8 +130,9 @@ async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) -> bool {
         return failed;
     }
     if let Some((200, body)) = get(client, &b, "/metrics", c.timeout).await {
-        b.load
-            .store(Arc::new(parse_load(&String::from_utf8_lossy(&body))));
+        let now = parse_load(&String::from_utf8_lossy(&body));
+        let prev = **b.load.load();
+        b.load.store(Arc::new(smooth(prev, now)));
     }
     if let Some((200, body)) = get(client, &b, "/v1/models", c.timeout).await
         && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
