@@ -543,7 +543,8 @@ fn a_failed_home_migrates_its_workflows_and_prewarms_the_new_home() -> Result<()
 #[test]
 fn concurrent_workflows_are_balanced_on_kv_demand_and_keep_their_affinity() -> Result<()> {
     // Four instances of 2,048 blocks (32,768 tokens) each; 24 workflows of ≈ 2.3k tokens
-    // of context each, all starting at once: ≈ 40% of the cluster's KV.
+    // of context each, all starting at once: ≈ 40% of the cluster's KV. Placement by
+    // predicted KV footprint on (a single gateway's setting).
     let sims: Vec<Sim> = (0..4)
         .map(|_| {
             Sim::start(&[
@@ -556,7 +557,17 @@ fn concurrent_workflows_are_balanced_on_kv_demand_and_keep_their_affinity() -> R
             ])
         })
         .collect::<Result<_>>()?;
-    let lb = lb(&sims, "workflow")?;
+    let cfg = testkit::temp_file("footprint.toml", "[routing]\nfootprint_placement = true\n")?;
+    let mut args: Vec<String> = vec![
+        "--policy".into(),
+        "workflow".into(),
+        "--config".into(),
+        cfg.display().to_string(),
+    ];
+    for s in &sims {
+        args.extend(["--backend".to_owned(), s.url()]);
+    }
+    let lb = Lb::start(&args)?;
     let known = testkit::wait_until(Duration::from_secs(15), || {
         let v = testkit::get_json(&lb.admin_url("/admin/backends")).ok()?;
         v["backends"]

@@ -72,8 +72,8 @@ impl WorkflowPolicy {
             bound: bound.max(1.0),
             secondaries,
             rotor: AtomicUsize::new(0),
-            footprint: true,
-            hysteresis: true,
+            footprint: false,
+            hysteresis: false,
         }
     }
 
@@ -584,7 +584,7 @@ mod tests {
     #[test]
     fn homes_place_stay_spill_with_hysteresis_and_return() {
         let b = test_backends(4);
-        let p = WorkflowPolicy::new(1.25, 2);
+        let p = WorkflowPolicy::new(1.25, 2).hysteresis(true);
         let m = meta("wf-h");
         let mut h = Homes::default();
         let c = routed(&p, &b, &m, &mut h);
@@ -702,7 +702,7 @@ mod tests {
     #[test]
     fn new_workflows_avoid_a_backend_full_of_footprint() {
         let b = test_backends(4);
-        let p = WorkflowPolicy::new(1.25, 2);
+        let p = WorkflowPolicy::new(1.25, 2).footprint(true);
         for x in &b {
             x.load.store(Arc::new(BackendLoad {
                 kv_capacity_tokens: 100_000.0,

@@ -63,22 +63,22 @@ fn cfg(kind: Kind, name: &str, args: &[&str], ids: IdMode, kv_events: bool) -> R
     }
 }
 
-/// agentlb `workflow` with parts of the policy turned off, to measure what each part
-/// brings (only run when `--routers` names "ablation").
+/// agentlb `workflow` with its optional parts turned on, to measure what each brings
+/// (only run when `--routers` names "ablation").
 pub fn ablations() -> Vec<RouterConfig> {
     [
-        ("no footprint", "footprint_placement = false\n"),
-        ("no hysteresis", "spill_hysteresis = false\n"),
+        ("footprint placement", "footprint_placement = true\n"),
+        ("spill hysteresis", "spill_hysteresis = true\n"),
         (
-            "neither",
-            "footprint_placement = false\nspill_hysteresis = false\n",
+            "both",
+            "footprint_placement = true\nspill_hysteresis = true\n",
         ),
     ]
     .into_iter()
     .map(|(what, toml)| {
         let mut c = cfg(
             Kind::Agentlb,
-            &format!("agentlb workflow [ablation: {what}]"),
+            &format!("agentlb workflow [ablation: + {what}]"),
             &["--policy", "workflow"],
             IdMode::Headers,
             false,
