@@ -64,6 +64,9 @@ pub struct Backend {
     pub label: std::sync::Arc<String>,
     /// Base URL (`http://host:port`).
     pub url: Uri,
+    /// Stable hash of the URL's text: the backend's identity in rendezvous hashing
+    /// (computed once, not per request).
+    pub url_hash: u64,
     /// Resolved addresses (published to the kernel).
     pub addrs: Vec<SocketAddr>,
     /// `host:port` of the URL, for upstream request URIs.
@@ -102,6 +105,9 @@ impl Backend {
             id,
             label: std::sync::Arc::new(name.clone()),
             name,
+            url_hash: crate::controller::policies::workflow::stable_hash(
+                url.to_string().as_bytes(),
+            ),
             url,
             addrs,
             authority,

@@ -225,10 +225,15 @@ impl Controller {
                 .collect(),
             estimate: estimate as f64,
             work: self.workflows.work_per_request(),
-            matched: index.map_or_else(Vec::new, |ix| {
-                let ids: Vec<BackendId> = free.iter().map(|b| b.id).collect();
-                ix.predicted_tokens(&meta.blocks, &ids)
-            }),
+            // Every candidate's prediction only for a policy that chooses by it; the
+            // others get the chosen backend's alone, below.
+            matched: match index {
+                Some(ix) if policy.uses_prefix() => {
+                    let ids: Vec<BackendId> = free.iter().map(|b| b.id).collect();
+                    ix.predicted_tokens(&meta.blocks, &ids)
+                }
+                _ => Vec::new(),
+            },
         });
         let matched = |i: usize| {
             demand
@@ -263,9 +268,14 @@ impl Controller {
                         }),
                     );
                     let predicted = c.map_or(0, |c| {
-                        homes
-                            .predicted_cached(free[c.index].id, estimate)
-                            .max(matched(c.index))
+                        let id = free[c.index].id;
+                        let indexed = index.map_or(0, |ix| {
+                            ix.predicted_tokens(&meta.blocks, &[id])
+                                .first()
+                                .copied()
+                                .unwrap_or(0.0) as u64
+                        });
+                        homes.predicted_cached(id, estimate).max(indexed)
                     });
                     let after = homes.away.or(homes.home);
                     if after != before {

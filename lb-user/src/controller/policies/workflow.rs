@@ -197,7 +197,7 @@ pub fn rendezvous_order(backends: &[Arc<Backend>], key: u64) -> Vec<usize> {
     let mut scored: Vec<(u64, usize)> = backends
         .iter()
         .enumerate()
-        .map(|(i, b)| (mix(key ^ stable_hash(b.url.to_string().as_bytes())), i))
+        .map(|(i, b)| (mix(key ^ b.url_hash), i))
         .collect();
     scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     scored.into_iter().map(|(_, i)| i).collect()
@@ -281,10 +281,10 @@ impl WorkflowPolicy {
         l: &Loads,
         ctx: HomeCtx<'_>,
     ) -> Option<Choice> {
-        let order = rendezvous_order(backends, key);
         let h = ctx.homes;
         let k = self.secondaries;
         let Some(home_id) = h.home else {
+            let order = rendezvous_order(backends, key);
             let i = self.place(backends, l, &order, ctx.demand)?;
             h.rehome(backends[i].id, k, false);
             let reason = if ctx.implicit {
@@ -295,6 +295,19 @@ impl WorkflowPolicy {
             return Some(Choice { index: i, reason });
         };
         let home = backends.iter().position(|b| b.id == home_id);
+        // A workflow at home under the bound (nearly every call) needs no ranking.
+        if let Some(hi) = home
+            && l.under(hi)
+            && !(self.hysteresis && h.spilled && l.loads[hi] > l.mean)
+        {
+            h.away = None;
+            h.spilled = false;
+            return Some(Choice {
+                index: hi,
+                reason: Reason::Home,
+            });
+        }
+        let order = rendezvous_order(backends, key);
         match home {
             Some(hi) => {
                 h.away = None;
