@@ -10,11 +10,17 @@
 //! - `demo`: agentlb in front of simulated vLLM backends.
 //! - `bench sim`: the simulator's own cost; `bench proxy`: the proxy path's cost against
 //!   nginx and vllm-router; `bench agentic`: agentic workloads through agentlb and the
-//!   anchor routers on simulated vLLM instances.
+//!   anchor routers on simulated vLLM instances; `bench control`: the control plane's
+//!   routing decision latency and memory per workflow, and proxy throughput at a full
+//!   workflow table.
 
 mod bench;
 mod demo;
 mod setup;
+
+/// Counts live heap bytes while `bench control` asks it to (a pass-through otherwise).
+#[global_allocator]
+static ALLOC: bench::control::CountingAlloc = bench::control::CountingAlloc;
 
 use std::{
     path::{Path, PathBuf},
@@ -59,7 +65,7 @@ enum Cmd {
     },
     /// Benchmarks.
     Bench {
-        /// Which benchmark: `sim`, `proxy` or `agentic`.
+        /// Which benchmark: `sim`, `proxy`, `agentic` or `control`.
         which: String,
         /// Extra arguments for the benchmark.
         #[arg(last = true)]
@@ -287,6 +293,7 @@ fn bench(root: &Path, which: &str, args: &[String]) -> Result<()> {
         }
         "proxy" => bench::proxy(root, args),
         "agentic" => bench::agentic::run(root, args),
-        other => bail!("unknown benchmark {other:?} (available: sim, proxy, agentic)"),
+        "control" => bench::control::run(root, args),
+        other => bail!("unknown benchmark {other:?} (available: sim, proxy, agentic, control)"),
     }
 }

@@ -43,11 +43,14 @@ pub trait DecisionSink: Send {
     }
 }
 
-/// The default sink: the map in memory, bounded (arbitrary entries dropped past `max`).
+/// The default sink: the map in memory, bounded (past `max` entries new workflows are
+/// not added).
 #[derive(Debug, Default)]
 pub struct MemorySink {
     map: HashMap<u64, BackendId>,
     max: usize,
+    /// New workflows not added because the map was full.
+    pub refused: u64,
 }
 
 impl MemorySink {
@@ -56,6 +59,7 @@ impl MemorySink {
         Self {
             map: HashMap::new(),
             max,
+            refused: 0,
         }
     }
 
@@ -69,13 +73,12 @@ impl DecisionSink for MemorySink {
     fn apply(&mut self, batch: &[Decision]) {
         for d in batch {
             match d.backend {
+                // Full: new workflows are not added (O(1); the kernel's map will be an
+                // LRU map of its own), known ones are updated.
+                Some(_) if self.map.len() >= self.max && !self.map.contains_key(&d.key) => {
+                    self.refused += 1;
+                }
                 Some(b) => {
-                    if self.map.len() >= self.max
-                        && !self.map.contains_key(&d.key)
-                        && let Some(&k) = self.map.keys().next()
-                    {
-                        self.map.remove(&k);
-                    }
                     self.map.insert(d.key, b);
                 }
                 None => {
@@ -209,6 +212,33 @@ mod tests {
         assert_eq!((m.get(1), m.get(2), m.len()), (Some(5), None, 1));
         assert_eq!(p.stats.entries.load(Ordering::Relaxed), 1);
         task.abort();
+    }
+
+    #[test]
+    fn a_full_memory_sink_updates_known_workflows_and_refuses_new_ones() {
+        let mut m = MemorySink::new(2);
+        m.apply(&[
+            Decision {
+                key: 1,
+                backend: Some(0),
+            },
+            Decision {
+                key: 2,
+                backend: Some(0),
+            },
+            Decision {
+                key: 3,
+                backend: Some(0),
+            },
+            Decision {
+                key: 1,
+                backend: Some(7),
+            },
+        ]);
+        assert_eq!(
+            (m.len(), m.get(1), m.get(3), m.refused),
+            (2, Some(7), None, 1)
+        );
     }
 
     #[test]

@@ -237,6 +237,7 @@ impl Dataplane {
     /// Full status.
     pub fn status(&self) -> DataplaneStatus {
         let guard = lock(&self.kernel);
+        #[cfg_attr(not(feature = "ebpf"), allow(unused_mut))]
         let mut st = DataplaneStatus {
             mode: if guard.is_some() {
                 "kernel"

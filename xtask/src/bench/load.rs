@@ -9,10 +9,15 @@
 //! checked (status 200, exact body length); a failed request is counted as an
 //! error and its connection replaced. A connection the server closes between
 //! requests (e.g. `keepalive_requests` reached) is replaced without an error.
+//! Requests can carry an `X-Workflow-Id` ([`WorkflowIds`]): one fixed id, or a new
+//! one on every request.
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -40,6 +45,44 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// Measured window.
     pub duration: Duration,
+    /// The `X-Workflow-Id` each request carries.
+    pub workflow_ids: WorkflowIds,
+}
+
+/// Which `X-Workflow-Id` the requests of a run carry.
+#[derive(Clone, Debug, Default)]
+pub enum WorkflowIds {
+    /// No workflow id.
+    #[default]
+    None,
+    /// The same id on every request ([`workflow_id`]`(0)`).
+    Fixed,
+    /// A new id on every request, numbered by this counter (share it between the
+    /// runs against one target and no id repeats).
+    Unique(Arc<AtomicU64>),
+}
+
+/// A UUID-shaped workflow id: `wf-` and 36 characters (39 bytes), distinct for every
+/// `n` below 2^48 (its last 12 hex digits), the other digits scrambled from `n` as a
+/// random (version 4) UUID's would be.
+pub fn workflow_id(n: u64) -> String {
+    let h = mix64(n);
+    format!(
+        "wf-{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        0x8000 | ((h >> 12) & 0x3fff),
+        n & 0xffff_ffff_ffff
+    )
+}
+
+/// SplitMix64's output function: a cheap, well-mixed 64-bit hash of `z`.
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// What one run measured.
@@ -205,10 +248,19 @@ enum Outcome {
 }
 
 async fn one(sender: &mut Sender, spec: &LoadSpec) -> Result<Outcome> {
-    let req = Request::post(spec.path)
+    let mut req = Request::post(spec.path)
         .header(header::HOST, spec.addr.to_string())
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(spec.body.clone()))?;
+        .header(header::CONTENT_TYPE, "application/json");
+    // Both id modes format an id per request, so they cost the client the same.
+    let wf = match &spec.workflow_ids {
+        WorkflowIds::None => None,
+        WorkflowIds::Fixed => Some(0),
+        WorkflowIds::Unique(next) => Some(next.fetch_add(1, Ordering::Relaxed) + 1),
+    };
+    if let Some(n) = wf {
+        req = req.header("x-workflow-id", workflow_id(n));
+    }
+    let req = req.body(Full::new(spec.body.clone()))?;
     let start = Instant::now();
     let resp = sender.send_request(req).await?;
     let close = resp
@@ -314,6 +366,18 @@ pub fn quantile(sorted: &[u64], q: f64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::{CpuSample, LoadResult, quantile};
+
+    #[test]
+    fn workflow_ids_are_uuid_shaped_and_distinct() {
+        let a = super::workflow_id(0);
+        assert_eq!(a.len(), 39, "{a}");
+        assert!(a.starts_with("wf-"));
+        let dashes: Vec<usize> = a.match_indices('-').map(|(i, _)| i).collect();
+        assert_eq!(dashes, [2, 11, 16, 21, 26]);
+        let ids: std::collections::HashSet<String> = (0..10_000).map(super::workflow_id).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert_eq!(super::workflow_id(u64::MAX >> 16).len(), 39);
+    }
 
     #[test]
     fn quantiles() {

@@ -43,6 +43,7 @@
 pub mod agentic;
 mod backend;
 mod cgroup;
+pub mod control;
 mod instr;
 mod load;
 mod plots;
@@ -431,6 +432,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
                             concurrency: conc,
                             warmup: settings.warmup / settings.slices as u32,
                             duration: settings.duration / settings.slices as u32,
+                            workflow_ids: load::WorkflowIds::None,
                         };
                         let backend_ref = &backend;
                         let me = [std::process::id() as i32];
