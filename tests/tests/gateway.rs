@@ -303,7 +303,11 @@ fn killed_backend_mid_run_gives_no_client_errors() -> Result<()> {
     let s0 = Sim::start(&["--time-scale", "50"])?;
     let mut s1 = Sim::start(&["--time-scale", "50"])?;
     let s2 = Sim::start(&["--time-scale", "50"])?;
-    let lb = Lb::start(&backends(&[&s0, &s1, &s2]))?;
+    // Round robin, so the killed backend is certainly in use when it dies (workflow
+    // affinity could leave it idle; its failover has its own tests in workflow.rs).
+    let mut args = backends(&[&s0, &s1, &s2]);
+    args.extend(["--policy".to_owned(), "round_robin".to_owned()]);
+    let lb = Lb::start(&args)?;
     let url = lb.url("/v1/chat/completions");
     let done = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
