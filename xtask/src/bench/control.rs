@@ -1438,20 +1438,8 @@ fn settings(a: &Args) -> Result<Settings> {
 
 /// Entry point: `cargo xtask bench control -- [OPTIONS]`.
 pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
-    let args = match Args::try_parse_from(
-        std::iter::once("bench-control").chain(args_in.iter().map(String::as_str)),
-    ) {
-        Ok(a) => a,
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-            ) =>
-        {
-            print!("{e}");
-            return Ok(());
-        }
-        Err(e) => bail!("{e}"),
+    let Some(args) = super::parse_args::<Args>("bench-control", args_in)? else {
+        return Ok(());
     };
     let s = settings(&args)?;
     let build_agentlb = !args.no_proxy && args.agentlb.is_none();

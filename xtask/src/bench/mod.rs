@@ -191,12 +191,11 @@ struct Target {
     proc: Option<ChildGuard>,
 }
 
-/// Entry point: `cargo xtask bench proxy -- [OPTIONS]`.
-pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
-    let args = match Args::try_parse_from(
-        std::iter::once("bench-proxy").chain(args_in.iter().map(String::as_str)),
-    ) {
-        Ok(a) => a,
+/// Parses a benchmark's options (`name` is the program name in help and errors); `None`
+/// when `--help` or `--version` was printed instead.
+pub fn parse_args<A: Parser>(name: &str, args_in: &[String]) -> Result<Option<A>> {
+    match A::try_parse_from(std::iter::once(name).chain(args_in.iter().map(String::as_str))) {
+        Ok(a) => Ok(Some(a)),
         Err(e)
             if matches!(
                 e.kind(),
@@ -204,9 +203,16 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
             ) =>
         {
             print!("{e}");
-            return Ok(());
+            Ok(None)
         }
         Err(e) => bail!("{e}"),
+    }
+}
+
+/// Entry point: `cargo xtask bench proxy -- [OPTIONS]`.
+pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
+    let Some(args) = parse_args::<Args>("bench-proxy", args_in)? else {
+        return Ok(());
     };
     for t in &args.targets {
         if !ALL_TARGETS.contains(&t.as_str()) {
