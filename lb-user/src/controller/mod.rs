@@ -219,10 +219,14 @@ impl Controller {
             .filter(|_| !meta.blocks.is_empty() && (policy.uses_homes() || policy.uses_prefix()));
         let estimate = meta.prompt_tokens_estimate();
         let demand = (key.is_some() || policy.uses_prefix()).then(|| policies::Demand {
-            footprints: free
-                .iter()
-                .map(|b| self.workflows.footprint(b.id))
-                .collect(),
+            // Read from the ledger only for a policy that places by footprint.
+            footprints: if policy.uses_footprints() {
+                free.iter()
+                    .map(|b| self.workflows.footprint(b.id))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             estimate: estimate as f64,
             work: self.workflows.work_per_request(),
             // Every candidate's prediction only for a policy that chooses by it; the

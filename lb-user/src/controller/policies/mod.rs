@@ -126,6 +126,11 @@ pub trait Policy: Send + Sync {
     fn uses_homes(&self) -> bool {
         false
     }
+    /// Whether the policy places by predicted KV footprint (the controller then reads
+    /// the footprint ledger into [`Demand::footprints`]).
+    fn uses_footprints(&self) -> bool {
+        false
+    }
     /// Whether the policy reads the prefix index (the controller then fills
     /// [`Demand::matched`] and passes the demand even without homes).
     fn uses_prefix(&self) -> bool {

@@ -398,6 +398,10 @@ impl Policy for WorkflowPolicy {
         true
     }
 
+    fn uses_footprints(&self) -> bool {
+        self.footprint
+    }
+
     fn pick(&self, backends: &[Arc<Backend>], meta: &RequestMeta) -> Option<usize> {
         self.route(backends, meta, None).map(|c| c.index)
     }
