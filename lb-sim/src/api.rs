@@ -205,6 +205,9 @@ struct CompletionRequest {
     seed: Option<i64>,
     #[serde(default)]
     n: Option<i64>,
+    /// HF mode only (the stand-in always starts with BOS).
+    #[serde(default)]
+    add_special_tokens: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +220,12 @@ struct TokenizeRequest {
     tools: Option<Value>,
     #[serde(default)]
     add_generation_prompt: Option<bool>,
+    /// HF mode only: for `prompt` (default true; chat bodies read it themselves).
+    #[serde(default)]
+    add_special_tokens: Option<bool>,
+    /// HF mode only: answer the vocabulary strings in `token_strs`.
+    #[serde(default)]
+    return_token_strs: Option<bool>,
 }
 
 pub(crate) fn chat_turns<'a>(
@@ -232,18 +241,23 @@ pub(crate) fn chat_turns<'a>(
         .collect()
 }
 
-/// Tokens of a completions `prompt` (string, [string], [int] or [[int]]).
-fn prompt_tokens(tok: &Tokenizer, prompt: &Value) -> Result<Vec<u32>, String> {
+/// Tokens of a completions `prompt` (string, [string], [int] or [[int]]); `add_special_tokens`
+/// applies to text prompts in HF mode.
+fn prompt_tokens(
+    tok: &Tokenizer,
+    prompt: &Value,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, String> {
     fn ids(a: &[Value]) -> Option<Vec<u32>> {
         a.iter()
             .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
             .collect()
     }
     match prompt {
-        Value::String(s) => Ok(tok.encode_prompt(s)),
+        Value::String(s) => tok.try_encode_prompt(s, add_special_tokens),
         Value::Array(a) if a.is_empty() => Err("prompt must not be empty".into()),
         Value::Array(a) => match &a[0] {
-            Value::String(s) if a.len() == 1 => Ok(tok.encode_prompt(s)),
+            Value::String(s) if a.len() == 1 => tok.try_encode_prompt(s, add_special_tokens),
             Value::Number(_) => ids(a).ok_or_else(|| "prompt token ids must be integers".into()),
             Value::Array(inner) if a.len() == 1 => {
                 ids(inner).ok_or_else(|| "prompt token ids must be integers".into())
@@ -472,19 +486,30 @@ fn tokenize(inst: &Instance, body: &[u8]) -> Resp {
         Ok(r) => r,
         Err(r) => return *r,
     };
+    let hf = inst.tokenizer.hf();
     let tokens = if let Some(msgs) = &req.messages {
-        inst.tokenizer.render_chat(
-            &chat_turns(msgs),
-            req.tools.as_ref(),
-            req.add_generation_prompt.unwrap_or(true),
-        )
+        match hf {
+            Some(hf) => match hf.chat_request_tokens(body) {
+                Ok(t) => t,
+                Err(e) => return bad_request(&e.to_string()),
+            },
+            None => inst.tokenizer.render_chat(
+                &chat_turns(msgs),
+                req.tools.as_ref(),
+                req.add_generation_prompt.unwrap_or(true),
+            ),
+        }
     } else if let Some(p) = &req.prompt {
-        match prompt_tokens(&inst.tokenizer, p) {
+        match prompt_tokens(&inst.tokenizer, p, req.add_special_tokens.unwrap_or(true)) {
             Ok(t) => t,
             Err(m) => return bad_request(&m),
         }
     } else {
         return bad_request("either `prompt` or `messages` is required");
+    };
+    let token_strs = match hf {
+        Some(hf) if req.return_token_strs == Some(true) => json!(hf.token_strs(&tokens)),
+        _ => Value::Null,
     };
     json_response(
         StatusCode::OK,
@@ -492,7 +517,7 @@ fn tokenize(inst: &Instance, body: &[u8]) -> Resp {
             "count": tokens.len(),
             "max_model_len": inst.cfg.max_model_len,
             "tokens": tokens,
-            "token_strs": null,
+            "token_strs": token_strs,
         }),
     )
 }
@@ -540,11 +565,18 @@ async fn chat(inst: &Arc<Instance>, body: &[u8], rid: Option<String>, load: Load
         Ok(m) => m,
         Err(r) => return *r,
     };
-    let prompt = inst.tokenizer.render_chat(
-        &chat_turns(&req.messages),
-        req.tools.as_ref(),
-        req.add_generation_prompt.unwrap_or(true),
-    );
+    let prompt = match inst.tokenizer.hf() {
+        // HF mode renders the raw body: every field vLLM hands the template, in the sent order.
+        Some(hf) => match hf.chat_request_tokens(body) {
+            Ok(p) => p,
+            Err(e) => return bad_request(&e.to_string()),
+        },
+        None => inst.tokenizer.render_chat(
+            &chat_turns(&req.messages),
+            req.tools.as_ref(),
+            req.add_generation_prompt.unwrap_or(true),
+        ),
+    };
     let p = Prepared {
         kind: Kind::Chat,
         seed: output_seed(&prompt, req.seed),
@@ -580,7 +612,8 @@ async fn completion(
         Ok(m) => m,
         Err(r) => return *r,
     };
-    let prompt = match prompt_tokens(&inst.tokenizer, &req.prompt) {
+    let add_special = req.add_special_tokens.unwrap_or(true);
+    let prompt = match prompt_tokens(&inst.tokenizer, &req.prompt, add_special) {
         Ok(p) => p,
         Err(m) => return bad_request(&m),
     };
@@ -819,7 +852,7 @@ async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: 
         );
         let s = SseStream {
             pump: sub.into_pump(),
-            tokenizer: inst.tokenizer,
+            tokenizer: inst.tokenizer.clone(),
             seed: p.seed,
             kind: p.kind,
             prefix,

@@ -10,9 +10,12 @@
 //!   prefill overhead into a per-step term that only applies to steps that contain a
 //!   prefill (`prefill_overhead`), and β0 = 12 ms.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
+
+use crate::hf_tokenizer::HfTokenizer;
 
 /// Errors found while validating a configuration.
 #[derive(Debug, Error, PartialEq)]
@@ -123,6 +126,9 @@ pub struct EngineConfig {
     pub default_max_tokens: usize,
     /// Characters per token of the stand-in tokenizer.
     pub chars_per_token: f64,
+    /// HF mode: render and tokenize with this Hugging Face tokenizer instead of the stand-in
+    /// (`--tokenizer <dir>`, see [`crate::hf_tokenizer`]).
+    pub hf_tokenizer: Option<Arc<HfTokenizer>>,
     /// Tokens per SSE event when the client keeps up (1 = one event per engine step).
     pub stream_interval: usize,
     /// Responses API objects kept in the instance's memory (oldest evicted first); 0 disables
@@ -145,6 +151,7 @@ impl Default for EngineConfig {
             time_scale: 1.0,
             default_max_tokens: 128,
             chars_per_token: 4.0,
+            hf_tokenizer: None,
             stream_interval: 1,
             max_stored_responses: 10_000,
         }

@@ -263,7 +263,7 @@ impl Engine {
     pub fn new(cfg: EngineConfig, events_enabled: bool) -> Self {
         let pool = BlockPool::new(cfg.num_gpu_blocks, cfg.block_size, events_enabled);
         Self {
-            tokenizer: Tokenizer::new(cfg.chars_per_token),
+            tokenizer: Tokenizer::for_config(&cfg),
             cfg,
             pool,
             seqs: FxHashMap::default(),
@@ -490,7 +490,7 @@ impl Engine {
         }
 
         // 2. Waiting requests (not in a step that preempted).
-        let tok = self.tokenizer;
+        let tok = self.tokenizer.clone();
         let mut scratch = std::mem::take(&mut self.scratch);
         if !preempted {
             while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
@@ -591,7 +591,7 @@ impl Engine {
         let end = step.end_v;
         let mut woken = 0usize;
         let mut finished_ids = Vec::new();
-        let tok = self.tokenizer;
+        let tok = self.tokenizer.clone();
         let mut scratch = std::mem::take(&mut self.scratch);
         for &(id, n) in &step.scheduled {
             let Some(seq) = self.seqs.get_mut(&id) else {

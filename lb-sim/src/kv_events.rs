@@ -9,6 +9,8 @@
 //! - Replay ROUTER socket: a request `[identity, "", start_seq]` is answered with every buffered
 //!   batch whose seq ≥ start_seq as `[identity, "", topic, seq, payload]`, then
 //!   `[identity, "", "", seq=-1, ""]`. The last `buffer_steps` batches are kept.
+//! - An instance revived after the `die` fault is a new process to its subscribers: the
+//!   sequence restarts at 0 and the replay buffer is empty.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -147,8 +149,17 @@ pub fn start_publisher(inst: Arc<Instance>, ports: KvPorts, sockets: KvSockets) 
     tokio::spawn(async move {
         let mut seq: u64 = 0;
         let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::with_capacity(cap.min(4096));
+        // Held (not just its address) so a new engine can never reuse the old one's memory.
+        let mut incarnation = inst.engine();
         loop {
             let engine = inst.engine();
+            if !Arc::ptr_eq(&engine, &incarnation) {
+                // A fresh engine (revived after `die`) is a new vLLM process: its publisher
+                // starts over at sequence 0 with nothing buffered.
+                incarnation = engine.clone();
+                seq = 0;
+                buffer.clear();
+            }
             tokio::select! {
                 _ = engine.kv_events_ready() => {}
                 _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}

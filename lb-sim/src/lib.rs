@@ -4,13 +4,15 @@
 //! with automatic prefix caching ([`prefix_cache`]), OpenAI-compatible HTTP API ([`api`], with
 //! the Responses API and its per-instance response store in [`responses`]), Prometheus metrics
 //! ([`metrics`]), optional KV event publisher ([`kv_events`]) and runtime faults ([`faults`]).
-//! [`server`] wires them together; `src/main.rs` is only the CLI.
+//! [`server`] wires them together; `src/main.rs` is only the CLI. Prompts are tokenized by the
+//! stand-in [`tokenizer`], or in HF mode by a Hugging Face tokenizer ([`hf_tokenizer`]).
 //! [`workload`] generates the agentic workloads that benchmarks and tests send to it.
 
 pub mod api;
 pub mod config;
 pub mod engine;
 pub mod faults;
+pub mod hf_tokenizer;
 pub mod kv_events;
 pub mod metrics;
 pub mod prefix_cache;

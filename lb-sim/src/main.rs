@@ -1,11 +1,13 @@
 //! `vllm-sim`: CLI → [`lb_sim::run`]. See `lb-sim/README.md`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use lb_sim::config::{EngineConfig, KvEventsConfig, Preset, SimConfig};
 use lb_sim::faults::FaultSpec;
+use lb_sim::hf_tokenizer::{self, HfTokenizer};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +38,12 @@ enum Cmd {
         /// Revert to `none` after this many seconds.
         #[arg(long)]
         duration: Option<f64>,
+    },
+    /// Write the HF-format stand-in tokenizer (`tokenizer.json`, `tokenizer_config.json`) into
+    /// DIR and exit; serve with it using `--tokenizer DIR`.
+    ExportTokenizer {
+        /// Output directory (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -99,6 +107,10 @@ struct ServeArgs {
     /// Characters per token of the stand-in tokenizer.
     #[arg(long, default_value_t = 4.0)]
     chars_per_token: f64,
+    /// HF mode: a directory with `tokenizer.json` and `tokenizer_config.json` (chat template);
+    /// prompts are rendered and tokenized with it as vLLM does, instead of by the stand-in.
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
     /// Tokens per SSE event (1 = one event per engine step, as vLLM streams by default).
     #[arg(long, default_value_t = 1)]
     stream_interval: usize,
@@ -149,6 +161,14 @@ impl ServeArgs {
         if let Some(v) = self.prefill_overhead_ms {
             latency.prefill_overhead = v * 1e-3;
         }
+        let hf_tokenizer = match &self.tokenizer {
+            Some(dir) => {
+                Some(Arc::new(HfTokenizer::from_dir(dir).with_context(|| {
+                    format!("loading the tokenizer in {}", dir.display())
+                })?))
+            }
+            None => None,
+        };
         let engine = EngineConfig {
             model: self.model,
             max_model_len: self.max_model_len,
@@ -161,6 +181,7 @@ impl ServeArgs {
             time_scale: self.time_scale,
             default_max_tokens: self.default_max_tokens,
             chars_per_token: self.chars_per_token,
+            hf_tokenizer,
             stream_interval: self.stream_interval,
             max_stored_responses: self.max_stored_responses,
         };
@@ -256,6 +277,12 @@ fn main() -> anyhow::Result<()> {
             let rt = runtime(0)?;
             let out = rt.block_on(post_fault(&url, instance.as_deref(), spec))?;
             println!("{out}");
+            Ok(())
+        }
+        Some(Cmd::ExportTokenizer { dir }) => {
+            hf_tokenizer::export_standin(&dir)
+                .with_context(|| format!("writing the tokenizer to {}", dir.display()))?;
+            println!("{}", dir.display());
             Ok(())
         }
         None => {

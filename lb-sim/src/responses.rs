@@ -657,11 +657,14 @@ pub(crate) async fn create(inst: &Arc<Instance>, body: &[u8], load: LoadGuard) -
         parent,
         input,
     });
-    let prompt = inst.tokenizer.render_chat(
+    let prompt = match inst.tokenizer.try_render_chat(
         &api::chat_turns(conversation.messages()),
         tool_dicts.as_ref(),
         true,
-    );
+    ) {
+        Ok(p) => p,
+        Err(e) => return bad_request(&e),
+    };
     let prompt_len = prompt.len();
     let max_model_len = inst.cfg.max_model_len;
     if prompt_len >= max_model_len {
@@ -737,7 +740,7 @@ pub(crate) async fn create(inst: &Arc<Instance>, body: &[u8], load: LoadGuard) -
         let mut r = Response::new(SimBody::Responses(Box::new(ResponseStream {
             pump: sub.into_pump(),
             run,
-            tokenizer: inst.tokenizer,
+            tokenizer: inst.tokenizer.clone(),
             sequence_number: 0,
             started: false,
             item_open: false,

@@ -71,7 +71,7 @@ pub struct Instance {
     pub port: u16,
     /// Engine settings.
     pub cfg: EngineConfig,
-    /// The stand-in tokenizer.
+    /// The tokenizer (the stand-in, or an HF tokenizer in HF mode).
     pub tokenizer: Tokenizer,
     /// Unix time of start (`created` of `/v1/models`).
     pub created: u64,
@@ -114,7 +114,7 @@ impl Instance {
             idx,
             host: host.to_string(),
             port,
-            tokenizer: Tokenizer::new(cfg.chars_per_token),
+            tokenizer: Tokenizer::for_config(&cfg),
             cfg,
             created,
             in_flight: AtomicUsize::new(0),
@@ -238,6 +238,7 @@ impl Instance {
             "index": self.idx,
             "port": self.port,
             "model": self.cfg.model,
+            "tokenizer": self.cfg.hf_tokenizer.as_ref().map(|h| h.dir().display().to_string()),
             "time_scale": self.cfg.time_scale,
             "block_size": self.cfg.block_size,
             "num_gpu_blocks": self.cfg.num_gpu_blocks,

@@ -18,8 +18,18 @@
 //! Consequences: identical message prefixes give identical token prefixes, and generated text
 //! (see [`Tokenizer::output_token`]) re-tokenizes to exactly the generated ids, so a multi-turn
 //! conversation that replays the assistant's answer hits the blocks that answer filled.
+//!
+//! **HF mode** (`vllm-sim --tokenizer <dir>`): a [`Tokenizer`] built with [`Tokenizer::with_hf`]
+//! delegates prompts, chat rendering and generated tokens to a
+//! [`crate::hf_tokenizer::HfTokenizer`] (a real Hugging Face tokenizer and chat template, used as
+//! vLLM uses them); the rules above then do not apply. The default stays the stand-in above.
+
+use std::sync::Arc;
 
 use serde_json::Value;
+
+use crate::config::EngineConfig;
+use crate::hf_tokenizer::HfTokenizer;
 
 /// Number of ordinary (text) token ids.
 pub const TEXT_VOCAB: u64 = 128_000;
@@ -54,6 +64,17 @@ pub struct TokenText {
 }
 
 impl TokenText {
+    /// A token text from ASCII bytes (at most [`MAX_TOKEN_CHARS`] are kept).
+    pub(crate) fn from_ascii(bytes: &[u8]) -> Self {
+        let len = bytes.len().min(MAX_TOKEN_CHARS);
+        let mut buf = [b' '; MAX_TOKEN_CHARS];
+        buf[..len].copy_from_slice(&bytes[..len]);
+        Self {
+            buf,
+            len: len as u8,
+        }
+    }
+
     /// The token's characters (ASCII).
     pub fn as_str(&self) -> &str {
         // Only bytes from ALPHABET are ever written, all ASCII.
@@ -61,12 +82,14 @@ impl TokenText {
     }
 }
 
-const ALPHABET: &[u8; 32] = b"etaoinshrdlucmfwypvbgkqjxz  .,e ";
+/// Characters of generated text, weighted (`e` and space appear more than once).
+pub(crate) const ALPHABET: &[u8; 32] = b"etaoinshrdlucmfwypvbgkqjxz  .,e ";
 
-/// The stand-in tokenizer.
-#[derive(Debug, Clone, Copy)]
+/// The stand-in tokenizer, or (HF mode) a handle on a loaded HF tokenizer.
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     ratio: f64,
+    hf: Option<Arc<HfTokenizer>>,
 }
 
 /// 64-bit FNV-1a.
@@ -96,7 +119,29 @@ impl Tokenizer {
     pub fn new(chars_per_token: f64) -> Self {
         Self {
             ratio: chars_per_token.clamp(1.0, MAX_TOKEN_CHARS as f64),
+            hf: None,
         }
+    }
+
+    /// HF mode: prompts, chat rendering and generated tokens come from `hf`.
+    pub fn with_hf(chars_per_token: f64, hf: Arc<HfTokenizer>) -> Self {
+        Self {
+            hf: Some(hf),
+            ..Self::new(chars_per_token)
+        }
+    }
+
+    /// The tokenizer an engine with this configuration uses (HF mode when it names one).
+    pub fn for_config(cfg: &EngineConfig) -> Self {
+        match &cfg.hf_tokenizer {
+            Some(hf) => Self::with_hf(cfg.chars_per_token, hf.clone()),
+            None => Self::new(cfg.chars_per_token),
+        }
+    }
+
+    /// The HF tokenizer, in HF mode.
+    pub fn hf(&self) -> Option<&Arc<HfTokenizer>> {
+        self.hf.as_ref()
     }
 
     /// Character index where token `k` of a segment starts.
@@ -104,7 +149,7 @@ impl Tokenizer {
         (k as f64 * self.ratio).floor() as usize
     }
 
-    /// Appends the tokens of one text segment.
+    /// Appends the tokens of one text segment (the stand-in's rule, whatever the mode).
     pub fn encode_segment(&self, text: &str, out: &mut Vec<u32>) {
         if text.is_empty() {
             return;
@@ -131,7 +176,7 @@ impl Tokenizer {
         }
     }
 
-    /// Number of tokens of one segment, without materializing them.
+    /// Number of tokens of one segment, without materializing them (the stand-in's rule).
     pub fn count_segment(&self, text: &str) -> usize {
         let n = text.chars().count();
         if n == 0 {
@@ -140,12 +185,47 @@ impl Tokenizer {
         (n as f64 / self.ratio).ceil() as usize
     }
 
-    /// Tokens of a completions prompt given as text.
+    /// Tokens of a completions prompt given as text (HF mode: encoded with special tokens, empty
+    /// if the tokenizer fails; see [`Tokenizer::try_encode_prompt`]).
     pub fn encode_prompt(&self, text: &str) -> Vec<u32> {
+        if self.hf.is_some() {
+            return self.try_encode_prompt(text, true).unwrap_or_default();
+        }
         let mut out = Vec::with_capacity(2 + (text.len() as f64 / self.ratio) as usize);
         out.push(BOS);
         self.encode_segment(text, &mut out);
         out
+    }
+
+    /// Tokens of a completions prompt given as text. HF mode honours `add_special_tokens` (BOS
+    /// from the post-processor); the stand-in always starts with BOS.
+    pub fn try_encode_prompt(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, String> {
+        match &self.hf {
+            Some(hf) => hf
+                .encode(text, add_special_tokens)
+                .map_err(|e| e.to_string()),
+            None => Ok(self.encode_prompt(text)),
+        }
+    }
+
+    /// Renders and tokenizes a conversation; in HF mode with the model's chat template, whose
+    /// errors (e.g. `raise_exception`) are returned.
+    pub fn try_render_chat(
+        &self,
+        turns: &[ChatTurn<'_>],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, String> {
+        match &self.hf {
+            Some(hf) => hf
+                .render_turns(turns, tools, add_generation_prompt)
+                .map_err(|e| e.to_string()),
+            None => Ok(self.render_chat(turns, tools, add_generation_prompt)),
+        }
     }
 
     fn encode_content(&self, content: Option<&Value>, out: &mut Vec<u32>) {
@@ -171,13 +251,19 @@ impl Tokenizer {
         }
     }
 
-    /// Renders a chat conversation with the fixed template and tokenizes it.
+    /// Renders a chat conversation with the fixed template and tokenizes it (HF mode: with the
+    /// model's template, empty on error; see [`Tokenizer::try_render_chat`]).
     pub fn render_chat(
         &self,
         turns: &[ChatTurn<'_>],
         tools: Option<&Value>,
         add_generation_prompt: bool,
     ) -> Vec<u32> {
+        if self.hf.is_some() {
+            return self
+                .try_render_chat(turns, tools, add_generation_prompt)
+                .unwrap_or_default();
+        }
         let mut out = Vec::with_capacity(64);
         out.push(BOS);
         if let Some(tools) = tools.filter(|t| !t.is_null()) {
@@ -219,6 +305,9 @@ impl Tokenizer {
     ///
     /// Its length follows the segment rule, so the concatenated output re-tokenizes to the same ids.
     pub fn output_token(&self, seed: u64, j: usize) -> (u32, TokenText) {
+        if let Some(hf) = &self.hf {
+            return hf.output_token(seed, j);
+        }
         let len = (self.boundary(j + 1) - self.boundary(j)).clamp(1, MAX_TOKEN_CHARS);
         let mut buf = [b' '; MAX_TOKEN_CHARS];
         let mut r = mix64(seed ^ (j as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -233,7 +322,7 @@ impl Tokenizer {
         (text_token_id(&buf[..len]), text)
     }
 
-    /// Decodes ids to a display string for `/tokenize`'s `token_strs` stand-in (ids only).
+    /// Characters per token of the stand-in.
     pub fn ratio(&self) -> f64 {
         self.ratio
     }

@@ -39,9 +39,15 @@ pub struct OracleResult {
     pub demand_blocks: u64,
 }
 
-/// The token ids of every call's rendered prompt (the simulator's tokenizer and template).
+/// The token ids of every call's rendered prompt (the simulator's stand-in tokenizer and
+/// template).
 pub fn prompt_tokens(w: &Workload, chars_per_token: f64) -> Vec<Vec<u32>> {
-    let tok = Tokenizer::new(chars_per_token);
+    prompt_tokens_with(w, &Tokenizer::new(chars_per_token))
+}
+
+/// The token ids of every call's rendered prompt with the simulator's `tok` (stand-in or
+/// HF mode).
+pub fn prompt_tokens_with(w: &Workload, tok: &Tokenizer) -> Vec<Vec<u32>> {
     w.calls
         .iter()
         .map(|c| {
@@ -99,7 +105,12 @@ pub struct Prepared {
 impl Prepared {
     /// Tokenizes and hashes every prompt (blocks of `block_size`) and orders the calls.
     pub fn new(w: &Workload, chars_per_token: f64, block_size: usize) -> Self {
-        let tokens = prompt_tokens(w, chars_per_token);
+        Self::with_tokenizer(w, &Tokenizer::new(chars_per_token), block_size)
+    }
+
+    /// [`Prepared::new`] with the simulator's `tok` (stand-in or HF mode).
+    pub fn with_tokenizer(w: &Workload, tok: &Tokenizer, block_size: usize) -> Self {
+        let tokens = prompt_tokens_with(w, tok);
         let hashes: Vec<Vec<BlockHash>> = tokens
             .iter()
             .map(|t| {
