@@ -14,6 +14,7 @@ pub mod admin;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
+pub mod kv;
 pub mod model;
 pub mod proxy;
 pub mod reload;
@@ -60,12 +61,11 @@ pub async fn run(config: Config, source: Option<ConfigSource>) -> anyhow::Result
         );
     }
     let backends = Controller::resolve(&config.backends).await?;
-    let controller = Arc::new(Controller::new(
-        backends,
-        config.policy,
-        &config.routing,
-        &config.workflows,
-    ));
+    let kv = kv::KvRouting::new(&config.kv).context("setting up KV-aware routing")?;
+    let kv = kv.enabled().then(|| Arc::new(kv));
+    let controller = Arc::new(
+        Controller::new(backends, config.policy, &config.routing, &config.workflows).with_kv(kv),
+    );
 
     // The dataplane joins its cgroup before any socket is created: sockets belong
     // to the cgroup of the task that creates them.
@@ -125,6 +125,10 @@ async fn serve(
         stop_rx.clone(),
     ));
     let expiry_task = tokio::spawn(expire_workflows(controller.clone(), stop_rx.clone()));
+    let kv_task = controller
+        .kv
+        .clone()
+        .map(|kv| tokio::spawn(kv.run(controller.clone(), stop_rx.clone())));
     // The single writer of workflow decisions (in memory until the kernel consumes them).
     let decisions_task =
         controller
@@ -172,6 +176,9 @@ async fn serve(
     }
     let _ = health_task.await;
     let _ = expiry_task.await;
+    if let Some(t) = kv_task {
+        let _ = t.await;
+    }
     if let Some(t) = decisions_task {
         t.abort();
     }

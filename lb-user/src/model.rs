@@ -90,6 +90,11 @@ pub struct Backend {
     /// Last scraped load.
     pub load: ArcSwap<BackendLoad>,
     circuit: Mutex<Circuit>,
+    /// The circuit is closed: the per-request checks need no lock (a mirror written
+    /// under the lock).
+    closed: AtomicBool,
+    /// Failures counted while closed (a success must take the lock to reset them).
+    failing: AtomicBool,
 }
 
 impl Backend {
@@ -126,6 +131,8 @@ impl Backend {
                 open_until: None,
                 probe_in_flight: false,
             }),
+            closed: AtomicBool::new(true),
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -155,6 +162,9 @@ impl Backend {
         if self.draining.load(Ordering::Relaxed) || !self.healthy.load(Ordering::Relaxed) {
             return false;
         }
+        if self.closed.load(Ordering::Relaxed) {
+            return true;
+        }
         let c = self.circuit();
         match c.state {
             CircuitState::Closed => true,
@@ -166,6 +176,9 @@ impl Backend {
     /// Called when a request is actually sent: claims the half-open probe slot.
     /// Returns false if the circuit does not admit the request.
     pub fn admit(&self) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return true;
+        }
         let mut c = self.circuit();
         match c.state {
             CircuitState::Closed => true,
@@ -191,6 +204,10 @@ impl Backend {
 
     /// A request to this backend succeeded (response head received).
     pub fn record_success(&self) {
+        // Nearly always: closed and nothing to reset.
+        if self.closed.load(Ordering::Relaxed) && !self.failing.load(Ordering::Relaxed) {
+            return;
+        }
         let mut c = self.circuit();
         if c.state != CircuitState::Closed {
             tracing::info!(backend = %self.name, "circuit closed");
@@ -199,6 +216,8 @@ impl Backend {
         c.failures = 0;
         c.open_until = None;
         c.probe_in_flight = false;
+        self.failing.store(false, Ordering::Relaxed);
+        self.closed.store(true, Ordering::Relaxed);
     }
 
     /// A request to this backend failed before its first byte.
@@ -206,8 +225,10 @@ impl Backend {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let mut c = self.circuit();
         c.failures = c.failures.saturating_add(1);
+        self.failing.store(true, Ordering::Relaxed);
         let open = c.state == CircuitState::HalfOpen || c.failures >= threshold;
         if open {
+            self.closed.store(false, Ordering::Relaxed);
             if c.state != CircuitState::Open {
                 tracing::warn!(backend = %self.name, failures = c.failures, "circuit opened");
             }

@@ -65,6 +65,17 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Labels of a KV-event source's counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KvSourceLabels {
+    /// Backend name.
+    pub backend: String,
+    /// Data-parallel rank.
+    pub rank: u32,
+    /// What is counted.
+    pub kind: &'static str,
+}
+
 /// `{policy, reason}` of a routing decision.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteReasonLabels {
@@ -529,6 +540,87 @@ fn gauge_family<F: Fn(&crate::model::Backend) -> f64>(
     Ok(())
 }
 
+/// The KV index and its sources.
+fn encode_kv(
+    encoder: &mut DescriptorEncoder,
+    kv: &crate::kv::KvRouting,
+    backends: &[Arc<crate::model::Backend>],
+) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ix = &kv.index;
+    ConstGauge::new(ix.len() as i64).encode(encoder.encode_descriptor(
+        "kv_index_blocks",
+        "Blocks in the KV-event index",
+        None,
+        MetricType::Gauge,
+    )?)?;
+    ConstGauge::new(ix.bytes() as i64).encode(encoder.encode_descriptor(
+        "kv_index_bytes",
+        "Approximate memory of the KV-event index",
+        None,
+        MetricType::Gauge,
+    )?)?;
+    ConstCounter::new(ix.evictions()).encode(encoder.encode_descriptor(
+        "kv_index_evictions",
+        "Blocks evicted from the full KV-event index (ended workflows' first)",
+        None,
+        MetricType::Counter,
+    )?)?;
+    ConstCounter::new(kv.tokenize_errors.load(Relaxed)).encode(encoder.encode_descriptor(
+        "kv_tokenize_errors",
+        "Requests whose prompt could not be tokenized (routed by the approximate index)",
+        None,
+        MetricType::Counter,
+    )?)?;
+    let states = kv.states();
+    let name = |id: crate::model::BackendId| {
+        backends
+            .iter()
+            .find(|b| b.id == id)
+            .map_or_else(|| id.to_string(), |b| b.name.clone())
+    };
+    {
+        let mut fam = encoder.encode_descriptor(
+            "kv_events",
+            "KV-event batches per source: applied (live or replayed), replayed, dropped (lost beyond replay or undecodable), gaps, restarts, resets (view dropped)",
+            None,
+            MetricType::Counter,
+        )?;
+        for st in &states {
+            for (kind, c) in [
+                ("applied", &st.applied),
+                ("replayed", &st.replayed),
+                ("dropped", &st.dropped),
+                ("gaps", &st.gaps),
+                ("restarts", &st.restarts),
+                ("resets", &st.resets),
+            ] {
+                ConstCounter::new(c.load(Relaxed)).encode(fam.encode_family(
+                    &KvSourceLabels {
+                        backend: name(st.spec.backend),
+                        rank: st.spec.dp_rank,
+                        kind,
+                    },
+                )?)?;
+            }
+        }
+    }
+    let mut fam = encoder.encode_descriptor(
+        "kv_source_fresh",
+        "1 while a source's events are fresh (its backend is routed by them)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for st in &states {
+        ConstGauge::new(i64::from(st.fresh())).encode(fam.encode_family(&KvSourceLabels {
+            backend: name(st.spec.backend),
+            rank: st.spec.dp_rank,
+            kind: "fresh",
+        })?)?;
+    }
+    Ok(())
+}
+
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let backends = self.controller.backends();
@@ -629,6 +721,9 @@ impl Collector for StateCollector {
                 None,
                 MetricType::Counter,
             )?)?;
+        }
+        if let Some(kv) = &self.controller.kv {
+            encode_kv(&mut encoder, kv, &backends)?;
         }
         let ds = &self.controller.decisions.stats;
         {

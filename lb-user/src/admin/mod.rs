@@ -81,6 +81,55 @@ fn query_param(q: Option<&str>, key: &str) -> Option<usize> {
 }
 
 impl Admin {
+    /// Precise KV routing: mode, index and every source (`GET /admin/kv`).
+    fn kv_json(&self) -> serde_json::Value {
+        let Some(kv) = &self.controller.kv else {
+            return serde_json::json!({"mode": crate::kv::Mode::Approximate, "enabled": false});
+        };
+        let r = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let sources: Vec<_> = kv
+            .states()
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "backend": s.spec.backend,
+                    "dp_rank": s.spec.dp_rank,
+                    "endpoint": s.spec.endpoint,
+                    "replay": s.spec.replay,
+                    "topic": s.spec.topic,
+                    "freshness": s.freshness(),
+                    "last_event_age_ms": s.last_event_age_ms(),
+                    "published_block_size": s.mismatched_block_size(),
+                    "blocks": r(&s.blocks),
+                    "applied": r(&s.applied),
+                    "replayed": r(&s.replayed),
+                    "dropped": r(&s.dropped),
+                    "gaps": r(&s.gaps),
+                    "restarts": r(&s.restarts),
+                    "resets": r(&s.resets),
+                    "unkeyed": r(&s.unkeyed),
+                })
+            })
+            .collect();
+        let st = &kv.index.stats;
+        serde_json::json!({
+            "enabled": true,
+            "mode": kv.mode(),
+            "tokenizer": kv.can_key(),
+            "block_size": kv.block_size(),
+            "index": {
+                "blocks": kv.index.len(),
+                "bytes": kv.index.bytes(),
+                "evictions": kv.index.evictions(),
+                "stored": r(&st.stored),
+                "removed": r(&st.removed),
+                "overflow": r(&st.overflow),
+            },
+            "tokenize_errors": r(&kv.tokenize_errors),
+            "sources": sources,
+        })
+    }
+
     /// Routes one admin request.
     pub async fn handle(
         self: Arc<Self>,
@@ -123,17 +172,28 @@ impl Admin {
                 &serde_json::to_value(self.dataplane.status()).unwrap_or(serde_json::Value::Null),
             )),
             (&Method::GET, ["admin", "backends"]) => {
+                let kv = self.controller.kv.as_ref();
                 let list: Vec<_> = self
                     .controller
                     .backends()
                     .iter()
-                    .map(|b| backend_json(b))
+                    .map(|b| {
+                        let mut v = backend_json(b);
+                        v["kv_events"] =
+                            serde_json::json!(kv.and_then(|k| k.backend_freshness(b.id)));
+                        v
+                    })
                     .collect();
                 Ok(json(
                     StatusCode::OK,
-                    &serde_json::json!({"policy": self.controller.policy_name(), "backends": list}),
+                    &serde_json::json!({
+                        "policy": self.controller.policy_name(),
+                        "kv_mode": kv.map_or(crate::kv::Mode::Approximate, |k| k.mode()),
+                        "backends": list,
+                    }),
                 ))
             }
+            (&Method::GET, ["admin", "kv"]) => Ok(json(StatusCode::OK, &self.kv_json())),
             (&Method::POST, ["admin", "backends"]) => {
                 let body = Limited::new(req.into_body(), 64 * 1024)
                     .collect()

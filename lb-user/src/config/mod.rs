@@ -86,16 +86,19 @@ pub enum PolicyName {
     Session,
     /// The backend with the longest predicted cached prefix, weighed against its load.
     Prefix,
+    /// `prefix` scored with the backends' KV events (exact where they are fresh).
+    Kv,
 }
 
 impl PolicyName {
     /// All accepted names.
-    pub const ALL: [&'static str; 5] = [
+    pub const ALL: [&'static str; 6] = [
         "round_robin",
         "least_loaded",
         "workflow",
         "session",
         "prefix",
+        "kv",
     ];
 
     /// Parses a policy name (`-` and `_` are interchangeable).
@@ -106,6 +109,7 @@ impl PolicyName {
             "workflow" => Some(Self::Workflow),
             "session" => Some(Self::Session),
             "prefix" => Some(Self::Prefix),
+            "kv" => Some(Self::Kv),
             _ => None,
         }
     }
@@ -118,6 +122,7 @@ impl PolicyName {
             Self::Workflow => "workflow",
             Self::Session => "session",
             Self::Prefix => "prefix",
+            Self::Kv => "kv",
         }
     }
 }
@@ -301,6 +306,72 @@ impl Default for RoutingConfig {
     }
 }
 
+/// `[kv]`, validated: precise KV-aware routing from the backends' KV events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvConfig {
+    /// Ask backends for their sources (`GET /kv_event_sources`).
+    pub discover: bool,
+    /// Period of discovery for backends without a source.
+    pub discover_interval: Duration,
+    /// Static sources.
+    pub sources: Vec<KvSourceConfig>,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Index capacity in blocks (also the bound of each source's own view).
+    pub max_blocks: usize,
+    /// Blocks keyed at most per request.
+    pub max_prompt_blocks: usize,
+    /// Staleness: a routed request with no event since, this long ago.
+    pub stale_after: Duration,
+    /// Replay answer timeout.
+    pub replay_timeout: Duration,
+    /// Weight of CPU-held blocks.
+    pub cpu_discount: f64,
+    /// Weight of storage-held blocks.
+    pub storage_discount: f64,
+    /// Tokenizer directory.
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// Tokenizer model name in the HF cache.
+    pub tokenizer_model: Option<String>,
+    /// HF hub cache root.
+    pub hf_cache: Option<std::path::PathBuf>,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        Self {
+            discover: true,
+            discover_interval: Duration::from_secs(10),
+            sources: Vec::new(),
+            block_size: 16,
+            max_blocks: 1 << 20,
+            max_prompt_blocks: 16_384,
+            stale_after: Duration::from_secs(10),
+            replay_timeout: Duration::from_secs(2),
+            cpu_discount: 0.8,
+            storage_discount: 0.5,
+            tokenizer: None,
+            tokenizer_model: None,
+            hf_cache: None,
+        }
+    }
+}
+
+/// One static KV-event source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvSourceConfig {
+    /// Backend name or URL.
+    pub backend: String,
+    /// PUB endpoint.
+    pub endpoint: String,
+    /// Replay endpoint.
+    pub replay: Option<String>,
+    /// Topic.
+    pub topic: String,
+    /// Data-parallel rank.
+    pub dp_rank: u32,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -327,6 +398,8 @@ pub struct Config {
     pub policy: PolicyName,
     /// Routing parameters.
     pub routing: RoutingConfig,
+    /// Precise KV-aware routing.
+    pub kv: KvConfig,
     /// Kernel dataplane settings.
     pub kernel: KernelConfig,
     /// Limits and timeouts.
@@ -465,6 +538,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
             timeout: v.millis("routing.prewarm_timeout_ms", rr.prewarm_timeout_ms, 30_000),
         },
     };
+
+    let kv = kv_config(&mut v, &raw.kv);
 
     let k = &raw.kernel;
     let mode = match k.mode.as_deref().unwrap_or("auto") {
@@ -666,6 +741,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         backends,
         policy,
         routing,
+        kv,
         kernel: kernel_cfg,
         limits,
         log_format,
@@ -674,6 +750,84 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         health,
         workflows,
     })
+}
+
+fn kv_config(v: &mut Validator, r: &raw::RawKv) -> KvConfig {
+    let d = KvConfig::default();
+    let discount = |v: &mut Validator, path: &str, x: Option<f64>, def: f64| match x {
+        Some(x) if !(0.0..=1.0).contains(&x) => {
+            v.issue(path, "must be between 0 and 1");
+            def
+        }
+        Some(x) => x,
+        None => def,
+    };
+    let sources = r
+        .sources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let path = format!("kv.sources[{i}]");
+            for (what, ep) in [
+                ("endpoint", Some(&s.endpoint)),
+                ("replay", s.replay.as_ref()),
+            ] {
+                if let Some(ep) = ep
+                    && !(ep.starts_with("tcp://") || ep.starts_with("ipc://"))
+                {
+                    v.issue(
+                        &format!("{path}.{what}"),
+                        &format!("{ep:?} is not a ZMQ endpoint (tcp://host:port or ipc://path)"),
+                    );
+                    return None;
+                }
+            }
+            Some(KvSourceConfig {
+                backend: s.backend.clone(),
+                endpoint: s.endpoint.clone(),
+                replay: s.replay.clone(),
+                topic: s.topic.clone().unwrap_or_default(),
+                dp_rank: s.dp_rank.unwrap_or(0),
+            })
+        })
+        .collect();
+    KvConfig {
+        discover: r.discover.unwrap_or(d.discover),
+        discover_interval: v.millis(
+            "kv.discover_interval_ms",
+            r.discover_interval_ms,
+            d.discover_interval.as_millis() as u64,
+        ),
+        sources,
+        block_size: v.size("kv.block_size", r.block_size, d.block_size, 1),
+        max_blocks: v.size("kv.max_blocks", r.max_blocks, d.max_blocks, 1),
+        max_prompt_blocks: v.size(
+            "kv.max_prompt_blocks",
+            r.max_prompt_blocks,
+            d.max_prompt_blocks,
+            1,
+        ),
+        stale_after: v.millis(
+            "kv.stale_after_ms",
+            r.stale_after_ms,
+            d.stale_after.as_millis() as u64,
+        ),
+        replay_timeout: v.millis(
+            "kv.replay_timeout_ms",
+            r.replay_timeout_ms,
+            d.replay_timeout.as_millis() as u64,
+        ),
+        cpu_discount: discount(v, "kv.cpu_discount", r.cpu_discount, d.cpu_discount),
+        storage_discount: discount(
+            v,
+            "kv.storage_discount",
+            r.storage_discount,
+            d.storage_discount,
+        ),
+        tokenizer: r.tokenizer.as_ref().map(std::path::PathBuf::from),
+        tokenizer_model: r.tokenizer_model.clone(),
+        hf_cache: r.hf_cache.as_ref().map(std::path::PathBuf::from),
+    }
 }
 
 /// Validates one backend (admin API `POST /admin/backends`).

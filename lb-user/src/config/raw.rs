@@ -35,6 +35,56 @@ pub struct RawConfig {
     /// `[workflows]`.
     #[serde(default)]
     pub workflows: RawWorkflows,
+    /// `[kv]`.
+    #[serde(default)]
+    pub kv: RawKv,
+}
+
+/// `[kv]`: precise KV-aware routing from the backends' KV events.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RawKv {
+    /// Ask every backend for its sources (`GET /kv_event_sources`).
+    pub discover: Option<bool>,
+    /// Seconds between discovery rounds for backends without a source.
+    pub discover_interval_ms: Option<u64>,
+    /// Static sources.
+    #[serde(default)]
+    pub sources: Vec<RawKvSource>,
+    /// Tokens per KV block (the engines' `--block-size`).
+    pub block_size: Option<usize>,
+    /// Index capacity in blocks.
+    pub max_blocks: Option<usize>,
+    /// Blocks keyed at most per request.
+    pub max_prompt_blocks: Option<usize>,
+    /// A source is stale this long after a request routed to it saw no event.
+    pub stale_after_ms: Option<u64>,
+    /// Longest wait for a replay answer.
+    pub replay_timeout_ms: Option<u64>,
+    /// Weight of blocks held in CPU memory (0..1).
+    pub cpu_discount: Option<f64>,
+    /// Weight of blocks held in storage (0..1).
+    pub storage_discount: Option<f64>,
+    /// Directory with the model's `tokenizer.json` (and `tokenizer_config.json`).
+    pub tokenizer: Option<String>,
+    /// Model name (`org/name`) looked up in the Hugging Face cache.
+    pub tokenizer_model: Option<String>,
+    /// Hugging Face hub cache directory (default: `$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`).
+    pub hf_cache: Option<String>,
+}
+
+/// `[[kv.sources]]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RawKvSource {
+    /// Backend name (or URL).
+    pub backend: String,
+    /// PUB endpoint (`tcp://host:port`).
+    pub endpoint: String,
+    /// Replay endpoint.
+    pub replay: Option<String>,
+    /// Topic.
+    pub topic: Option<String>,
+    /// Data-parallel rank.
+    pub dp_rank: Option<u32>,
 }
 
 /// `[retry]`.

@@ -92,6 +92,8 @@ pub struct Controller {
     pub prewarm: prewarm::Prewarmer,
     /// Workflow → backend decisions for the kernel fast path (single writer).
     pub decisions: decisions::Publisher,
+    /// Precise KV-aware routing (the backends' KV events), when set up.
+    pub kv: Option<Arc<crate::kv::KvRouting>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -120,6 +122,7 @@ impl Controller {
             responses: responses::ResponseOwners::new(wf.max_responses),
             prewarm: prewarm::Prewarmer::new(routing.prewarm.clone(), wf.max_workflows),
             decisions: decisions::Publisher::default(),
+            kv: None,
             prefix: (routing.prefix_index_blocks > 0).then(|| {
                 prefix::PrefixIndex::new(
                     routing.prefix_index_blocks,
@@ -128,6 +131,31 @@ impl Controller {
                 )
             }),
         }
+    }
+
+    /// Adds precise KV-aware routing.
+    pub fn with_kv(mut self, kv: Option<Arc<crate::kv::KvRouting>>) -> Self {
+        self.kv = kv;
+        self
+    }
+
+    /// Precise KV routing, when this request should be tokenized for it: a tokenizer is
+    /// loaded and the policy reads the events — `kv` for every request, `workflow` only
+    /// for a workflow without a home here (where the events say its context is decides
+    /// its placement; a workflow at home stays there).
+    pub fn kv_for(&self, meta: &RequestMeta) -> Option<&Arc<crate::kv::KvRouting>> {
+        let kv = self.kv.as_ref().filter(|k| k.can_key())?;
+        let policy = self.policy.load();
+        if !policy.uses_kv() {
+            return None;
+        }
+        if policy.uses_homes()
+            && let Some(key) = policies::workflow::routing_key(meta)
+            && self.workflows.has_home(key)
+        {
+            return None;
+        }
+        Some(kv)
     }
 
     /// Resolves one backend (DNS for host names).
@@ -218,6 +246,12 @@ impl Controller {
             .as_ref()
             .filter(|_| !meta.blocks.is_empty() && (policy.uses_homes() || policy.uses_prefix()));
         let estimate = meta.prompt_tokens_estimate();
+        // The prompt's blocks against the backends' KV events (fresh sources only).
+        let kv = self
+            .kv
+            .as_ref()
+            .filter(|_| policy.uses_kv())
+            .zip(meta.kv.as_ref());
         let demand = (key.is_some() || policy.uses_prefix()).then(|| policies::Demand {
             // Read from the ledger only for a policy that places by footprint.
             footprints: if policy.uses_footprints() {
@@ -231,13 +265,25 @@ impl Controller {
             work: self.workflows.work_per_request(),
             // Every candidate's prediction only for a policy that chooses by it; the
             // others get the chosen backend's alone, below.
-            matched: match index {
-                Some(ix) if policy.uses_prefix() => {
-                    let ids: Vec<BackendId> = free.iter().map(|b| b.id).collect();
-                    ix.predicted_tokens(&meta.blocks, &ids)
+            matched: if policy.uses_prefix() {
+                let ids: Vec<BackendId> = free.iter().map(|b| b.id).collect();
+                let mut m = match index {
+                    Some(ix) => ix.predicted_tokens(&meta.blocks, &ids),
+                    None => vec![0.0; ids.len()],
+                };
+                if let Some((kv, p)) = kv {
+                    for (x, held) in m.iter_mut().zip(kv.held_tokens(&p.keys, &ids)) {
+                        if let Some(h) = held {
+                            *x = h;
+                        }
+                    }
                 }
-                _ => Vec::new(),
+                m
+            } else {
+                Vec::new()
             },
+            held: Vec::new(),
+            prompt_tokens: meta.kv.as_ref().map(|p| p.tokens as f64),
         });
         let matched = |i: usize| {
             demand
@@ -254,6 +300,20 @@ impl Controller {
                 };
                 self.workflows.route(key, &id, implicit, estimate, |homes| {
                     let before = homes.away.or(homes.home);
+                    // A workflow new to this gateway: where do the backends' events say
+                    // its context is?
+                    let adopted;
+                    let demand = match (&demand, kv) {
+                        (Some(d), Some((kv, p))) if homes.home.is_none() => {
+                            let ids: Vec<BackendId> = free.iter().map(|b| b.id).collect();
+                            adopted = policies::Demand {
+                                held: kv.held_tokens(&p.keys, &ids),
+                                ..d.clone()
+                            };
+                            Some(&adopted)
+                        }
+                        (d, _) => d.as_ref(),
+                    };
                     let home = homes
                         .home
                         .and_then(|h| snap.iter().find(|b| b.id == h))
@@ -268,11 +328,16 @@ impl Controller {
                             home_busy,
                             home_down,
                             implicit,
-                            demand: demand.as_ref(),
+                            demand,
                         }),
                     );
                     let predicted = c.map_or(0, |c| {
                         let id = free[c.index].id;
+                        if let Some((kv, p)) = kv
+                            && let Some(Some(held)) = kv.held_tokens(&p.keys, &[id]).first()
+                        {
+                            return *held as u64;
+                        }
                         let indexed = index.map_or(0, |ix| {
                             ix.predicted_tokens(&meta.blocks, &[id])
                                 .first()
@@ -318,6 +383,9 @@ impl Controller {
         b.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(ix) = index {
             ix.insert(&meta.blocks, b.id);
+        }
+        if let Some(kv) = &self.kv {
+            kv.expect_events(b.id);
         }
         Ok(Picked {
             backend: b,

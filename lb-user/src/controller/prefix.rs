@@ -159,40 +159,45 @@ impl PrefixIndex {
         u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
-    fn has(&self, hash: u64, b: BackendId, now: u32) -> bool {
+    /// Whether `b` was sent block `hash` at most `max_age` seconds ago.
+    fn has(&self, hash: u64, b: BackendId, now: u32, max_age: u32) -> bool {
         self.table
             .get(hash, |e| {
                 e.ways
                     .iter()
                     .flatten()
-                    .any(|w| w.backend == b && now.saturating_sub(w.at) <= self.ttl_secs)
+                    .any(|w| w.backend == b && now.saturating_sub(w.at) <= max_age)
             })
             .unwrap_or(false)
     }
 
-    /// For each backend, the number of leading blocks of `blocks` it was sent recently
-    /// (binary search: a backend sent block `i` was sent every block before it, unless
-    /// evicted in between, which the search tolerates as a shorter match).
+    /// The number of leading blocks of `blocks` sent to `b` at most `max_age` seconds
+    /// ago (binary search: a backend sent block `i` was sent every block before it,
+    /// unless evicted in between, which the search tolerates as a shorter match).
+    fn prefix_of(&self, blocks: &[u64], b: BackendId, now: u32, max_age: u32) -> usize {
+        if blocks.is_empty() || !self.has(blocks[0], b, now, max_age) {
+            return 0;
+        }
+        let (mut lo, mut hi) = (1usize, blocks.len());
+        // Invariant: blocks[..lo] match; blocks[..hi + 1] may not.
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.has(blocks[mid - 1], b, now, max_age) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+
+    /// For each backend, the number of leading blocks of `blocks` it was sent within
+    /// the TTL.
     pub fn matched_blocks(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<usize> {
         let now = self.now();
         backends
             .iter()
-            .map(|&b| {
-                if blocks.is_empty() || !self.has(blocks[0], b, now) {
-                    return 0;
-                }
-                let (mut lo, mut hi) = (1usize, blocks.len());
-                // Invariant: blocks[..lo] match; blocks[..hi + 1] may not.
-                while lo < hi {
-                    let mid = lo + (hi - lo).div_ceil(2);
-                    if self.has(blocks[mid - 1], b, now) {
-                        lo = mid;
-                    } else {
-                        hi = mid - 1;
-                    }
-                }
-                lo
-            })
+            .map(|&b| self.prefix_of(blocks, b, now, self.ttl_secs))
             .collect()
     }
 
@@ -204,9 +209,14 @@ impl PrefixIndex {
             .collect()
     }
 
-    /// Records that `blocks` were sent to `backend` (its cache will hold them).
+    /// Records that `blocks` were sent to `backend` (its cache will hold them). The
+    /// leading blocks recorded for it within the last eighth of the TTL are left as they
+    /// are (a workflow resends its context on every call: only the new tail is written,
+    /// and the rest is refreshed — timestamp and recency — every TTL/8).
     pub fn insert(&self, blocks: &[u64], backend: BackendId) {
         let now = self.now();
+        let recent = self.prefix_of(blocks, backend, now, self.ttl_secs / 8);
+        let blocks = &blocks[recent..];
         for &h in blocks {
             self.table.upsert(
                 h,

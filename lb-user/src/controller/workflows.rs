@@ -356,6 +356,13 @@ impl WorkflowTable {
         )
     }
 
+    /// Whether the workflow has a home (no copy).
+    pub fn has_home(&self, key: u64) -> bool {
+        self.table
+            .get(key, |e| e.homes.home.is_some())
+            .unwrap_or(false)
+    }
+
     /// The homes of a workflow (a copy).
     pub fn homes(&self, key: u64) -> Option<Homes> {
         self.table.get(key, |e| e.homes.clone())

@@ -45,6 +45,8 @@ use crate::model::{H_BACKEND, H_REQUEST_ID};
 const READ_BUF: usize = 8 * 1024;
 /// Bytes of a pipelined next request kept while a response is in flight.
 const MAX_PIPELINED: usize = 64 * 1024;
+/// Bodies larger than this are tokenized (precise KV routing) on the blocking pool.
+const INLINE_TOKENIZE_BYTES: usize = 16 * 1024;
 
 /// Serves the proxy on `listener` until `stop` turns true, then lets in-flight
 /// requests finish for at most `grace` (idle connections close at once).
@@ -652,6 +654,27 @@ impl Conn {
         {
             return Err(ApiError::model_not_found(m));
         }
+        // Precise KV routing: the prompt's blocks as the backend will compute them.
+        if let Some(kv) = proxy.controller.kv_for(&meta) {
+            let kind = match route {
+                "chat" => Some(crate::kv::tokenize::PromptKind::Chat),
+                "completions" => Some(crate::kv::tokenize::PromptKind::Completion),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                // A long prompt whose pieces are not cached takes milliseconds to
+                // tokenize: off the reactor, so other connections are not held up.
+                meta.kv = if body.len() > INLINE_TOKENIZE_BYTES {
+                    let (kv, body) = (kv.clone(), body.clone());
+                    tokio::task::spawn_blocking(move || kv.prompt_keys(&body, kind, None))
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    kv.prompt_keys(&body, kind, None)
+                };
+            }
+        }
         let span = tracing::Span::current();
         if !span.is_disabled() {
             span.record("workflow_id", meta.workflow_id.as_deref().unwrap_or(""));
@@ -805,6 +828,9 @@ impl Conn {
         // The last prompt of an ended workflow goes first from the prefix index.
         if end_workflow && let Some(ix) = &proxy.controller.prefix {
             ix.demote(&meta.blocks);
+        }
+        if end_workflow && let (Some(kv), Some(p)) = (&proxy.controller.kv, &meta.kv) {
+            kv.index.demote(&p.keys);
         }
         let metrics = proxy.metrics.clone();
         let this = proxy.clone();

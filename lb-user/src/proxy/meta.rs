@@ -83,6 +83,9 @@ pub struct RequestMeta {
     pub pinned: Option<crate::model::BackendId>,
     /// Chained hashes of the prompt's blocks (see [`crate::controller::prefix`]).
     pub blocks: Vec<u64>,
+    /// The prompt's KV blocks, from in-process tokenization (see [`crate::kv`]; `None`
+    /// without a tokenizer or event source).
+    pub kv: Option<crate::kv::PromptKeys>,
 }
 
 impl RequestMeta {
@@ -459,6 +462,7 @@ pub fn extract(
         )?,
         pinned: None,
         blocks,
+        kv: None,
     })
 }
 

@@ -39,13 +39,16 @@ pub enum Reason {
     Balanced,
     /// A session key's backend.
     Session,
-    /// The backend predicted to hold the longest prefix of the prompt (`prefix` policy).
+    /// The backend predicted to hold the longest prefix of the prompt (`prefix`, `kv`).
     Prefix,
+    /// A workflow new to this gateway placed where the backends' KV events show its
+    /// context cached (another replica, or this one before a restart, routed it there).
+    Cached,
 }
 
 impl Reason {
     /// All reasons, in label order.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Self::Home,
         Self::Spill,
         Self::Placed,
@@ -55,6 +58,7 @@ impl Reason {
         Self::Balanced,
         Self::Session,
         Self::Prefix,
+        Self::Cached,
     ];
 
     /// Label value.
@@ -69,6 +73,7 @@ impl Reason {
             Self::Balanced => "balanced",
             Self::Session => "session",
             Self::Prefix => "prefix",
+            Self::Cached => "cached",
         }
     }
 }
@@ -109,9 +114,14 @@ pub struct Demand {
     pub estimate: f64,
     /// Work of an average request (tokens of prefill and decode), to weigh a queue.
     pub work: f64,
-    /// Prompt tokens each candidate is predicted to hold, from the prefix index (empty
-    /// without one).
+    /// Prompt tokens each candidate is predicted to hold, from the KV events where they
+    /// are fresh, else the prefix index (empty without either).
     pub matched: Vec<f64>,
+    /// Prompt tokens each candidate holds according to its KV events (`None`: no fresh
+    /// events from it); filled for a workflow new to this gateway. Empty when unknown.
+    pub held: Vec<Option<f64>>,
+    /// The prompt's exact size in tokens, when it was tokenized.
+    pub prompt_tokens: Option<f64>,
 }
 
 /// A routing policy: given the backend snapshot and the request's metadata, the
@@ -134,6 +144,11 @@ pub trait Policy: Send + Sync {
     /// Whether the policy reads the prefix index (the controller then fills
     /// [`Demand::matched`] and passes the demand even without homes).
     fn uses_prefix(&self) -> bool {
+        false
+    }
+    /// Whether the policy reads the backends' KV events (the proxy then tokenizes
+    /// requests, when a tokenizer is configured).
+    fn uses_kv(&self) -> bool {
         false
     }
     /// Chooses a backend with the workflow's homes when the policy keeps them.
@@ -162,6 +177,7 @@ pub fn build(name: PolicyName, routing: &RoutingConfig) -> Box<dyn Policy> {
         ),
         PolicyName::Session => Box::new(SessionPolicy::new(routing.load_bound)),
         PolicyName::Prefix => Box::new(PrefixPolicy::default()),
+        PolicyName::Kv => Box::new(PrefixPolicy::kv()),
     }
 }
 

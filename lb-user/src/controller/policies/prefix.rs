@@ -10,6 +10,12 @@
 //! outweighs any prefix: no "death spiral" onto one hot prefix tree, no hot spot. Ties go
 //! round the candidates. Each gateway replica has its own index, so replicas do not
 //! agree on every choice; `workflow` is the policy that does.
+//!
+//! `kv` is the same scorer fed by the backends' KV events ([`crate::kv`]): `cached(b)`
+//! is exact for a backend whose events are fresh (GPU blocks in full, CPU and storage
+//! blocks at `kv.cpu_discount` / `kv.storage_discount`), the prefix index's prediction
+//! for the others. Every replica subscribes to the same events, so replicas agree on
+//! where a context is.
 
 use std::sync::{
     Arc,
@@ -23,15 +29,30 @@ use crate::model::{Backend, RequestMeta};
 #[derive(Debug, Default)]
 pub struct PrefixPolicy {
     rotor: AtomicUsize,
+    kv: bool,
+}
+
+impl PrefixPolicy {
+    /// The `kv` policy: the same scorer, named for its source of truth.
+    pub fn kv() -> Self {
+        Self {
+            rotor: AtomicUsize::new(0),
+            kv: true,
+        }
+    }
 }
 
 impl Policy for PrefixPolicy {
     fn name(&self) -> &'static str {
-        "prefix"
+        if self.kv { "kv" } else { "prefix" }
     }
 
     fn uses_prefix(&self) -> bool {
         true
+    }
+
+    fn uses_kv(&self) -> bool {
+        self.kv
     }
 
     fn pick(&self, backends: &[Arc<Backend>], meta: &RequestMeta) -> Option<usize> {
@@ -49,7 +70,9 @@ impl Policy for PrefixPolicy {
             return None;
         }
         let demand = home.and_then(|h| h.demand);
-        let prompt = meta.prompt_tokens_estimate() as f64;
+        let prompt = demand
+            .and_then(|d| d.prompt_tokens)
+            .unwrap_or(meta.prompt_tokens_estimate() as f64);
         let work = demand.map_or(1000.0, |d| d.work);
         let cached = |i: usize| {
             demand
@@ -90,6 +113,7 @@ mod tests {
             estimate: 10_000.0,
             work: 1_000.0,
             matched,
+            ..Demand::default()
         };
         let mut h = Homes::default();
         p.route(

@@ -203,6 +203,37 @@ pub fn rendezvous_order(backends: &[Arc<Backend>], key: u64) -> Vec<usize> {
     scored.into_iter().map(|(_, i)| i).collect()
 }
 
+/// A new workflow is adopted by a backend whose KV events show at least this share of
+/// its prompt cached...
+const ADOPT_SHARE: f64 = 0.5;
+/// ...and at least this many tokens (a shared system prompt alone is not a workflow's
+/// context).
+const ADOPT_MIN_TOKENS: f64 = 64.0;
+
+/// The backend under the load bound holding the most of a new workflow's prompt by its
+/// KV events, if it holds enough to be where the workflow's context is (earlier calls
+/// routed there by another replica, or by this one before a restart). Ties go to the
+/// earlier backend in rendezvous order, so every replica adopts alike.
+fn adopt(l: &Loads, order: &[usize], d: Option<&Demand>) -> Option<usize> {
+    let d = d?;
+    if d.held.len() != l.loads.len() {
+        return None;
+    }
+    let prompt = d.prompt_tokens.unwrap_or(d.estimate);
+    let min = (prompt * ADOPT_SHARE).max(ADOPT_MIN_TOKENS);
+    let mut best: Option<(usize, f64)> = None;
+    for &i in order {
+        if let Some(t) = d.held[i]
+            && t >= min
+            && l.under(i)
+            && best.is_none_or(|(_, b)| t > b)
+        {
+            best = Some((i, t));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 impl WorkflowPolicy {
     /// Where a workflow over its home's bound goes: the next backend in its rendezvous
     /// order under the bound — a function of the key and the scraped loads, so every
@@ -285,6 +316,13 @@ impl WorkflowPolicy {
         let k = self.secondaries;
         let Some(home_id) = h.home else {
             let order = rendezvous_order(backends, key);
+            if let Some(i) = adopt(l, &order, ctx.demand) {
+                h.rehome(backends[i].id, k, false);
+                return Some(Choice {
+                    index: i,
+                    reason: Reason::Cached,
+                });
+            }
             let i = self.place(backends, l, &order, ctx.demand)?;
             h.rehome(backends[i].id, k, false);
             let reason = if ctx.implicit {
@@ -400,6 +438,10 @@ impl Policy for WorkflowPolicy {
 
     fn uses_footprints(&self) -> bool {
         self.footprint
+    }
+
+    fn uses_kv(&self) -> bool {
+        true
     }
 
     fn pick(&self, backends: &[Arc<Backend>], meta: &RequestMeta) -> Option<usize> {
@@ -717,6 +759,58 @@ mod tests {
     }
 
     #[test]
+    fn a_new_workflow_goes_where_kv_events_show_its_context() {
+        let b = test_backends(4);
+        let p = WorkflowPolicy::new(1.25, 2);
+        let m = meta("wf-adopted");
+        let first = rendezvous_order(&b, routing_key(&m).expect("key"))[0];
+        let other = (first + 2) % 4;
+        let mut held = vec![Some(0.0); 4];
+        held[other] = Some(9_000.0);
+        held[first] = Some(1_000.0);
+        let d = Demand {
+            estimate: 10_000.0,
+            work: 1_000.0,
+            prompt_tokens: Some(10_000.0),
+            held: held.clone(),
+            ..Demand::default()
+        };
+        // Two replicas that never saw the workflow agree: where its context is.
+        for _ in 0..2 {
+            let c = with_demand(&p, &b, &m, &mut Homes::default(), &d);
+            assert_eq!((c.index, c.reason), (other, Reason::Cached));
+        }
+        // Less than half the prompt there (a shared system prompt): placed as usual.
+        let mut few = d.clone();
+        few.held[other] = Some(4_000.0);
+        let c = with_demand(&p, &b, &m, &mut Homes::default(), &few);
+        assert_eq!((c.index, c.reason), (first, Reason::Placed));
+        // No fresh events from it (None): not adopted.
+        let mut unknown = d.clone();
+        unknown.held[other] = None;
+        assert_eq!(
+            with_demand(&p, &b, &m, &mut Homes::default(), &unknown).reason,
+            Reason::Placed
+        );
+        // The holder over its load bound: not adopted either (no hot spot).
+        set_load(&b[other], 20.0);
+        let c = with_demand(&p, &b, &m, &mut Homes::default(), &d);
+        assert_ne!(c.index, other);
+        assert_eq!(c.reason, Reason::Placed);
+        // A workflow with a home keeps it (events only inform placement).
+        set_load(&b[other], 0.0);
+        let mut h = Homes::default();
+        h.rehome(b[first].id, 2, false);
+        assert_eq!(
+            with_demand(&p, &b, &m, &mut h, &d),
+            Choice {
+                index: first,
+                reason: Reason::Home
+            }
+        );
+    }
+
+    #[test]
     fn new_workflows_avoid_a_backend_full_of_footprint() {
         let b = test_backends(4);
         let p = WorkflowPolicy::new(1.25, 2).footprint(true);
@@ -738,6 +832,7 @@ mod tests {
                 estimate: 5_000.0,
                 work: 1_000.0,
                 matched: vec![],
+                ..Demand::default()
             };
             let c = with_demand(&p, &b, &m, &mut Homes::default(), &d);
             assert_eq!(c.reason, Reason::Placed);
@@ -751,6 +846,7 @@ mod tests {
             estimate: 5_000.0,
             work: 1_000.0,
             matched: vec![],
+            ..Demand::default()
         };
         let c = with_demand(&p, &b, &m, &mut Homes::default(), &d);
         assert_eq!(
@@ -770,6 +866,7 @@ mod tests {
             estimate: 30_000.0,
             work: 1_000.0,
             matched: vec![],
+            ..Demand::default()
         };
         let home = with_demand(&p, &b, &m, &mut h, &d).index;
         // The home holds 30k tokens of this workflow's context.
