@@ -88,6 +88,12 @@ struct Args {
     /// Do not install the anchors when missing (skip them).
     #[arg(long)]
     no_install: bool,
+    /// vllm-sim tokenizes with its HF-format stand-in tokenizer (`vllm-sim
+    /// export-tokenizer`, about 3 characters per token), and agentlb's configurations with
+    /// KV events load the same `tokenizer.json`: precise KV routing. The oracle and the KV
+    /// pools are computed with that tokenizer too.
+    #[arg(long)]
+    hf_tokenizer: bool,
     /// Do not build agentlb and vllm-sim first.
     #[arg(long)]
     no_build: bool,
@@ -194,10 +200,11 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
             None
         }
     };
-    let progs = Programs {
+    let mut progs = Programs {
         agentlb: bin.join("agentlb"),
         vllm_router: anchors.as_ref().map(|a| a.0.clone()),
         sglang_python: anchors.map(|a| a.1),
+        tokenizer: None,
     };
     let sim = bin.join("vllm-sim");
     let ablate = args.routers.iter().any(|f| f.contains("ablation"));
@@ -213,6 +220,34 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
     }
     procs::install_interrupt_handler()?;
     let tmp = TempDir::new("agentlb-bench-agentic")?;
+    let hf_dir = if args.hf_tokenizer {
+        let dir = tmp.path().join("tokenizer");
+        let st = Command::new(&sim)
+            .arg("export-tokenizer")
+            .arg(&dir)
+            .status()
+            .context("vllm-sim export-tokenizer")?;
+        if !st.success() {
+            bail!("vllm-sim export-tokenizer failed ({st})");
+        }
+        notes.push(
+            "vllm-sim in HF-tokenizer mode (its exported stand-in `tokenizer.json`, ≈ 3 characters per token); agentlb's configurations with KV events load the same file".to_owned(),
+        );
+        Some(dir)
+    } else {
+        None
+    };
+    progs.tokenizer = hf_dir.clone();
+    let sim_tokenizer = match &hf_dir {
+        Some(d) => lb_sim::tokenizer::Tokenizer::with_hf(
+            CHARS_PER_TOKEN,
+            Arc::new(
+                lb_sim::hf_tokenizer::HfTokenizer::from_dir(d)
+                    .map_err(|e| anyhow::anyhow!("loading {}: {e}", d.display()))?,
+            ),
+        ),
+        None => lb_sim::tokenizer::Tokenizer::new(CHARS_PER_TOKEN),
+    };
     let started = Instant::now();
     let mut preset_records = Vec::new();
     let mut runs: Vec<RunRecord> = Vec::new();
@@ -247,7 +282,7 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
                 }
                 workload::generate(&spec)
             };
-            let rec = setup_preset(&p, &w);
+            let rec = setup_preset(&p, &w, &sim_tokenizer);
             eprintln!(
                 "bench: preset {} (load ×{load}): {} calls, {} workflows, {} prompt tokens; {} instances × {} blocks; demand/capacity {:.2}; oracle hit {:.1}%",
                 p.name,
@@ -297,6 +332,7 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
                         replicas,
                         progs: &progs,
                         sim: &sim,
+                        tokenizer: hf_dir.as_deref(),
                         tmp: &tmp,
                         label: &label,
                     };
@@ -353,8 +389,12 @@ pub fn run(root: &Path, args_in: &[String]) -> Result<()> {
 }
 
 /// Computes the preset's KV pool from its demand ratio and runs the oracle.
-fn setup_preset(p: &presets::Preset, w: &Workload) -> PresetRecord {
-    let prepared = oracle::Prepared::new(w, CHARS_PER_TOKEN, BLOCK_SIZE);
+fn setup_preset(
+    p: &presets::Preset,
+    w: &Workload,
+    tok: &lb_sim::tokenizer::Tokenizer,
+) -> PresetRecord {
+    let prepared = oracle::Prepared::with_tokenizer(w, tok, BLOCK_SIZE);
     let unbounded = prepared.run(u64::MAX);
     let instances = p.cluster.instances.max(1);
     // The pool must at least hold the largest single request (prompt + output).
@@ -392,6 +432,7 @@ struct RunOne<'a> {
     replicas: usize,
     progs: &'a Programs,
     sim: &'a Path,
+    tokenizer: Option<&'a Path>,
     tmp: &'a TempDir,
     label: &'a str,
 }
@@ -576,6 +617,9 @@ impl RunOne<'_> {
             .arg("--ports-file")
             .arg(&ports_file)
             .env("RUST_LOG", "warn");
+        if let Some(t) = self.tokenizer {
+            cmd.arg("--tokenizer").arg(t);
+        }
         if self.cfg.kv_events {
             cmd.args(["--kv-events", "--kv-events-base-port"])
                 .arg(free_port_run(2 * c.instances)?.to_string());

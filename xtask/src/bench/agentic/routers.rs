@@ -2,7 +2,9 @@
 //! a workload with workflow ids, and how to start them.
 //!
 //! - agentlb: every policy it has, ids as `X-Workflow-Id`/`X-Agent-Id`/`X-Parent-Request-Id`,
-//!   userspace path, backends' `/metrics` scraped every 500 ms (`health.interval_ms`).
+//!   userspace path, backends' `/metrics` scraped every 500 ms (`health.interval_ms`);
+//!   `kv` and `workflow + kv events` subscribe to vllm-sim's KV events (precise with
+//!   `--hf-tokenizer`, when agentlb can tokenize as the simulator does), the others do not.
 //! - vllm-router 0.1.17: `round_robin`; `cache_aware` (its radix tree is fed by vllm-sim's
 //!   `/tokenize`); `consistent_hash` and `sticky_least_loaded` keyed by the workflow id in
 //!   `X-Session-ID`; `kv_aware` subscribed to vllm-sim's KV events; program scheduling with
@@ -116,6 +118,20 @@ pub fn all() -> Vec<RouterConfig> {
             false,
         ),
         cfg(
+            Agentlb,
+            "agentlb workflow + kv events",
+            &["--policy", "workflow"],
+            IdMode::Headers,
+            true,
+        ),
+        cfg(
+            Agentlb,
+            "agentlb kv",
+            &["--policy", "kv"],
+            IdMode::None,
+            true,
+        ),
+        cfg(
             VllmRouter,
             "vllm-router round_robin",
             &["--policy", "round_robin"],
@@ -182,6 +198,8 @@ pub struct Programs {
     pub vllm_router: Option<PathBuf>,
     /// `sglang-router` launcher (`python -m sglang_router.launch_router`), if installed.
     pub sglang_python: Option<PathBuf>,
+    /// The simulator's HF-format tokenizer directory (`--hf-tokenizer`).
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// One started router process.
@@ -230,6 +248,16 @@ pub fn start(
             if !cfg.routing_toml.is_empty() {
                 toml.push_str("[routing]\n");
                 toml.push_str(&cfg.routing_toml);
+            }
+            // KV events: the publishers are discovered (`/kv_event_sources`) right away;
+            // requests are matched against them when the tokenizer is the simulator's.
+            if cfg.kv_events {
+                toml.push_str("[kv]\ndiscover_interval_ms = 500\n");
+                if let Some(t) = &progs.tokenizer {
+                    toml.push_str(&format!("tokenizer = {:?}\n", t.to_string_lossy()));
+                }
+            } else {
+                toml.push_str("[kv]\ndiscover = false\n");
             }
             for b in backends {
                 toml.push_str(&format!("[[backends]]\nurl = \"{b}\"\n"));
