@@ -334,7 +334,11 @@ pub async fn handle(
         (Method::GET, "/metrics") => metrics(&inst),
         (Method::GET, "/kv_event_sources") => kv_event_sources(&inst),
         (Method::POST, "/tokenize") => match read_body(req).await {
-            Ok(b) => tokenize(&inst, &b),
+            Ok(b) => {
+                inst.tokenize_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokenize(&inst, &b)
+            }
             Err(r) => *r,
         },
         (Method::POST, "/v1/chat/completions") => {

@@ -202,9 +202,12 @@ pub fn start_publisher(inst: Arc<Instance>, ports: KvPorts, sockets: KvSockets) 
                 }
             }
             let batches = engine.lock().take_kv_events();
-            for (ts_v, events) in batches {
-                // Wall-clock timestamp like vLLM's time.time(), derived from the virtual clock.
-                let ts = inst.created as f64 + ts_v;
+            for (_, events) in batches {
+                // Wall-clock timestamp like vLLM's time.time() (subscribers tell a new
+                // incarnation from a replay by it); the virtual time is not used.
+                let ts = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
                 let payload = Bytes::from(encode_batch(ts, &events));
                 let msg = ZmqMessage::try_from(vec![
                     topic.clone(),

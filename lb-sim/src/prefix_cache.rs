@@ -142,6 +142,12 @@ impl BlockPool {
         self.cached.len()
     }
 
+    /// XOR of every cached block hash: a digest of the cache's contents that a subscriber
+    /// to the KV events can compute alike.
+    pub fn cached_digest(&self) -> u64 {
+        self.cached.keys().fold(0, |d, &h| d ^ h)
+    }
+
     /// Evictions of cached blocks so far.
     pub fn evictions(&self) -> u64 {
         self.evictions

@@ -81,6 +81,8 @@ pub struct Instance {
     pub kv: Option<KvPorts>,
     /// Stored Responses API objects of this instance (`previous_response_id`, `GET`).
     pub responses: ResponseStore,
+    /// `POST /tokenize` requests served (a router tokenizing in-process makes none).
+    pub tokenize_requests: AtomicU64,
     ids: AtomicU64,
     id_seed: u64,
     random_ids: AtomicU64,
@@ -123,6 +125,7 @@ impl Instance {
             ids: AtomicU64::new(0),
             id_seed: crate::tokenizer::mix64(created ^ ((port as u64) << 32) ^ idx as u64),
             random_ids: AtomicU64::new(0),
+            tokenize_requests: AtomicU64::new(0),
             random_seed: crate::tokenizer::mix64(process_entropy() ^ ((port as u64) << 32))
                 ^ crate::tokenizer::mix64(idx as u64),
             engine: ArcSwap::from(engine),
@@ -255,6 +258,8 @@ impl Instance {
             "waiting": g.waiting,
             "kv_cache_usage": g.kv_usage,
             "cached_blocks": eng.pool().num_cached(),
+            "cached_digest": eng.pool().cached_digest(),
+            "tokenize_requests": self.tokenize_requests.load(std::sync::atomic::Ordering::Relaxed),
             "free_blocks": eng.pool().num_free(),
             "evictions": eng.pool().evictions(),
             "steps": m.steps,

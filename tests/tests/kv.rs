@@ -359,3 +359,97 @@ fn a_restarted_instance_loses_its_indexed_blocks() -> Result<()> {
     })?;
     Ok(())
 }
+
+fn sim_info(s: &Sim) -> Result<serde_json::Value> {
+    get(&format!("{}/sim/info", s.url()))
+}
+
+#[test]
+fn the_index_matches_each_instance_cache_through_eviction_and_a_dropped_socket() -> Result<()> {
+    let tok = export_tokenizer()?;
+    // Small KV pools: the workload evicts.
+    let s = vec![
+        sim(&tok, &["--num-gpu-blocks", "400"])?,
+        sim(&tok, &["--num-gpu-blocks", "400"])?,
+    ];
+    let lb = lb(&s, "kv", Some(&tok))?;
+    wait_sources(&lb, 2, "precise")?;
+    let send = |url: &str, seed: u64, words: usize| -> Result<()> {
+        let first = conversation(seed, &[("user", text(seed * 7, words))]);
+        let a = chat(url, &first, &[])?;
+        let next = conversation(
+            seed,
+            &[
+                ("user", text(seed * 7, words)),
+                ("assistant", a.content),
+                ("user", text(seed * 7 + 1, 30)),
+            ],
+        );
+        chat(url, &next, &[])?;
+        Ok(())
+    };
+    for i in 0..12 {
+        send(
+            &lb.url("/v1/chat/completions"),
+            40 + i,
+            150 + 40 * i as usize,
+        )?;
+    }
+    // The subscription sockets dropped for 1.5 s while both instances keep serving.
+    let replayed_before: u64 = get(&lb.admin_url("/admin/kv"))?["sources"]
+        .as_array()
+        .context("sources")?
+        .iter()
+        .map(|x| x["replayed"].as_u64().unwrap_or(0))
+        .sum();
+    ureq::post(&lb.admin_url("/admin/kv/resubscribe?pause_ms=1500")).call()?;
+    std::thread::sleep(Duration::from_millis(600));
+    for (i, sm) in s.iter().enumerate() {
+        send(
+            &format!("{}/v1/chat/completions", sm.url()),
+            90 + i as u64,
+            400,
+        )?;
+    }
+    for i in 0..6 {
+        send(&lb.url("/v1/chat/completions"), 100 + i, 200)?;
+    }
+    // Quiet: every instance's cache, as it reports it, is what agentlb holds for it.
+    let views = wait_until(Duration::from_secs(20), || {
+        let kv = get(&lb.admin_url("/admin/kv")).ok()?;
+        let src = kv["sources"].as_array()?.clone();
+        let infos: Vec<serde_json::Value> = s.iter().filter_map(|x| sim_info(x).ok()).collect();
+        let same = src.len() == s.len()
+            && src.iter().zip(&infos).all(|(a, b)| {
+                a["blocks"] == b["cached_blocks"] && a["digest"] == b["cached_digest"]
+            });
+        same.then_some((kv, infos))
+    });
+    let (kv, infos) = views.with_context(|| {
+        format!(
+            "agentlb's view never matched the instances' caches: agentlb {:?}, instances {:?}",
+            get(&lb.admin_url("/admin/kv")).ok(),
+            s.iter().map(|x| sim_info(x).ok()).collect::<Vec<_>>()
+        )
+    })?;
+    let evictions: u64 = infos
+        .iter()
+        .map(|i| i["evictions"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(evictions > 0, "no eviction happened: the check is too easy");
+    let replayed: u64 = kv["sources"]
+        .as_array()
+        .context("sources")?
+        .iter()
+        .map(|x| x["replayed"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(
+        replayed > replayed_before,
+        "nothing was replayed after the sockets dropped: {kv}"
+    );
+    // Tokenized in-process: the instances never saw a /tokenize.
+    for i in &infos {
+        ensure!(i["tokenize_requests"] == 0, "/tokenize was called: {i}");
+    }
+    Ok(())
+}

@@ -108,6 +108,7 @@ impl Admin {
                     "restarts": r(&s.restarts),
                     "resets": r(&s.resets),
                     "unkeyed": r(&s.unkeyed),
+                    "digest": r(&s.digest),
                 })
             })
             .collect();
@@ -194,6 +195,17 @@ impl Admin {
                 ))
             }
             (&Method::GET, ["admin", "kv"]) => Ok(json(StatusCode::OK, &self.kv_json())),
+            (&Method::POST, ["admin", "kv", "resubscribe"]) => {
+                let Some(kv) = &self.controller.kv else {
+                    return Err(ApiError::not_found("KV-aware routing is not set up"));
+                };
+                let pause = query_param(query.as_deref(), "pause_ms").unwrap_or(0);
+                let n = kv.resubscribe(std::time::Duration::from_millis(pause as u64));
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"resubscribed": n, "pause_ms": pause}),
+                ))
+            }
             (&Method::POST, ["admin", "backends"]) => {
                 let body = Limited::new(req.into_body(), 64 * 1024)
                     .collect()

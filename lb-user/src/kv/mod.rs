@@ -231,6 +231,16 @@ impl KvRouting {
         }
     }
 
+    /// Drops every subscription socket and reconnects after `pause` (admin: what a
+    /// network blip does; missed batches come from the replay). Returns how many.
+    pub fn resubscribe(&self, pause: std::time::Duration) -> usize {
+        let states = self.states();
+        for s in &states {
+            s.resubscribe(pause);
+        }
+        states.len()
+    }
+
     /// Every source's state (admin).
     pub fn states(&self) -> Vec<Arc<SourceState>> {
         let mut v: Vec<_> = self.sources.load().values().flatten().cloned().collect();

@@ -83,6 +83,11 @@ pub struct SourceState {
     /// Stored blocks that could not be keyed (parent unknown, e.g. older than the replay
     /// buffer) or did not fit (`kv.max_blocks`).
     pub unkeyed: AtomicU64,
+    /// XOR of the engine hashes the source holds: equal to the backend's own digest of
+    /// its cache when the view is exact (`/admin/kv`, tests).
+    pub digest: AtomicU64,
+    reconnect: AtomicU64,
+    reconnect_pause_ms: AtomicU64,
 }
 
 /// Freshness as shown in `/admin/backends`.
@@ -116,7 +121,18 @@ impl SourceState {
             resets: AtomicU64::new(0),
             blocks: AtomicU64::new(0),
             unkeyed: AtomicU64::new(0),
+            digest: AtomicU64::new(0),
+            reconnect: AtomicU64::new(0),
+            reconnect_pause_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Drops the subscription socket and reconnects after `pause` (what a network
+    /// blip does; the batches published meanwhile come from the replay endpoint).
+    pub fn resubscribe(&self, pause: Duration) {
+        self.reconnect_pause_ms
+            .store(pause.as_millis() as u64, Ordering::Relaxed);
+        self.reconnect.fetch_add(1, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
@@ -181,6 +197,8 @@ struct View<'a> {
     block_size: usize,
     max_blocks: usize,
     held: HashMap<u64, (u64, u8)>,
+    /// Publisher timestamp of the newest batch applied.
+    last_ts: f64,
 }
 
 impl View<'_> {
@@ -190,6 +208,7 @@ impl View<'_> {
             self.index.remove(key, b, mask);
         }
         self.state.blocks.store(0, Ordering::Relaxed);
+        self.state.digest.store(0, Ordering::Relaxed);
         self.state.resets.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -240,6 +259,9 @@ impl View<'_> {
                             self.state.unkeyed.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
+                        if !known {
+                            self.state.digest.fetch_xor(h.0, Ordering::Relaxed);
+                        }
                         let e = self.held.entry(h.0).or_insert((key, 0));
                         if e.0 != key {
                             // The engine reused a hash for other tokens (a collision or a
@@ -258,6 +280,7 @@ impl View<'_> {
                             e.1 &= !medium.bit();
                             if e.1 == 0 {
                                 self.held.remove(&h.0);
+                                self.state.digest.fetch_xor(h.0, Ordering::Relaxed);
                             }
                         }
                     }
@@ -266,6 +289,7 @@ impl View<'_> {
                 Event::Other => {}
             }
         }
+        self.last_ts = self.last_ts.max(batch.ts);
         self.state
             .blocks
             .store(self.held.len() as u64, Ordering::Relaxed);
@@ -323,69 +347,44 @@ async fn replay(endpoint: &str, from: i64, timeout: Duration) -> Result<Vec<(i64
     }
 }
 
-/// Catches up from `next` (or from 0 when nothing was applied yet) through the replay
-/// endpoint. Returns the next sequence expected, or `None` when the gap could not be
-/// covered (the view was dropped).
-async fn catch_up(
+/// Applies the replayed batches `from..upto`, in order, skipping what it applied
+/// already. With `contiguous`, every sequence from `from` must be there (a gap repair or
+/// a resume): `None` when the publisher no longer buffers part of it or does not answer.
+/// Returns the sequence expected next.
+async fn replay_into(
     view: &mut View<'_>,
-    next: Option<i64>,
+    from: i64,
     upto: i64,
+    contiguous: bool,
     cfg: &SubscriberConfig,
 ) -> Option<i64> {
-    let from = next.unwrap_or(0);
     let ep = view.state.spec.replay.clone()?;
-    match replay(&ep, from, cfg.replay_timeout).await {
-        Ok(batches) => {
-            let mut at = from;
-            for (seq, b) in batches {
-                if seq < at {
-                    continue;
-                }
-                if seq > at && next.is_some() {
-                    // The publisher no longer buffers part of the gap.
-                    return None;
-                }
-                if seq >= upto {
-                    break;
-                }
-                view.apply(&b);
-                view.state.replayed.fetch_add(1, Ordering::Relaxed);
-                at = seq + 1;
-            }
-            if at < upto && next.is_some() {
-                return None;
-            }
-            Some(at.max(upto))
-        }
+    let batches = match replay(&ep, from, cfg.replay_timeout).await {
+        Ok(b) => b,
         Err(e) => {
             tracing::warn!(backend = view.state.spec.backend, endpoint = %ep, "KV event replay failed: {e}");
-            None
+            return None;
         }
+    };
+    let mut at = from;
+    for (seq, b) in batches {
+        if seq < at {
+            continue;
+        }
+        if contiguous && seq > at {
+            return None;
+        }
+        if seq >= upto {
+            break;
+        }
+        view.apply(&b);
+        view.state.replayed.fetch_add(1, Ordering::Relaxed);
+        at = seq + 1;
     }
-}
-
-/// Applies everything the publisher buffered, from sequence 0. Returns the sequence
-/// expected next (`None`: no replay endpoint, nothing buffered, or no answer).
-async fn initial_sync(view: &mut View<'_>, cfg: &SubscriberConfig) -> Option<i64> {
-    let ep = view.state.spec.replay.clone()?;
-    match replay(&ep, 0, cfg.replay_timeout).await {
-        Ok(batches) => {
-            let mut at: Option<i64> = None;
-            for (seq, b) in batches {
-                if at.is_some_and(|a| seq < a) {
-                    continue;
-                }
-                view.apply(&b);
-                view.state.replayed.fetch_add(1, Ordering::Relaxed);
-                at = Some(seq + 1);
-            }
-            at
-        }
-        Err(e) => {
-            tracing::warn!(backend = view.state.spec.backend, endpoint = %ep, "KV event replay at start failed: {e}");
-            None
-        }
+    if contiguous && upto != i64::MAX && at < upto {
+        return None;
     }
+    Some(at)
 }
 
 /// Runs one source until `stop` fires or the backend is gone. `backend` is watched for
@@ -403,8 +402,12 @@ pub async fn run(
         block_size: cfg.block_size,
         max_blocks: cfg.max_blocks,
         held: HashMap::new(),
+        last_ts: f64::NEG_INFINITY,
     };
     let spec = state.spec.clone();
+    // The sequence expected next from the publisher's current incarnation. It survives a
+    // reconnect: the subscriber then resumes from it instead of replaying everything.
+    let mut next: Option<i64> = None;
     'outer: loop {
         // (Re)connect.
         let mut sub = zeromq::SubSocket::new();
@@ -425,17 +428,43 @@ pub async fn run(
         }
         state.connected.store(true, Ordering::Relaxed);
         tracing::info!(backend = spec.backend, rank = spec.dp_rank, endpoint = %spec.endpoint, "KV event source connected");
-        // Start from what the publisher buffered (the backend may have served long before
-        // this subscriber existed); live messages the replay already covered are then
-        // duplicates, not a restart, until the first one past it.
-        let mut next: Option<i64> = initial_sync(&mut view, &cfg).await;
-        let mut dedup = next.is_some();
+        next = match next {
+            // Back after a disconnection: what was missed meanwhile, from the replay.
+            Some(n) => match replay_into(&mut view, n, i64::MAX, true, &cfg).await {
+                Some(at) => Some(at),
+                None => {
+                    tracing::warn!(
+                        backend = spec.backend,
+                        from = n,
+                        "KV events missed while disconnected are no longer buffered: view dropped"
+                    );
+                    state.dropped.fetch_add(1, Ordering::Relaxed);
+                    view.drop_all();
+                    replay_into(&mut view, 0, i64::MAX, false, &cfg).await
+                }
+            },
+            // First connection (or a new incarnation): everything the publisher buffered
+            // (the backend may have served long before this subscriber existed).
+            None => replay_into(&mut view, 0, i64::MAX, false, &cfg).await,
+        }
+        .filter(|&at| at > 0);
         let mut was_healthy = backend.healthy.load(Ordering::Relaxed);
+        let reconnects = state.reconnect.load(Ordering::Relaxed);
         loop {
             let msg = tokio::select! {
                 m = tokio::time::timeout(Duration::from_millis(500), sub.recv()) => m,
                 _ = stop.changed() => break 'outer,
             };
+            if state.reconnect.load(Ordering::Relaxed) != reconnects {
+                // Asked to drop the socket (`POST /admin/kv/resubscribe`).
+                state.connected.store(false, Ordering::Relaxed);
+                drop(sub);
+                let pause = Duration::from_millis(state.reconnect_pause_ms.load(Ordering::Relaxed));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue 'outer,
+                    _ = stop.changed() => break 'outer,
+                }
+            }
             let healthy = backend.healthy.load(Ordering::Relaxed);
             if was_healthy != healthy {
                 was_healthy = healthy;
@@ -445,6 +474,7 @@ pub async fn run(
                     // Back from unhealthy: likely a new engine; start over from its replay.
                     state.restarts.fetch_add(1, Ordering::Relaxed);
                     view.drop_all();
+                    next = None;
                     continue 'outer;
                 }
             }
@@ -481,9 +511,11 @@ pub async fn run(
             };
             match next {
                 Some(n) if seq == n => {}
-                Some(n) if seq < n && dedup => continue,
+                // Already applied from a replay (live messages queued meanwhile): not
+                // newer than the last batch applied.
+                Some(n) if seq < n && batch.ts <= view.last_ts => continue,
                 Some(n) if seq < n => {
-                    // Sequence went backwards: a new publisher incarnation.
+                    // Sequence went backwards with newer batches: a new incarnation.
                     state.restarts.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
                         backend = spec.backend,
@@ -493,14 +525,14 @@ pub async fn run(
                     );
                     view.drop_all();
                     next = if seq > 0 {
-                        catch_up(&mut view, None, seq, &cfg).await
+                        replay_into(&mut view, 0, seq, false, &cfg).await
                     } else {
-                        Some(0)
+                        None
                     };
                 }
                 Some(n) => {
                     state.gaps.fetch_add(1, Ordering::Relaxed);
-                    next = catch_up(&mut view, Some(n), seq, &cfg).await;
+                    next = replay_into(&mut view, n, seq, true, &cfg).await;
                     if next.is_none() {
                         state.dropped.fetch_add((seq - n) as u64, Ordering::Relaxed);
                         tracing::warn!(
@@ -513,12 +545,11 @@ pub async fn run(
                     }
                 }
                 None if seq > 0 => {
-                    // Late start: take what the publisher buffered first.
-                    next = catch_up(&mut view, None, seq, &cfg).await;
+                    // Nothing buffered at connect time but batches before this one exist.
+                    next = replay_into(&mut view, 0, seq, false, &cfg).await;
                 }
                 None => {}
             }
-            dedup = false;
             if next.is_none_or(|n| n <= seq) {
                 view.apply(&batch);
                 next = Some(seq + 1);

@@ -66,11 +66,15 @@ fn cleared() -> Value {
     Value::Map(vec![(s("type"), s("AllBlocksCleared"))])
 }
 
+/// A batch stamped with the wall clock, as vLLM's `time.time()`.
 fn payload(events: Vec<Value>) -> Bytes {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     let mut out = Vec::new();
     rmpv::encode::write_value(
         &mut out,
-        &Value::Array(vec![Value::F64(0.0), Value::Array(events)]),
+        &Value::Array(vec![Value::F64(ts), Value::Array(events)]),
     )
     .expect("encode");
     Bytes::from(out)
@@ -300,9 +304,38 @@ async fn subscriber_survives_late_start_gaps_restarts_and_clears() {
     );
     assert!(state.dropped.load(Ordering::Relaxed) >= 1);
 
+    // The subscription socket dropped mid-run: what was published meanwhile comes from
+    // the replay (resumed where it stopped, nothing before applied again).
+    let resets = state.resets.load(Ordering::Relaxed);
+    state.resubscribe(Duration::from_millis(300));
+    until("disconnected", || state.freshness() == Freshness::Stale).await;
+    let f = tokens(2, 7);
+    p.publish(vec![stored(&[700, 701], None, &f)], true).await;
+    p.publish(vec![removed(&[600])], true).await;
+    let kf = keys(&f);
+    until("F indexed after the reconnect", || {
+        index.matched(&kf, &[0])[0].gpu == 2
+    })
+    .await;
+    assert_eq!(
+        index.matched(&ke, &[0])[0].gpu,
+        0,
+        "the removal published while disconnected was applied"
+    );
+    assert_eq!(
+        state.resets.load(Ordering::Relaxed),
+        resets,
+        "resumed, not rebuilt"
+    );
+    assert_eq!(
+        state.digest.load(Ordering::Relaxed),
+        700 ^ 701,
+        "the digest is the XOR of the engine hashes held"
+    );
+
     // AllBlocksCleared.
     p.publish(vec![cleared()], true).await;
-    until("cleared", || index.matched(&ke, &[0])[0].gpu == 0).await;
+    until("cleared", || index.matched(&kf, &[0])[0].gpu == 0).await;
     assert_eq!(state.blocks.load(Ordering::Relaxed), 0);
 
     // Another block size is reported, not indexed.
