@@ -294,6 +294,7 @@ fn bench(root: &Path, which: &str, args: &[String]) -> Result<()> {
         "proxy" => bench::proxy(root, args),
         "agentic" => bench::agentic::run(root, args),
         "control" => bench::control::run(root, args),
-        other => bail!("unknown benchmark {other:?} (available: sim, proxy, agentic, control)"),
+        "kv" => bench::kv::run(root, args),
+        other => bail!("unknown benchmark {other:?} (available: sim, proxy, agentic, control, kv)"),
     }
 }

@@ -190,10 +190,11 @@ impl SourceState {
     }
 }
 
-/// The task-local part of a source: engine hash → (key, media) of what it holds.
-struct View<'a> {
-    index: &'a KvIndex,
-    state: &'a SourceState,
+/// What one source holds, applied to the index: engine hash → (key, media) of every
+/// block, owned by the source's subscriber task (public for the ingestion benchmark).
+pub struct SourceView {
+    index: Arc<KvIndex>,
+    state: Arc<SourceState>,
     block_size: usize,
     max_blocks: usize,
     held: HashMap<u64, (u64, u8)>,
@@ -201,8 +202,38 @@ struct View<'a> {
     last_ts: f64,
 }
 
-impl View<'_> {
-    fn drop_all(&mut self) {
+impl SourceView {
+    /// An empty view of `state`'s source over `index`.
+    pub fn new(index: Arc<KvIndex>, state: Arc<SourceState>, cfg: &SubscriberConfig) -> Self {
+        Self {
+            index,
+            state,
+            block_size: cfg.block_size,
+            max_blocks: cfg.max_blocks,
+            held: HashMap::new(),
+            last_ts: f64::NEG_INFINITY,
+        }
+    }
+
+    /// Decodes one batch payload and applies it.
+    pub fn apply_payload(&mut self, payload: &[u8]) -> Result<(), wire::WireError> {
+        let b = wire::batch(payload)?;
+        self.apply(&b);
+        Ok(())
+    }
+
+    /// Blocks held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Drops everything the source holds from the index.
+    pub fn drop_all(&mut self) {
         let b = self.state.spec.backend;
         for (_, (key, mask)) in self.held.drain() {
             self.index.remove(key, b, mask);
@@ -212,7 +243,8 @@ impl View<'_> {
         self.state.resets.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn apply(&mut self, batch: &Batch) {
+    /// Applies one batch.
+    pub fn apply(&mut self, batch: &Batch) {
         let b = self.state.spec.backend;
         for ev in &batch.events {
             match ev {
@@ -352,7 +384,7 @@ async fn replay(endpoint: &str, from: i64, timeout: Duration) -> Result<Vec<(i64
 /// a resume): `None` when the publisher no longer buffers part of it or does not answer.
 /// Returns the sequence expected next.
 async fn replay_into(
-    view: &mut View<'_>,
+    view: &mut SourceView,
     from: i64,
     upto: i64,
     contiguous: bool,
@@ -396,14 +428,7 @@ pub async fn run(
     cfg: SubscriberConfig,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut view = View {
-        index: &index,
-        state: &state,
-        block_size: cfg.block_size,
-        max_blocks: cfg.max_blocks,
-        held: HashMap::new(),
-        last_ts: f64::NEG_INFINITY,
-    };
+    let mut view = SourceView::new(index, state.clone(), &cfg);
     let spec = state.spec.clone();
     // The sequence expected next from the publisher's current incarnation. It survives a
     // reconnect: the subscriber then resumes from it instead of replaying everything.

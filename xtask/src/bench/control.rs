@@ -225,6 +225,15 @@ impl CountingAlloc {
     pub fn enable(on: bool) {
         COUNTING.store(on, Ordering::SeqCst);
     }
+
+    /// Live heap bytes counted so far: (asked for, reserved by malloc with its 8-byte
+    /// chunk headers).
+    pub fn live() -> (i64, i64) {
+        (
+            LIVE.load(Ordering::SeqCst),
+            USABLE.load(Ordering::SeqCst) + 8 * ALLOCS.load(Ordering::SeqCst),
+        )
+    }
 }
 
 // SAFETY: every call is forwarded unchanged to `System`; the bookkeeping only

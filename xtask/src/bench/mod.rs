@@ -45,6 +45,7 @@ mod backend;
 mod cgroup;
 pub mod control;
 mod instr;
+pub mod kv;
 mod load;
 mod plots;
 mod procs;
