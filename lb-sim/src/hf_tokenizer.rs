@@ -43,14 +43,42 @@
 //! Generated tokens are 3-character alphabet strings: their concatenation is cut at the same
 //! 3-character boundaries, and the answer follows the generation prompt's `"\n\n"` (its own
 //! chunk) and is followed by `<|eot_id|>` when sent back, so it re-tokenizes to the same ids.
+//!
+//! # Piece cache
+//! `tokenizers` first cuts a text on its added tokens (special tokens and the like, matched
+//! leftmost-longest, `lstrip`/`rstrip` tokens taking the whitespace next to them) and then
+//! normalizes, pre-tokenizes and encodes each piece in between on its own, so equal pieces give
+//! equal ids. [`HfTokenizer::encode`] cuts the text the same way (its own splitter, checked at
+//! load time against the library's `AddedVocabulary::extract_and_normalize`, which is ~100 times
+//! slower) and takes each piece's ids from a cache keyed by the piece's exact text, or encodes the
+//! piece alone and caches it; the post-processor (`add_special_tokens`) runs on the joined ids.
+//! The long messages an agent resends with every request are therefore encoded once: a ~40 KB
+//! chat prompt takes ~25 ms of CPU to encode cold and ~0.1 ms (mostly rendering) once its
+//! messages are cached. The cache keeps two generations, each of at most 4096 pieces, 2 Mi ids
+//! and 8 MiB of text (so at most 8192 pieces, 16 MiB of ids, 16 MiB of text); a full young
+//! generation becomes the old one (dropping the previous old one), and a piece found in the old
+//! one moves to the young one. The tokenizer, and so the cache, is shared by every instance of
+//! the process: one mutex, held to look up and to insert, never while encoding.
+//!
+//! The cache is off (every text encoded whole) for tokenizers where a piece's ids could depend
+//! on its position: a `Metaspace` pre-tokenizer with `prepend_scheme: "first"` (it prefixes only
+//! the piece at offset 0), `single_word` added tokens, `normalized` added tokens under a
+//! normalizer (matched in normalized text), `encode_special_tokens`, two added tokens with the
+//! same text, an added token starting with whitespace next to an `rstrip` one. A self-check at
+//! load time turns it off too if, on texts made of the tokenizer's added tokens with text and
+//! whitespace around them, the splitter disagrees with the library or piecewise encoding with
+//! whole encoding (with and without special tokens).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
+use rustc_hash::FxHashMap;
 use serde_json::json;
 use thiserror::Error;
+use tokenizers::{Encoding, NormalizerWrapper, OffsetReferential, OffsetType, Token};
 
 use crate::tokenizer::{ALPHABET, ChatTurn, TokenText, fnv1a64, mix64};
 
@@ -334,6 +362,12 @@ pub struct HfTokenizer {
     openai_content: bool,
     output: OutputVocab,
     fingerprint: u64,
+    /// How `tokenizers` cuts a text on the added tokens; `None` when this tokenizer's pieces
+    /// cannot be encoded on their own (see the module documentation).
+    splitter: Option<AddedSplitter>,
+    /// Ids of the pieces between added tokens; `None` (every text encoded whole) when
+    /// `splitter` is.
+    pieces: Option<PieceCache>,
 }
 
 impl fmt::Debug for HfTokenizer {
@@ -343,6 +377,7 @@ impl fmt::Debug for HfTokenizer {
             .field("templates", &self.templates)
             .field("openai_content", &self.openai_content)
             .field("fingerprint", &self.fingerprint)
+            .field("piece_cache", &self.piece_cache_enabled())
             .finish_non_exhaustive()
     }
 }
@@ -446,7 +481,26 @@ impl HfTokenizer {
             openai_content,
             output: OutputVocab::Chunks(Vec::new()),
             fingerprint: fp,
+            splitter: None,
+            pieces: None,
         };
+        let splitter = match hf.piecewise_obstacle() {
+            Some(reason) => Err(reason),
+            None => {
+                AddedSplitter::new(&hf.tok).and_then(|s| hf.piecewise_self_check(&s).map(|()| s))
+            }
+        };
+        match splitter {
+            Ok(s) => {
+                hf.splitter = Some(s);
+                hf.pieces = Some(PieceCache::new(PIECE_LIMITS));
+            }
+            Err(reason) => tracing::info!(
+                dir = %hf.dir.display(),
+                %reason,
+                "HF tokenizer: piece cache off, every prompt is encoded whole"
+            ),
+        }
         hf.output = hf.output_vocab()?;
         Ok(hf)
     }
@@ -457,12 +511,212 @@ impl HfTokenizer {
     }
 
     /// Token ids of `text`; `add_special_tokens` runs the post-processor (BOS for the stand-in).
+    ///
+    /// Goes through the piece cache when this tokenizer allows it (see the module
+    /// documentation); the ids are those of [`HfTokenizer::encode_uncached`] either way.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, HfError> {
+        match (&self.splitter, &self.pieces) {
+            (Some(splitter), Some(cache)) if !text.is_empty() => {
+                self.encode_pieces(splitter, Some(cache), text, add_special_tokens)
+            }
+            _ => self.encode_uncached(text, add_special_tokens),
+        }
+    }
+
+    /// Token ids of `text` encoded whole by the `tokenizers` library, without the piece cache.
+    pub fn encode_uncached(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, HfError> {
         let enc = self
             .tok
             .encode_fast(text, add_special_tokens)
             .map_err(|e| HfError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Whether [`HfTokenizer::encode`] uses the piece cache with this tokenizer.
+    pub fn piece_cache_enabled(&self) -> bool {
+        self.splitter.is_some() && self.pieces.is_some()
+    }
+
+    /// `text` cut by the library itself (`AddedVocabulary::extract_and_normalize`, without
+    /// normalizing): added tokens and the text between them (empty pieces left out). What
+    /// [`AddedSplitter`] must reproduce, at a fraction of the cost; `None` if an offset does not
+    /// fall on a character boundary of `text` (never expected).
+    fn library_pieces<'a>(&self, text: &'a str) -> Option<Vec<Piece<'a>>> {
+        let split = self
+            .tok
+            .get_added_vocabulary()
+            .extract_and_normalize(None::<&NormalizerWrapper>, text);
+        let mut pieces = Vec::new();
+        for (_, (start, end), tokens) in
+            split.get_splits(OffsetReferential::Original, OffsetType::Byte)
+        {
+            match tokens {
+                Some(tokens) => pieces.extend(tokens.iter().map(|t| Piece::Added(t.id))),
+                None if start < end => pieces.push(Piece::Text(text.get(start..end)?)),
+                None => {}
+            }
+        }
+        Some(pieces)
+    }
+
+    /// Encodes `text` piece by piece: cached ids for pieces found in `cache`, the others encoded
+    /// alone (and added to `cache`); then the post-processor if `add_special_tokens`.
+    fn encode_pieces(
+        &self,
+        splitter: &AddedSplitter,
+        cache: Option<&PieceCache>,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, HfError> {
+        let Some(pieces) = splitter.split(text) else {
+            return self.encode_uncached(text, add_special_tokens);
+        };
+        let texts: Vec<&str> = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Text(t) => Some(*t),
+                Piece::Added(_) => None,
+            })
+            .collect();
+        let mut hits = match cache {
+            Some(cache) => cache.lookup(&texts),
+            None => vec![None; texts.len()],
+        }
+        .into_iter();
+        let mut ids = Vec::with_capacity(text.len() / 3 + 8);
+        // Pieces encoded by this call (a text may repeat a piece the cache does not hold yet).
+        let mut fresh: FxHashMap<&str, Arc<[u32]>> = FxHashMap::default();
+        for piece in &pieces {
+            match *piece {
+                Piece::Added(id) => ids.push(id),
+                Piece::Text(t) => match hits.next().flatten().or_else(|| fresh.get(t).cloned()) {
+                    Some(known) => ids.extend_from_slice(&known),
+                    None => {
+                        let piece_ids: Arc<[u32]> = self.encode_uncached(t, false)?.into();
+                        ids.extend_from_slice(&piece_ids);
+                        fresh.insert(t, piece_ids);
+                    }
+                },
+            }
+        }
+        if let Some(cache) = cache {
+            cache.insert(fresh);
+        }
+        if add_special_tokens {
+            ids = self.post_process(ids)?;
+        }
+        Ok(ids)
+    }
+
+    /// The post-processor with `add_special_tokens` applied to the ids of a text (BOS first for
+    /// the stand-in), as `encode(text, true)` applies it after encoding.
+    fn post_process(&self, ids: Vec<u32>) -> Result<Vec<u32>, HfError> {
+        let tokens = ids
+            .into_iter()
+            .map(|id| Token::new(id, String::new(), (0, 0)))
+            .collect();
+        let enc = self
+            .tok
+            .post_process(Encoding::from_tokens(tokens, 0), None, true)
+            .map_err(|e| HfError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Why the pieces between added tokens cannot be encoded on their own with this tokenizer,
+    /// judged from its configuration (see the module documentation).
+    fn piecewise_obstacle(&self) -> Option<String> {
+        if self.tok.get_encode_special_tokens() {
+            return Some("encode_special_tokens is set".into());
+        }
+        let pre = serde_json::to_value(self.tok.get_pre_tokenizer()).unwrap_or_default();
+        if metaspace_prepends_first(&pre) {
+            return Some("a Metaspace pre-tokenizer with prepend_scheme \"first\"".into());
+        }
+        let has_normalizer = self.tok.get_normalizer().is_some();
+        let added = self.tok.get_added_tokens_decoder();
+        let any_rstrip = added.values().any(|t| t.rstrip);
+        let mut added: Vec<_> = added.into_iter().collect();
+        added.sort_by_key(|(id, _)| *id);
+        let mut contents = std::collections::HashSet::new();
+        for (id, t) in added {
+            if !contents.insert(t.content.clone()) {
+                return Some(format!(
+                    "added token {id} {:?} is not the only one with its text",
+                    t.content
+                ));
+            }
+            if t.single_word {
+                return Some(format!("added token {id} {:?} is single_word", t.content));
+            }
+            if t.normalized && has_normalizer {
+                return Some(format!(
+                    "added token {id} {:?} is matched in normalized text",
+                    t.content
+                ));
+            }
+            if any_rstrip && t.content.starts_with(char::is_whitespace) {
+                return Some(format!(
+                    "added token {id} {:?} starts with whitespace an rstrip token may take",
+                    t.content
+                ));
+            }
+        }
+        None
+    }
+
+    /// Load-time check, on texts made of the tokenizer's added tokens and text around them,
+    /// that `splitter` cuts them as the library does and that piecewise encoding gives the ids
+    /// of whole encoding, with and without special tokens.
+    fn piecewise_self_check(&self, splitter: &AddedSplitter) -> Result<(), String> {
+        let mut added: Vec<_> = self.tok.get_added_tokens_decoder().into_iter().collect();
+        added.sort_by_key(|(id, _)| *id);
+        // Every token with whitespace or normalization rules, and the first 64 others.
+        let (flagged, plain): (Vec<_>, Vec<_>) = added
+            .into_iter()
+            .filter(|(_, t)| !t.content.is_empty())
+            .partition(|(_, t)| t.lstrip || t.rstrip || t.normalized);
+        let tokens: Vec<String> = flagged
+            .into_iter()
+            .chain(plain.into_iter().take(64))
+            .map(|(_, t)| t.content)
+            .collect();
+        let mut body = String::new();
+        for t in &tokens {
+            body.push_str(&format!(
+                "{t}user\n\n  Hello, wörld 12.\t{t}{t} x {t} \n {t}\n\n"
+            ));
+        }
+        let probes = [
+            format!("  Hi there,  é 7\n\n{body} the end. "),
+            format!("{body}tail"),
+            " \n plain text only, no added tokens \n\n ".to_string(),
+        ];
+        for probe in &probes {
+            if splitter.split(probe) != self.library_pieces(probe) {
+                return Err(
+                    "self-check: added tokens are not split as the library splits them".into(),
+                );
+            }
+            for special in [false, true] {
+                let whole = self.encode_uncached(probe, special);
+                let pieces = self.encode_pieces(splitter, None, probe, special);
+                match (whole, pieces) {
+                    (Ok(w), Ok(p)) if w == p => {}
+                    (Ok(_), Ok(_)) => {
+                        return Err(format!(
+                            "self-check: piecewise encoding differs from whole encoding \
+                             (add_special_tokens: {special})"
+                        ));
+                    }
+                    (Err(e), _) | (_, Err(e)) => return Err(format!("self-check: {e}")),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Vocabulary strings of `ids` (`/tokenize`'s `token_strs`).
@@ -763,6 +1017,295 @@ impl HfTokenizer {
             return false;
         };
         alone == ids && after.len() == nl.len() + ids.len() && after.ends_with(&ids)
+    }
+}
+
+/// A stretch of text as `tokenizers` encodes it: an added token, or text between added tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece<'a> {
+    Added(u32),
+    Text(&'a str),
+}
+
+/// Whether a (serialized) pre-tokenizer has a `Metaspace` step that prepends its replacement
+/// only to the piece at offset 0.
+fn metaspace_prepends_first(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Object(o) => {
+            let first = o.get("type").and_then(|t| t.as_str()) == Some("Metaspace")
+                && o.get("prepend_scheme").and_then(|p| p.as_str()) == Some("first");
+            first || o.values().any(metaspace_prepends_first)
+        }
+        serde_json::Value::Array(a) => a.iter().any(metaspace_prepends_first),
+        _ => false,
+    }
+}
+
+/// An added token as the splitter matches it.
+#[derive(Debug, Clone)]
+struct SplitToken {
+    content: Box<str>,
+    id: u32,
+    lstrip: bool,
+    rstrip: bool,
+}
+
+/// One set of added tokens matched as `tokenizers`' `AddedVocabulary::find_matches` matches it:
+/// leftmost, then longest; an `lstrip` token takes the whitespace before it (not before the end
+/// of the previous match), an `rstrip` token the whitespace after it.
+#[derive(Debug, Clone)]
+struct TokenSet {
+    /// Tokens by first byte, longest first (`by_first[b]` is empty when none starts with `b`).
+    by_first: Vec<Vec<SplitToken>>,
+    /// The first byte of every token, when they all share one ASCII byte (`<` for the usual
+    /// special tokens): candidates are then found with `str::find`, which is vectorized.
+    only_first: Option<char>,
+}
+
+impl TokenSet {
+    fn new(tokens: Vec<SplitToken>) -> Self {
+        let mut by_first = vec![Vec::new(); 256];
+        for t in tokens {
+            if let Some(&b) = t.content.as_bytes().first() {
+                by_first[usize::from(b)].push(t);
+            }
+        }
+        for list in &mut by_first {
+            list.sort_by_key(|t| std::cmp::Reverse(t.content.len()));
+        }
+        let firsts: Vec<usize> = (0..256).filter(|&b| !by_first[b].is_empty()).collect();
+        let only_first = match firsts[..] {
+            [b] => u8::try_from(b).ok().filter(u8::is_ascii).map(char::from),
+            _ => None,
+        };
+        Self {
+            by_first,
+            only_first,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_first.iter().all(Vec::is_empty)
+    }
+
+    /// The next position at or after `pos` where a token may start.
+    fn candidate(&self, text: &str, pos: usize) -> Option<usize> {
+        if let (Some(c), Some(rest)) = (self.only_first, text.get(pos..)) {
+            return rest.find(c).map(|i| pos + i);
+        }
+        text.as_bytes()
+            .get(pos..)?
+            .iter()
+            .position(|&b| !self.by_first[usize::from(b)].is_empty())
+            .map(|i| pos + i)
+    }
+
+    /// Appends the pieces of `text` (added tokens and the non-empty text between them);
+    /// `None` if a cut falls inside a character (not expected).
+    fn split_into<'a>(&self, text: &'a str, out: &mut Vec<Piece<'a>>) -> Option<()> {
+        let bytes = text.as_bytes();
+        // End of the last match (with the whitespace it took) and where to look next.
+        let (mut done, mut pos) = (0, 0);
+        while let Some(at) = self.candidate(text, pos) {
+            let found = self.by_first[usize::from(bytes[at])]
+                .iter()
+                .find(|t| bytes[at..].starts_with(t.content.as_bytes()));
+            let Some(tok) = found else {
+                pos = at + 1;
+                continue;
+            };
+            let mut start = at;
+            let mut stop = at + tok.content.len();
+            if tok.lstrip {
+                start = done + text.get(done..at)?.trim_end().len();
+            }
+            if tok.rstrip {
+                stop = text.len() - text.get(stop..)?.trim_start().len();
+            }
+            if done < start {
+                out.push(Piece::Text(text.get(done..start)?));
+            }
+            out.push(Piece::Added(tok.id));
+            // No token starts with whitespace when one is `rstrip` (else the cache is off), so
+            // the search may resume after the whitespace taken.
+            (done, pos) = (stop, stop);
+        }
+        if done < text.len() {
+            out.push(Piece::Text(text.get(done..)?));
+        }
+        Some(())
+    }
+}
+
+/// Cuts text on a tokenizer's added tokens as `tokenizers` does before encoding: first the
+/// tokens matched in the raw text (`normalized: false`), then, in the text between them, the
+/// `normalized` ones (only used without a normalizer, so matched in the same text).
+#[derive(Debug, Clone)]
+struct AddedSplitter {
+    raw: TokenSet,
+    normalized: TokenSet,
+}
+
+impl AddedSplitter {
+    fn new(tok: &tokenizers::Tokenizer) -> Result<Self, String> {
+        let (mut raw, mut normalized) = (Vec::new(), Vec::new());
+        for (id, t) in tok.get_added_tokens_decoder() {
+            if t.content.is_empty() {
+                continue;
+            }
+            if tok.token_to_id(&t.content) != Some(id) {
+                return Err(format!(
+                    "added token {id} {:?} encodes to another id",
+                    t.content
+                ));
+            }
+            let st = SplitToken {
+                content: t.content.as_str().into(),
+                id,
+                lstrip: t.lstrip,
+                rstrip: t.rstrip,
+            };
+            if t.normalized {
+                normalized.push(st);
+            } else {
+                raw.push(st);
+            }
+        }
+        Ok(Self {
+            raw: TokenSet::new(raw),
+            normalized: TokenSet::new(normalized),
+        })
+    }
+
+    /// The pieces of `text`; `None` if a cut falls inside a character (not expected).
+    fn split<'a>(&self, text: &'a str) -> Option<Vec<Piece<'a>>> {
+        let mut pieces = Vec::new();
+        self.raw.split_into(text, &mut pieces)?;
+        if self.normalized.is_empty() {
+            return Some(pieces);
+        }
+        let mut out = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match p {
+                Piece::Text(t) => self.normalized.split_into(t, &mut out)?,
+                added => out.push(added),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Bounds of one generation of the [`PieceCache`] (it keeps two).
+#[derive(Debug, Clone, Copy)]
+struct PieceLimits {
+    /// Pieces.
+    entries: usize,
+    /// Token ids, all pieces together.
+    ids: usize,
+    /// Bytes of piece text (the keys), all pieces together.
+    bytes: usize,
+}
+
+/// The sim's bounds: at most 8192 pieces, 4 Mi ids (16 MiB) and 16 MiB of text in all.
+const PIECE_LIMITS: PieceLimits = PieceLimits {
+    entries: 4096,
+    ids: 2 << 20,
+    bytes: 8 << 20,
+};
+
+/// Pieces and their ids, with running totals.
+#[derive(Default)]
+struct Generation {
+    map: FxHashMap<Box<str>, Arc<[u32]>>,
+    ids: usize,
+    bytes: usize,
+}
+
+impl Generation {
+    fn fits(&self, limits: PieceLimits, ids: usize, bytes: usize) -> bool {
+        self.map.len() < limits.entries
+            && self.ids + ids <= limits.ids
+            && self.bytes + bytes <= limits.bytes
+    }
+}
+
+/// Two generations: pieces go into `young`; a full `young` becomes `old`, dropping the
+/// previous `old`; a piece found in `old` moves to `young`.
+#[derive(Default)]
+struct Generations {
+    young: Generation,
+    old: Generation,
+}
+
+/// Ids of text pieces keyed by their exact text, bounded by [`PieceLimits`] per generation.
+/// `Sync`: one mutex, taken once per lookup and once per insertion, never while encoding.
+struct PieceCache {
+    limits: PieceLimits,
+    gens: Mutex<Generations>,
+}
+
+impl PieceCache {
+    fn new(limits: PieceLimits) -> Self {
+        Self {
+            limits,
+            gens: Mutex::new(Generations::default()),
+        }
+    }
+
+    /// The cached ids of each piece, if any.
+    fn lookup(&self, pieces: &[&str]) -> Vec<Option<Arc<[u32]>>> {
+        let mut g = self.gens.lock().unwrap_or_else(PoisonError::into_inner);
+        pieces
+            .iter()
+            .map(|&p| {
+                if let Some(ids) = g.young.map.get(p) {
+                    return Some(ids.clone());
+                }
+                let (key, ids) = g.old.map.remove_entry(p)?;
+                g.old.ids -= ids.len();
+                g.old.bytes -= key.len();
+                self.put(&mut g, key, ids.clone());
+                Some(ids)
+            })
+            .collect()
+    }
+
+    /// Caches freshly encoded pieces.
+    fn insert<'a>(&self, fresh: impl IntoIterator<Item = (&'a str, Arc<[u32]>)>) {
+        let mut fresh = fresh.into_iter().peekable();
+        if fresh.peek().is_none() {
+            return;
+        }
+        let mut g = self.gens.lock().unwrap_or_else(PoisonError::into_inner);
+        for (piece, ids) in fresh {
+            if !g.young.map.contains_key(piece) {
+                self.put(&mut g, piece.into(), ids);
+            }
+        }
+    }
+
+    /// Adds a piece absent from `young`, rotating the generations when `young` is full.
+    fn put(&self, g: &mut Generations, key: Box<str>, ids: Arc<[u32]>) {
+        if !Generation::default().fits(self.limits, ids.len(), key.len()) {
+            return; // Larger than a whole generation.
+        }
+        if !g.young.fits(self.limits, ids.len(), key.len()) {
+            g.old = std::mem::take(&mut g.young);
+        }
+        g.young.ids += ids.len();
+        g.young.bytes += key.len();
+        g.young.map.insert(key, ids);
+    }
+
+    /// Pieces, ids and text bytes held (both generations).
+    #[cfg(test)]
+    fn totals(&self) -> (usize, usize, usize) {
+        let g = self.gens.lock().unwrap_or_else(PoisonError::into_inner);
+        (
+            g.young.map.len() + g.old.map.len(),
+            g.young.ids + g.old.ids,
+            g.young.bytes + g.old.bytes,
+        )
     }
 }
 
@@ -1698,6 +2241,419 @@ mod tests {
             .await
             .expect("send");
         assert_eq!(bad.status(), 400);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A stand-in variant: the exported files with `edit` applied to `tokenizer.json`.
+    fn variant(edit: impl FnOnce(&mut serde_json::Value)) -> (PathBuf, HfTokenizer) {
+        let dir = std::env::temp_dir().join(format!(
+            "vllm-sim-hf-variant-{}-{}",
+            std::process::id(),
+            mix64(
+                unix_now() as u64
+                    ^ fnv1a64(format!("{:?}", std::thread::current().id()).as_bytes())
+                    ^ fnv1a64(format!("{:?}", std::time::Instant::now()).as_bytes())
+            )
+        ));
+        export_standin(&dir).expect("export");
+        let mut tj = standin_tokenizer_json();
+        edit(&mut tj);
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            serde_json::to_vec(&tj).expect("json"),
+        )
+        .expect("write");
+        let hf = HfTokenizer::from_dir(&dir).expect("load");
+        (dir, hf)
+    }
+
+    /// Adds a non-special added token to a `tokenizer.json` (and to the model's vocabulary, so
+    /// that it keeps its id).
+    fn add_token(tj: &mut serde_json::Value, content: &str, id: u32, flags: serde_json::Value) {
+        tj["model"]["vocab"][content] = json!(id);
+        let mut t = json!({
+            "id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": false,
+        });
+        if let (Some(t), Some(flags)) = (t.as_object_mut(), flags.as_object()) {
+            t.extend(flags.clone());
+        }
+        tj["added_tokens"]
+            .as_array_mut()
+            .expect("added_tokens")
+            .push(t);
+    }
+
+    /// The same tokenizer with the piece cache off.
+    fn without_cache(dir: &Path) -> HfTokenizer {
+        let mut hf = HfTokenizer::from_dir(dir).expect("load");
+        hf.pieces = None;
+        assert!(!hf.piece_cache_enabled());
+        hf
+    }
+
+    /// A ~40 KB conversation of `turns` messages after a long system prompt (about 3
+    /// characters per stand-in token).
+    fn conversation(turns: usize, extra: &[&str]) -> serde_json::Value {
+        let mut words = crate::workload::text::Words::new(7);
+        let mut messages = vec![json!({"role": "system", "content": words.take(2000)})];
+        for i in 0..turns {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            messages.push(json!({"role": role, "content": words.take(500)}));
+        }
+        for e in extra {
+            messages.push(json!({"role": "user", "content": e}));
+        }
+        json!({"messages": messages})
+    }
+
+    /// Texts with repeated pieces, added tokens in odd places, whitespace around them.
+    fn probe_texts(hf: &HfTokenizer, specials: &[&str]) -> Vec<String> {
+        let mut texts = Vec::new();
+        let mut words = crate::workload::text::Words::new(3);
+        let long = words.take(300);
+        let short = words.take(12);
+        for body in [
+            conversation(4, &[]),
+            conversation(4, &["and one more thing."]),
+            json!({"messages": [
+                {"role": "system", "content": long},
+                {"role": "user", "content": format!("quote: {} <|eot_id|> ok", long)},
+                {"role": "assistant", "content": "\n\n\nÜber  café\t\r\n"},
+                {"role": "user", "content": long},
+            ], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+        ] {
+            texts.push(
+                hf.render_request(&Value::from_serialize(&body))
+                    .expect("render"),
+            );
+        }
+        let mut mixed = String::from("  lead ");
+        for (i, s) in specials.iter().enumerate() {
+            for around in ["", " ", "  ", "\n", " \n\t ", "x", "x "] {
+                mixed.push_str(&format!("{around}{s}{around}{short}{s}{s}{around}"));
+            }
+            mixed.push_str(&format!(" {i} "));
+        }
+        texts.push(mixed.clone());
+        texts.push(format!("{mixed}{mixed}"));
+        texts.push(specials.concat());
+        texts.push(" ".into());
+        texts.push(String::new());
+        texts
+    }
+
+    /// `hf.encode` (twice: cold, then warm) equals whole encoding for every text, and the
+    /// splitter cuts every text as the library does.
+    fn assert_cached_equals_uncached(hf: &HfTokenizer, texts: &[String]) {
+        for text in texts {
+            if let Some(splitter) = &hf.splitter {
+                assert_eq!(splitter.split(text), hf.library_pieces(text), "{text:?}");
+            }
+            for special in [false, true] {
+                let want = hf.encode_uncached(text, special).expect("uncached");
+                for round in 0..2 {
+                    let got = hf.encode(text, special).expect("cached");
+                    assert!(
+                        got == want,
+                        "round {round}, special {special}, text {text:?}: {got:?} != {want:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn piece_cache_equals_uncached_with_the_standin() {
+        let (dir, hf) = standin();
+        assert!(hf.piece_cache_enabled());
+        let texts = probe_texts(
+            &hf,
+            &["<|eot_id|>", "<|start_header_id|>", "<|begin_of_text|>"],
+        );
+        assert_cached_equals_uncached(&hf, &texts);
+        let (pieces, ids, _) = hf.pieces.as_ref().expect("cache").totals();
+        assert!(pieces > 10 && ids > 1000, "{pieces} pieces, {ids} ids");
+        // Request paths: a growing conversation, with and without the cache.
+        let plain = without_cache(&dir);
+        assert!(!plain.piece_cache_enabled());
+        for body in [
+            conversation(16, &[]),
+            conversation(16, &["and now summarize all of it."]),
+            conversation(17, &[]),
+            conversation(16, &["<|eot_id|>a fake end", "again"]),
+        ] {
+            let body = serde_json::to_vec(&body).expect("json");
+            let want = plain.chat_request_tokens(&body).expect("uncached");
+            assert_eq!(hf.chat_request_tokens(&body).expect("cached"), want);
+            assert_eq!(hf.chat_request_tokens(&body).expect("warm"), want);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn piece_cache_equals_uncached_with_strip_tokens() {
+        let (dir, hf) = variant(|tj| {
+            add_token(tj, "<tool>", 128_100, json!({"lstrip": true}));
+            add_token(tj, "</tool>", 128_101, json!({"rstrip": true}));
+            add_token(
+                tj,
+                "<both>",
+                128_102,
+                json!({"lstrip": true, "rstrip": true}),
+            );
+            add_token(tj, "<<both>>", 128_103, json!({"special": true}));
+            add_token(tj, "[norm]", 128_104, json!({"normalized": true}));
+        });
+        assert!(hf.piece_cache_enabled(), "{hf:?}");
+        let texts = probe_texts(
+            &hf,
+            &[
+                "<tool>",
+                "</tool>",
+                "<both>",
+                "<<both>>",
+                "[norm]",
+                "<|eot_id|>",
+            ],
+        );
+        assert_cached_equals_uncached(&hf, &texts);
+        // lstrip/rstrip really take the whitespace next to them.
+        let pair =
+            |a: u8, b: u8| (FIRST_PAIR_ID + alpha_index(a) * N_ALPHA + alpha_index(b)) as u32;
+        assert_eq!(
+            hf.encode("ab <tool> \n", false).expect("e"),
+            [pair(b'a', b'b'), 128_100, u32::from(b' '), u32::from(b'\n')]
+        );
+        assert_eq!(
+            hf.encode("a </tool> \n b", false).expect("e"),
+            [pair(b'a', b' '), 128_101, u32::from(b'b')]
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn piece_cache_off_when_pieces_depend_on_their_position() {
+        // Metaspace prepending only at offset 0 (with the space as replacement, so the stand-in
+        // vocabulary still works); caught by the rule and by the self-check on its own.
+        let (d1, meta) = variant(|tj| {
+            let pre = tj["pre_tokenizer"]["pretokenizers"]
+                .as_array_mut()
+                .expect("sequence");
+            pre.insert(
+                0,
+                json!({
+                    "type": "Metaspace", "replacement": " ", "prepend_scheme": "first",
+                    "split": false,
+                }),
+            );
+        });
+        assert!(!meta.piece_cache_enabled());
+        assert!(meta.piecewise_obstacle().is_some());
+        let splitter = AddedSplitter::new(&meta.tok).expect("splitter");
+        assert!(meta.piecewise_self_check(&splitter).is_err());
+        // A normalizer applied to a normalized added token.
+        let (d2, norm) = variant(|tj| {
+            tj["normalizer"] = json!({"type": "Lowercase"});
+            add_token(tj, "[Norm]", 128_104, json!({"normalized": true}));
+        });
+        assert!(!norm.piece_cache_enabled());
+        // A single_word token.
+        let (d3, single) = variant(|tj| {
+            add_token(tj, "tok", 128_105, json!({"single_word": true}));
+        });
+        assert!(!single.piece_cache_enabled());
+        // They still encode (whole): encode equals uncached.
+        for hf in [&meta, &norm, &single] {
+            let texts = probe_texts(hf, &["<|eot_id|>", "[Norm]", "tok"]);
+            assert_cached_equals_uncached(hf, &texts);
+        }
+        // A normalizer alone does not stop the cache (pieces are normalized on their own).
+        let (d4, lower) = variant(|tj| tj["normalizer"] = json!({"type": "Lowercase"}));
+        assert!(lower.piece_cache_enabled());
+        assert_cached_equals_uncached(&lower, &probe_texts(&lower, &["<|eot_id|>"]));
+        for d in [d1, d2, d3, d4] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[test]
+    fn piece_cache_stays_bounded() {
+        let (dir, mut hf) = standin();
+        let limits = PieceLimits {
+            entries: 8,
+            ids: 400,
+            bytes: 100_000,
+        };
+        hf.pieces = Some(PieceCache::new(limits));
+        let mut words = crate::workload::text::Words::new(11);
+        let mut texts = Vec::new();
+        for i in 0..60 {
+            // Pieces of 10 to ~600 ids, some larger than a generation.
+            let piece = words.take(3 + (i * 37) % 450);
+            texts.push(format!("<|start_header_id|>{piece}<|eot_id|>{i}<|eot_id|>"));
+        }
+        for round in 0..2 {
+            for t in &texts {
+                assert_eq!(
+                    hf.encode(t, true).expect("cached"),
+                    hf.encode_uncached(t, true).expect("uncached"),
+                    "round {round}"
+                );
+                let (pieces, ids, bytes) = hf.pieces.as_ref().expect("cache").totals();
+                assert!(pieces <= 2 * limits.entries, "{pieces} pieces");
+                assert!(ids <= 2 * limits.ids, "{ids} ids");
+                assert!(bytes <= 2 * limits.bytes, "{bytes} bytes");
+            }
+        }
+        // Bytes bound the cache too.
+        hf.pieces = Some(PieceCache::new(PieceLimits {
+            entries: 1000,
+            ids: 1 << 20,
+            bytes: 64,
+        }));
+        for t in &texts {
+            hf.encode(t, false).expect("cached");
+            let (_, _, bytes) = hf.pieces.as_ref().expect("cache").totals();
+            assert!(bytes <= 128, "{bytes} bytes");
+        }
+        // A hit in the old generation moves to the young one.
+        let cache = PieceCache::new(PieceLimits {
+            entries: 2,
+            ids: 100,
+            bytes: 100,
+        });
+        let ids: Arc<[u32]> = Arc::from(vec![1u32, 2]);
+        cache.insert([("a", ids.clone()), ("b", ids.clone())]);
+        cache.insert([("c", ids.clone())]); // a, b now old
+        assert!(cache.lookup(&["a"])[0].is_some()); // a young again, with c
+        cache.insert([("d", ids.clone())]); // young {a, c} full: old = {a, c}
+        let hits = cache.lookup(&["a", "b", "c", "d"]);
+        assert_eq!(
+            hits.iter().map(Option::is_some).collect::<Vec<_>>(),
+            [true, false, true, true]
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn piece_cache_shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<HfTokenizer>();
+        let (dir, hf) = standin();
+        let hf = Arc::new(hf);
+        let texts: Arc<Vec<String>> = Arc::new(probe_texts(&hf, &["<|eot_id|>"]));
+        let want: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| hf.encode_uncached(t, false).expect("uncached"))
+            .collect();
+        let want = Arc::new(want);
+        let threads: Vec<_> = (0..4)
+            .map(|k| {
+                let (hf, texts, want) = (hf.clone(), texts.clone(), want.clone());
+                std::thread::spawn(move || {
+                    for round in 0..3 {
+                        for i in 0..texts.len() {
+                            let i = (i + k) % texts.len();
+                            let got = hf.encode(&texts[i], false).expect("cached");
+                            assert!(got == want[i], "thread {k} round {round} text {i}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    #[ignore = "prints timings; run with --ignored --nocapture and optimized builds"]
+    fn encode_timing_40kb_chat() {
+        use std::time::{Duration, Instant};
+        let (dir, mut hf) = standin();
+        let plain = without_cache(&dir);
+        let body = serde_json::to_vec(&conversation(16, &[])).expect("json");
+        let next =
+            serde_json::to_vec(&conversation(16, &["and now summarize all of it."])).expect("json");
+        let best = |n: usize, f: &mut dyn FnMut() -> Duration| -> Duration {
+            (0..n).map(|_| f()).min().unwrap_or_default()
+        };
+        let time = |f: &mut dyn FnMut()| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        };
+        let req: Value = serde_json::from_slice(&body).expect("json");
+        let text = hf.render_request(&req).expect("render");
+        let n = plain.encode_uncached(&text, false).expect("e").len();
+        let render = best(5, &mut || {
+            time(&mut || {
+                let req: Value = serde_json::from_slice(&body).expect("json");
+                hf.render_request(&req).expect("render");
+            })
+        });
+        let library_split = best(5, &mut || {
+            time(&mut || {
+                hf.library_pieces(&text).expect("split");
+            })
+        });
+        let split = best(5, &mut || {
+            time(&mut || {
+                hf.splitter
+                    .as_ref()
+                    .and_then(|s| s.split(&text))
+                    .expect("split");
+            })
+        });
+        let before = best(7, &mut || {
+            time(&mut || {
+                plain.chat_request_tokens(&body).expect("uncached");
+            })
+        });
+        let before_next = best(7, &mut || {
+            time(&mut || {
+                plain.chat_request_tokens(&next).expect("uncached");
+            })
+        });
+        let cold = best(7, &mut || {
+            hf.pieces = Some(PieceCache::new(PIECE_LIMITS));
+            time(&mut || {
+                hf.chat_request_tokens(&body).expect("cold");
+            })
+        });
+        let warm = best(20, &mut || {
+            time(&mut || {
+                hf.chat_request_tokens(&body).expect("warm");
+            })
+        });
+        let step = best(5, &mut || {
+            hf.pieces = Some(PieceCache::new(PIECE_LIMITS));
+            hf.chat_request_tokens(&body).expect("first call");
+            time(&mut || {
+                hf.chat_request_tokens(&next).expect("next");
+            })
+        });
+        let nextwarm = best(5, &mut || {
+            time(&mut || {
+                hf.chat_request_tokens(&next).expect("next");
+            })
+        });
+        assert_eq!(
+            hf.chat_request_tokens(&next).expect("cached"),
+            plain.chat_request_tokens(&next).expect("uncached")
+        );
+        println!(
+            "chat body {} bytes, rendered {} bytes, {n} tokens\n\
+             render only {render:?}; split on added tokens {split:?} (library's split \
+             {library_split:?})\n\
+             before (no cache): {before:?}, next turn {before_next:?}\n\
+             after: cold {cold:?}; warm {warm:?}; next turn (one new message) {step:?} as \
+             the second call, {nextwarm:?} repeated",
+            body.len(),
+            text.len(),
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }
