@@ -22,6 +22,7 @@
 
 use std::{
     collections::HashMap,
+    hash::BuildHasherDefault,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -38,7 +39,10 @@ use super::{
     index::{BlockKeys, KvIndex},
     wire::{self, Batch, Event},
 };
-use crate::model::{Backend, BackendId};
+use crate::{
+    controller::table::KeyHasher,
+    model::{Backend, BackendId},
+};
 
 /// Where a source publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -197,7 +201,9 @@ pub struct SourceView {
     state: Arc<SourceState>,
     block_size: usize,
     max_blocks: usize,
-    held: HashMap<u64, (u64, u8)>,
+    /// Engine hashes are digests already (vLLM: the low 64 bits of a SHA-256): used as
+    /// they are, no rehashing.
+    held: HashMap<u64, (u64, u8), BuildHasherDefault<KeyHasher>>,
     /// Publisher timestamp of the newest batch applied.
     last_ts: f64,
 }
@@ -210,7 +216,7 @@ impl SourceView {
             state,
             block_size: cfg.block_size,
             max_blocks: cfg.max_blocks,
-            held: HashMap::new(),
+            held: HashMap::default(),
             last_ts: f64::NEG_INFINITY,
         }
     }
