@@ -77,16 +77,20 @@ pub fn ablations() -> Vec<RouterConfig> {
         ),
     ]
     .into_iter()
-    .map(|(what, toml)| {
-        let mut c = cfg(
-            Kind::Agentlb,
-            &format!("agentlb workflow [ablation: + {what}]"),
-            &["--policy", "workflow"],
-            IdMode::Headers,
-            false,
-        );
-        c.routing_toml = toml.to_owned();
-        c
+    .flat_map(|(what, toml)| {
+        // Without and with KV events: with them (and --hf-tokenizer), replicas that never
+        // saw a workflow place it where its context is, whatever their own ledgers say.
+        [(false, ""), (true, " + kv events")].map(|(kv, tag)| {
+            let mut c = cfg(
+                Kind::Agentlb,
+                &format!("agentlb workflow{tag} [ablation: + {what}]"),
+                &["--policy", "workflow"],
+                IdMode::Headers,
+                kv,
+            );
+            c.routing_toml = toml.to_owned();
+            c
+        })
     })
     .collect()
 }
