@@ -961,6 +961,45 @@ mod tests {
     }
 
     #[test]
+    fn kv_section_is_validated_with_every_error_named() {
+        let ok = parse_str(
+            "[[backends]]\nurl = \"http://127.0.0.1:8000\"\n[routing]\npolicy = \"kv\"\n\
+             [kv]\ntokenizer = \"/models/llama\"\nblock_size = 32\ncpu_discount = 0.5\n\
+             [[kv.sources]]\nbackend = \"127.0.0.1:8000\"\nendpoint = \"tcp://127.0.0.1:5557\"\n\
+             replay = \"tcp://127.0.0.1:5558\"\n",
+        )
+        .expect("parse");
+        let c = validate(&ok).expect("valid");
+        assert_eq!(c.policy, PolicyName::Kv);
+        assert_eq!(c.kv.block_size, 32);
+        assert_eq!(c.kv.cpu_discount, 0.5);
+        assert_eq!(c.kv.storage_discount, 0.5, "default");
+        assert_eq!(
+            c.kv.sources[0].replay.as_deref(),
+            Some("tcp://127.0.0.1:5558")
+        );
+        assert_eq!(c.kv.sources[0].topic, "");
+        assert!(c.kv.discover);
+        let got = issues(
+            "[[backends]]\nurl = \"http://127.0.0.1:8000\"\n[kv]\nblock_size = 0\n\
+             cpu_discount = 1.5\nstale_after_ms = 0\nmax_blocks = 0\n\
+             [[kv.sources]]\nbackend = \"b\"\nendpoint = \"http://x:1\"\n",
+        );
+        for want in [
+            "kv.block_size",
+            "kv.cpu_discount",
+            "kv.stale_after_ms",
+            "kv.max_blocks",
+            "kv.sources[0].endpoint",
+        ] {
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "missing {want} in {got:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn every_error_is_reported_at_once() {
         let text = r#"
 [server]
