@@ -101,6 +101,26 @@ pub fn block_hashes(bytes: &[u8], block: usize, max_blocks: usize) -> Vec<u64> {
     h.finish()
 }
 
+/// The number of leading `keys` that satisfy `has`, by binary search: it takes a key
+/// satisfied to mean every key before it is too (a chain of blocks is cached or sent
+/// prefix first; a hole only shortens the match). O(log n) calls of `has`.
+pub fn longest_prefix(keys: &[u64], has: impl Fn(u64) -> bool) -> usize {
+    if keys.is_empty() || !has(keys[0]) {
+        return 0;
+    }
+    let (mut lo, mut hi) = (1usize, keys.len());
+    // Invariant: keys[..lo] satisfy `has`; keys[..hi + 1] may not.
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if has(keys[mid - 1]) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Way {
     backend: BackendId,
@@ -175,20 +195,7 @@ impl PrefixIndex {
     /// ago (binary search: a backend sent block `i` was sent every block before it,
     /// unless evicted in between, which the search tolerates as a shorter match).
     fn prefix_of(&self, blocks: &[u64], b: BackendId, now: u32, max_age: u32) -> usize {
-        if blocks.is_empty() || !self.has(blocks[0], b, now, max_age) {
-            return 0;
-        }
-        let (mut lo, mut hi) = (1usize, blocks.len());
-        // Invariant: blocks[..lo] match; blocks[..hi + 1] may not.
-        while lo < hi {
-            let mid = lo + (hi - lo).div_ceil(2);
-            if self.has(blocks[mid - 1], b, now, max_age) {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        lo
+        longest_prefix(blocks, |h| self.has(h, b, now, max_age))
     }
 
     /// For each backend, the number of leading blocks of `blocks` it was sent within

@@ -21,7 +21,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::wire::Medium;
-use crate::controller::table::{Class, Classify, Table};
+use crate::controller::{
+    prefix::longest_prefix,
+    table::{Class, Classify, Table},
+};
 use crate::model::BackendId;
 
 /// Holders remembered per block.
@@ -211,34 +214,16 @@ impl KvIndex {
         self.table.get(key, |e| e.mask(backend)).unwrap_or(0)
     }
 
-    /// Longest prefix of `keys` whose every block satisfies `has` (binary search).
-    fn prefix(keys: &[u64], has: impl Fn(u64) -> bool) -> usize {
-        if keys.is_empty() || !has(keys[0]) {
-            return 0;
-        }
-        let (mut lo, mut hi) = (1usize, keys.len());
-        // Invariant: keys[..lo] held; keys[..hi + 1] may not be.
-        while lo < hi {
-            let mid = lo + (hi - lo).div_ceil(2);
-            if has(keys[mid - 1]) {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        lo
-    }
-
     /// What each of `backends` holds of the prefix `keys`.
     pub fn matched(&self, keys: &[u64], backends: &[BackendId]) -> Vec<Held> {
         backends
             .iter()
             .map(|&b| {
-                let any = Self::prefix(keys, |k| self.mask(k, b) != 0);
+                let any = longest_prefix(keys, |k| self.mask(k, b) != 0);
                 let gpu = if any == 0 {
                     0
                 } else {
-                    Self::prefix(&keys[..any], |k| self.mask(k, b) & Medium::Gpu.bit() != 0)
+                    longest_prefix(&keys[..any], |k| self.mask(k, b) & Medium::Gpu.bit() != 0)
                 };
                 Held { gpu, any }
             })
