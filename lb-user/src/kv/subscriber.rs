@@ -415,8 +415,10 @@ async fn replay_into(
         if seq >= upto {
             break;
         }
-        view.apply(&b);
+        // Counted before it is applied: `applied - replayed` never counts a replayed
+        // batch as live, even mid-replay.
         view.state.replayed.fetch_add(1, Ordering::Relaxed);
+        view.apply(&b);
         at = seq + 1;
     }
     if contiguous && upto != i64::MAX && at < upto {
