@@ -5,7 +5,12 @@
 //! `POST /v1/responses/{id}/cancel` (the Responses API, see [`crate::responses`]),
 //! `GET /v1/models`, `GET /health`, `POST /tokenize`, `GET /load`, `GET /metrics`,
 //! `GET /version`, `GET /kv_event_sources`, and the simulator's own `GET/POST /sim/fault`,
-//! `GET /sim/info`, `POST /sim/reset_prefix_cache`.
+//! `GET /sim/info`, `POST /sim/reset_prefix_cache`, `POST /sim/kv_transfer` (the KV pull of
+//! disaggregated prefill/decode, see [`crate::pd`]).
+//!
+//! Chat and completions requests may carry vLLM's `kv_transfer_params` (NixlConnector P/D):
+//! a prefill leg's JSON answer then carries the params of its KV, and a decode leg pulls that
+//! KV from the prefill instance before it is submitted (see [`crate::pd`]).
 //!
 //! Every generating endpoint goes through `submit` (engine admission) and then either
 //! `wait_finished` (JSON) or a `TokenPump` (SSE), so cached tokens, timings, metrics and
@@ -34,6 +39,7 @@ use crate::engine::{
     EngineHandle, FinishReason, Progress, RequestShared, RequestSpec, SubmitError, Timings,
 };
 use crate::faults::{FaultMode, FaultSpec};
+use crate::pd::{Leg, PullRequest};
 use crate::server::{Instance, LoadGuard};
 use crate::tokenizer::{ChatTurn, Tokenizer, fnv1a64, mix64};
 
@@ -188,6 +194,9 @@ struct ChatRequest {
     add_generation_prompt: Option<bool>,
     #[serde(default)]
     n: Option<i64>,
+    /// Disaggregated prefill/decode (see [`crate::pd`]).
+    #[serde(default)]
+    kv_transfer_params: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +217,9 @@ struct CompletionRequest {
     /// HF mode only (the stand-in always starts with BOS).
     #[serde(default)]
     add_special_tokens: Option<bool>,
+    /// Disaggregated prefill/decode (see [`crate::pd`]).
+    #[serde(default)]
+    kv_transfer_params: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -549,6 +561,28 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     seed: u64,
+    /// The P/D leg this request is (from `kv_transfer_params`), if any.
+    leg: Option<Leg>,
+}
+
+/// Reads a request's `kv_transfer_params` and checks the instance's role can serve it: a
+/// malformed object, a decode leg on a `producer` or a prefill leg on a `consumer` gets a 400.
+fn pd_leg(inst: &Instance, params: Option<&Value>) -> Result<Option<Leg>, Box<Resp>> {
+    let leg = crate::pd::parse_params(params).map_err(|e| Box::new(bad_request(&e.to_string())))?;
+    let role = inst.pd.role();
+    match &leg {
+        Some(Leg::Prefill) if !role.produces() => Err(Box::new(bad_request(&format!(
+            "kv_transfer_params: do_remote_decode requires a KV producer, but this instance has \
+             kv_role={} (it cannot serve a prefill leg)",
+            role.as_str()
+        )))),
+        Some(Leg::Decode(_)) if !role.consumes() => Err(Box::new(bad_request(&format!(
+            "kv_transfer_params: do_remote_prefill requires a KV consumer, but this instance has \
+             kv_role={} (it cannot serve a decode leg)",
+            role.as_str()
+        )))),
+        _ => Ok(leg),
+    }
 }
 
 async fn chat(inst: &Arc<Instance>, body: &[u8], rid: Option<String>, load: LoadGuard) -> Resp {
@@ -565,6 +599,10 @@ async fn chat(inst: &Arc<Instance>, body: &[u8], rid: Option<String>, load: Load
     if req.n.is_some_and(|n| n != 1) {
         return bad_request("vllm-sim supports n=1 only");
     }
+    let leg = match pd_leg(inst, req.kv_transfer_params.as_ref()) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
     let max = match max_tokens_arg(req.max_completion_tokens.or(req.max_tokens)) {
         Ok(m) => m,
         Err(r) => return *r,
@@ -592,6 +630,7 @@ async fn chat(inst: &Arc<Instance>, body: &[u8], rid: Option<String>, load: Load
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        leg,
     };
     generate(inst, p, rid, load).await
 }
@@ -612,6 +651,10 @@ async fn completion(
     if req.n.is_some_and(|n| n != 1) {
         return bad_request("vllm-sim supports n=1 only");
     }
+    let leg = match pd_leg(inst, req.kv_transfer_params.as_ref()) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
     let max = match max_tokens_arg(req.max_tokens) {
         Ok(m) => m,
         Err(r) => return *r,
@@ -633,6 +676,7 @@ async fn completion(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        leg,
     };
     generate(inst, p, rid, load).await
 }
@@ -670,7 +714,17 @@ pub(crate) struct Submitted {
     pub(crate) reset_after: Option<usize>,
 }
 
-/// Submits a prompt to the instance's engine, as every generating endpoint does.
+/// KV a decode leg brought from its prefill instance (see [`crate::pd`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KvLoad {
+    /// Prompt tokens transferred ([`RequestSpec::remote_tokens`]).
+    remote_tokens: usize,
+    /// Virtual seconds the transfer took ([`RequestSpec::waited_v`]).
+    waited_v: f64,
+}
+
+/// Submits a prompt to the instance's engine, as every generating endpoint does, and counts it
+/// as a plain (non-P/D) request.
 ///
 /// `explicit` says whether `max_tokens` came from the request (the request then finishes with
 /// `length`) or is a default (`stop`). `stream` sets how often the engine wakes the HTTP side.
@@ -682,6 +736,30 @@ pub(crate) fn submit(
     explicit: bool,
     seed: u64,
     stream: bool,
+) -> Result<Submitted, Box<Resp>> {
+    inst.pd
+        .counters
+        .plain_requests
+        .fetch_add(1, Ordering::Relaxed);
+    submit_kv(
+        inst,
+        prompt,
+        (max_tokens, explicit),
+        seed,
+        stream,
+        KvLoad::default(),
+    )
+}
+
+/// [`submit`] for any request, with the KV a decode leg brought (`kv`); not counted.
+/// `max_tokens` is `(count, explicit)`.
+fn submit_kv(
+    inst: &Arc<Instance>,
+    prompt: Vec<u32>,
+    (max_tokens, explicit): (usize, bool),
+    seed: u64,
+    stream: bool,
+    kv: KvLoad,
 ) -> Result<Submitted, Box<Resp>> {
     let engine = inst.engine();
     let reset_after = match inst.fault().mode {
@@ -700,6 +778,8 @@ pub(crate) fn submit(
         } else {
             usize::MAX
         },
+        remote_tokens: kv.remote_tokens,
+        waited_v: kv.waited_v,
     };
     let (id, shared) = match engine.submit(spec) {
         Ok(x) => x,
@@ -824,16 +904,53 @@ pub(crate) fn add_sim_headers(r: &mut Resp, inst: &Instance, t: &Timings, preemp
     }
 }
 
+/// The P/D part of a request before its submission: counts its leg and, for a decode leg, pulls
+/// its KV from the prefill instance and waits the modelled transfer time. A failed pull is
+/// counted and the prompt recomputed (vLLM's `kv_load_failure_policy=recompute`).
+async fn load_kv(inst: &Instance, leg: Option<&Leg>) -> KvLoad {
+    let c = &inst.pd.counters;
+    let remote = match leg {
+        None => {
+            c.plain_requests.fetch_add(1, Ordering::Relaxed);
+            return KvLoad::default();
+        }
+        Some(Leg::Prefill) => {
+            c.prefill_legs.fetch_add(1, Ordering::Relaxed);
+            return KvLoad::default();
+        }
+        Some(Leg::Decode(r)) => r,
+    };
+    c.decode_legs.fetch_add(1, Ordering::Relaxed);
+    match inst.pd.pull(remote).await {
+        Ok(tokens) => {
+            c.transferred_tokens
+                .fetch_add(tokens as u64, Ordering::Relaxed);
+            let waited_v = inst.pd.transfer_time_v(tokens);
+            tokio::time::sleep(inst.cfg.to_wall(waited_v)).await;
+            KvLoad {
+                remote_tokens: tokens,
+                waited_v,
+            }
+        }
+        Err(e) => {
+            c.transfer_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(instance = inst.idx, "{e}; recomputing the prompt");
+            KvLoad::default()
+        }
+    }
+}
+
 async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: LoadGuard) -> Resp {
     let max_tokens = p.max_tokens.unwrap_or(inst.cfg.default_max_tokens);
     let prompt_len = p.prompt.len();
-    let sub = match submit(
+    let kv = load_kv(inst, p.leg.as_ref()).await;
+    let sub = match submit_kv(
         inst,
         p.prompt,
-        max_tokens,
-        p.max_tokens.is_some(),
+        (max_tokens, p.max_tokens.is_some()),
         p.seed,
         p.stream,
+        kv,
     ) {
         Ok(s) => s,
         Err(r) => return *r,
@@ -883,6 +1000,11 @@ async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: 
         Outcome::Aborted => return aborted_response(),
     };
     let text = output_text(&inst.tokenizer, p.seed, 0, finished.generated);
+    // A prefill leg's KV now waits for its decode instance.
+    let kv_transfer_params = matches!(p.leg, Some(Leg::Prefill)).then(|| {
+        inst.pd
+            .offer(prompt_len, inst.cfg.block_size, &inst.host, inst.port)
+    });
     let usage = Usage {
         prompt_tokens: prompt_len,
         total_tokens: prompt_len + finished.generated,
@@ -917,7 +1039,7 @@ async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: 
             system_fingerprint: None,
             usage,
             prompt_logprobs: None,
-            kv_transfer_params: None,
+            kv_transfer_params: kv_transfer_params.as_ref(),
         }),
         Kind::Completion => serde_json::to_vec(&CompletionResponse {
             id: &oid,
@@ -935,7 +1057,7 @@ async fn generate(inst: &Arc<Instance>, p: Prepared, rid: Option<String>, load: 
             service_tier: None,
             system_fingerprint: None,
             usage,
-            kv_transfer_params: None,
+            kv_transfer_params: kv_transfer_params.as_ref(),
         }),
     }
     .unwrap_or_default();
@@ -993,7 +1115,7 @@ struct ChatResponse<'a> {
     system_fingerprint: Option<()>,
     usage: Usage,
     prompt_logprobs: Option<()>,
-    kv_transfer_params: Option<()>,
+    kv_transfer_params: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -1016,7 +1138,7 @@ struct CompletionResponse<'a> {
     service_tier: Option<()>,
     system_fingerprint: Option<()>,
     usage: Usage,
-    kv_transfer_params: Option<()>,
+    kv_transfer_params: Option<&'a Value>,
 }
 
 /// New tokens of a request, as seen by one poll of a [`TokenPump`].
@@ -1218,6 +1340,29 @@ async fn sim_admin(
             json_response(StatusCode::OK, &json!({"ok": true, "fault": spec}))
         }
         (Method::GET, "info") => json_response(StatusCode::OK, &inst.info()),
+        (Method::POST, "kv_transfer") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return *r,
+            };
+            let pull: PullRequest = match parse_body(&body) {
+                Ok(p) => p,
+                Err(r) => return *r,
+            };
+            match inst.pd.take(&pull.engine_id, &pull.block_ids) {
+                Some(tokens) => json_response(StatusCode::OK, &json!({"tokens": tokens})),
+                None => error_response(
+                    StatusCode::NOT_FOUND,
+                    "NotFoundError",
+                    &format!(
+                        "no pending KV transfer for engine {} and these blocks (unknown, \
+                         expired, already pulled or another incarnation)",
+                        pull.engine_id
+                    ),
+                    None,
+                ),
+            }
+        }
         (Method::POST, "reset_prefix_cache") => {
             let eng = inst.engine();
             eng.lock().reset_prefix_cache();

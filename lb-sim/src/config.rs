@@ -231,6 +231,71 @@ pub struct KvEventsConfig {
     pub buffer_steps: usize,
 }
 
+/// Disaggregated prefill/decode settings of a process (see [`crate::pd`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PdConfig {
+    /// KV roles: one for every instance, or one per instance (`--kv-role producer,consumer`).
+    pub roles: Vec<crate::pd::KvRole>,
+    /// Virtual seconds a prefill instance keeps a finished prefill's KV for a decode instance
+    /// to pull (vLLM's `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, 480 s).
+    pub transfer_timeout_s: f64,
+    /// Virtual seconds per transferred token of a KV pull (2 µs ≈ a fast NIXL link).
+    pub transfer_time_per_token_s: f64,
+    /// Pending transfers an instance keeps at most (the oldest is dropped beyond).
+    pub max_pending_transfers: usize,
+}
+
+impl Default for PdConfig {
+    fn default() -> Self {
+        Self {
+            roles: vec![crate::pd::KvRole::Both],
+            transfer_timeout_s: 480.0,
+            transfer_time_per_token_s: 2e-6,
+            max_pending_transfers: 10_000,
+        }
+    }
+}
+
+impl PdConfig {
+    /// Checks ranges against the number of instances of the process.
+    pub fn validate(&self, instances: usize) -> Result<(), ConfigError> {
+        let bad = |name: &'static str, reason: &str| ConfigError::Invalid {
+            name,
+            reason: reason.to_string(),
+        };
+        if self.roles.is_empty() || (self.roles.len() != 1 && self.roles.len() != instances) {
+            return Err(bad(
+                "kv_role",
+                &format!(
+                    "give one role or one per instance ({instances}), got {}",
+                    self.roles.len()
+                ),
+            ));
+        }
+        if !(self.transfer_timeout_s.is_finite() && self.transfer_timeout_s > 0.0) {
+            return Err(bad("kv_transfer_timeout", "must be a positive number"));
+        }
+        if !(self.transfer_time_per_token_s.is_finite() && self.transfer_time_per_token_s >= 0.0) {
+            return Err(bad(
+                "kv_transfer_time_per_token",
+                "must be a non-negative number",
+            ));
+        }
+        if self.max_pending_transfers == 0 {
+            return Err(bad("max_pending_transfers", "must be > 0"));
+        }
+        Ok(())
+    }
+
+    /// The role of instance `idx`.
+    pub fn role_of(&self, idx: usize) -> crate::pd::KvRole {
+        match self.roles.as_slice() {
+            [one] => *one,
+            many => many.get(idx).copied().unwrap_or_default(),
+        }
+    }
+}
+
 /// Settings of the whole `vllm-sim` process.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -252,6 +317,8 @@ pub struct SimConfig {
     pub ports_file: Option<std::path::PathBuf>,
     /// Worker threads of the tokio runtime (0 = current-thread runtime).
     pub worker_threads: usize,
+    /// Disaggregated prefill/decode (roles, transfer timing).
+    pub pd: PdConfig,
 }
 
 impl Default for SimConfig {
@@ -266,6 +333,7 @@ impl Default for SimConfig {
             initial_fault: None,
             ports_file: None,
             worker_threads: 1,
+            pd: PdConfig::default(),
         }
     }
 }
@@ -306,5 +374,19 @@ mod tests {
         };
         assert!(c.validate().is_err());
         assert!(Preset::parse("nope").is_err());
+    }
+
+    #[test]
+    fn pd_roles_one_or_per_instance() {
+        use crate::pd::KvRole;
+        let mut p = PdConfig::default();
+        assert!(p.validate(3).is_ok());
+        assert_eq!(p.role_of(2), KvRole::Both);
+        p.roles = vec![KvRole::Producer, KvRole::Consumer];
+        assert!(p.validate(3).is_err());
+        assert!(p.validate(2).is_ok());
+        assert_eq!(p.role_of(1), KvRole::Consumer);
+        p.transfer_timeout_s = 0.0;
+        assert!(p.validate(2).is_err());
     }
 }

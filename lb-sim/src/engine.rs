@@ -12,6 +12,13 @@
 //! - At the end of a step, requests whose tokens are all computed sample one token; newly full
 //!   blocks (prompt or generated) are hashed and cached.
 //!
+//! - A P/D decode leg ([`crate::pd`]) arrives with `remote_tokens` of prompt KV already
+//!   transferred from a prefill instance. As vLLM's scheduler does with a connector's external
+//!   tokens, admission counts them as computed (capped at `num_tokens - 1`: the last prompt token
+//!   is recomputed to sample the first output token): their blocks are allocated, hashed and
+//!   cached (so the prefix cache and KV events include them) but they take no token budget and
+//!   cost no prefill time. A preempted request loses the transferred KV and recomputes it all.
+//!
 //! Step duration is `LatencyModel::step_seconds(uncached prefill tokens, decode sequences)`,
 //! multiplied by the slow-down fault factor. Time is virtual: [`Clock`] maps virtual seconds to
 //! wall time through `time_scale`. While busy, steps run back to back in virtual time even if
@@ -168,6 +175,13 @@ pub struct RequestSpec {
     /// Wake the HTTP side every this many tokens (plus the first and the last); streams use the
     /// stream interval, non-streaming requests `usize::MAX` (woken only when done).
     pub wake_every: usize,
+    /// Leading prompt tokens whose KV was transferred from a prefill instance (a P/D decode
+    /// leg, see [`crate::pd`]): allocated and cached at admission, never charged as prefill.
+    /// 0 for ordinary requests.
+    pub remote_tokens: usize,
+    /// Virtual seconds the request already waited before reaching the engine (the KV transfer of
+    /// a decode leg); its arrival is back-dated by this much, so TTFT and queue time include it.
+    pub waited_v: f64,
 }
 
 #[derive(Debug)]
@@ -179,6 +193,9 @@ struct Seq {
     explicit_max: bool,
     seed: u64,
     wake_every: usize,
+    /// Transferred prompt tokens still held (see [`RequestSpec::remote_tokens`]); 0 after a
+    /// preemption.
+    remote_tokens: usize,
     generated: usize,
     num_computed: usize,
     blocks: Vec<BlockId>,
@@ -355,6 +372,7 @@ impl Engine {
                 explicit_max: spec.explicit_max_tokens,
                 seed: spec.seed,
                 wake_every: spec.wake_every.max(1),
+                remote_tokens: spec.remote_tokens.min(prompt),
                 generated: 0,
                 num_computed: 0,
                 blocks: Vec::new(),
@@ -362,7 +380,11 @@ impl Engine {
                 num_cached_blocks: 0,
                 in_prefill: true,
                 first_scheduled: false,
-                arrival_v: now_v,
+                arrival_v: if spec.waited_v.is_finite() && spec.waited_v > 0.0 {
+                    (now_v - spec.waited_v).max(0.0)
+                } else {
+                    now_v
+                },
                 first_sched_v: 0.0,
                 first_token_v: 0.0,
                 last_token_v: 0.0,
@@ -510,8 +532,11 @@ impl Engine {
                     0
                 };
                 let hit_tokens = hit_blocks * bs;
-                let n = (num_tokens - hit_tokens).min(budget);
-                let need_new = (hit_tokens + n).div_ceil(bs) - hit_blocks;
+                // Transferred KV (P/D decode leg) counts as computed, like cached blocks; the
+                // last token is always recomputed.
+                let computed = hit_tokens.max(seq.remote_tokens.min(num_tokens - 1));
+                let n = (num_tokens - computed).min(budget);
+                let need_new = (computed + n).div_ceil(bs) - hit_blocks;
                 // Cached blocks that are free now leave the free queue when touched.
                 let touched_free = seq.hashes[..hit_blocks]
                     .iter()
@@ -528,16 +553,15 @@ impl Engine {
                 }
                 self.waiting.pop_front();
                 seq.blocks = blocks;
-                seq.num_computed = hit_tokens;
+                seq.num_computed = computed;
                 seq.num_cached_blocks = hit_blocks;
                 seq.in_prefill = true;
                 if !seq.first_scheduled {
                     seq.first_scheduled = true;
                     start_v = start_v.max(seq.arrival_v);
                     seq.first_sched_v = start_v;
-                    seq.shared
-                        .cached_tokens
-                        .store(hit_tokens, Ordering::Relaxed);
+                    // As vLLM's `num_cached_tokens`: local hits plus externally loaded tokens.
+                    seq.shared.cached_tokens.store(computed, Ordering::Relaxed);
                     self.metrics.prefix_cache_queries += num_tokens as u64;
                     self.metrics.prefix_cache_hits += hit_tokens as u64;
                     self.metrics.prompt_tokens_cached += hit_tokens as u64;
@@ -577,6 +601,8 @@ impl Engine {
         seq.blocks.clear();
         seq.num_computed = 0;
         seq.num_cached_blocks = 0;
+        // The transferred KV was in the freed blocks: recompute it (bar prefix-cache hits).
+        seq.remote_tokens = 0;
         seq.in_prefill = true;
         seq.shared.preemptions.fetch_add(1, Ordering::Relaxed);
         self.metrics.num_preemptions += 1;
@@ -855,6 +881,8 @@ mod tests {
             explicit_max_tokens: true,
             seed: 7,
             wake_every: 1,
+            remote_tokens: 0,
+            waited_v: 0.0,
         }
     }
 
@@ -1034,6 +1062,88 @@ mod tests {
         drain(&mut e);
         let t = sh.snapshot().finished.expect("f").1;
         assert!(t.ttft > 0.0 && t.ttft < 0.05, "{t:?}");
+    }
+
+    fn remote(prompt: Vec<u32>, out: usize, remote_tokens: usize) -> RequestSpec {
+        RequestSpec {
+            remote_tokens,
+            ..spec(prompt, out)
+        }
+    }
+
+    #[test]
+    fn transferred_kv_costs_one_decode_step() {
+        let l = Preset::H100Llama8b.latency();
+        let a = prompt(1, 10_000);
+        // Plain: two chunks of the 8,192-token budget.
+        let mut e = Engine::new(cfg(), false);
+        let (_, plain) = e.submit(spec(a.clone(), 2), 0.0).expect("submit");
+        drain(&mut e);
+        let plain = plain.snapshot().finished.expect("f").1.ttft;
+        assert!((plain - l.step_seconds(8192, 0) - l.step_seconds(1808, 0)).abs() < 1e-9);
+        // Decode leg with the whole prompt transferred: only the last token is recomputed, in
+        // one step, whatever the token budget.
+        let mut e = Engine::new(cfg(), false);
+        let (_, h) = e.submit(remote(a.clone(), 2, 10_000), 0.0).expect("submit");
+        let steps = drain(&mut e);
+        assert_eq!(steps[0].prefill_tokens, 1);
+        let p = h.snapshot();
+        let t = p.finished.expect("f").1;
+        assert!((t.ttft - l.step_seconds(1, 0)).abs() < 1e-9, "{t:?}");
+        assert!(
+            t.ttft < 1.01 * l.step_seconds(0, 1),
+            "about one decode step"
+        );
+        assert!(t.ttft * 10.0 < plain);
+        assert_eq!(p.cached_tokens, 9_999);
+        assert_eq!(e.metrics().prefix_cache_hits, 0);
+        // The transferred blocks were cached: a plain follow-up hits them.
+        let now = e.clock_v();
+        let (_, h2) = e.submit(spec(a, 1), now).expect("submit");
+        drain(&mut e);
+        assert_eq!(h2.snapshot().cached_tokens, 9_999 / 16 * 16);
+    }
+
+    #[test]
+    fn partial_transfer_charges_the_rest_and_waiting_is_ttft() {
+        let l = Preset::H100Llama8b.latency();
+        let mut e = Engine::new(cfg(), false);
+        let r = RequestSpec {
+            waited_v: 0.25,
+            ..remote(prompt(1, 1000), 2, 600)
+        };
+        let (_, h) = e.submit(r, 1.0).expect("submit");
+        // The driver plans the first step at the submission time, not the back-dated arrival.
+        let s = e.schedule(1.0).expect("step");
+        assert_eq!(s.prefill_tokens, 400);
+        e.complete(&s);
+        drain(&mut e);
+        let t = h.snapshot().finished.expect("f").1;
+        assert!(
+            (t.ttft - 0.25 - l.step_seconds(400, 0)).abs() < 1e-9,
+            "{t:?}"
+        );
+        assert!((t.queue - 0.25).abs() < 1e-9, "{t:?}");
+    }
+
+    #[test]
+    fn preemption_loses_transferred_kv() {
+        let mut e = Engine::new(
+            EngineConfig {
+                enable_prefix_caching: false,
+                ..cfg()
+            },
+            false,
+        );
+        let (id, _) = e.submit(remote(prompt(1, 1000), 5, 1000), 0.0).expect("s");
+        let s = e.schedule(0.0).expect("step");
+        assert_eq!(s.prefill_tokens, 1);
+        e.complete(&s);
+        e.running.retain(|&x| x != id);
+        e.preempt(id);
+        // Prompt + the generated token, all recomputed.
+        let s = e.schedule(0.0).expect("step");
+        assert_eq!(s.prefill_tokens, 1001);
     }
 
     /// The calibration table of `lb-sim/README.md`, computed by the engine itself.

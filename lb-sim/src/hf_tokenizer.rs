@@ -2114,6 +2114,8 @@ mod tests {
                 explicit_max_tokens: true,
                 seed,
                 wake_every: usize::MAX,
+                remote_tokens: 0,
+                waited_v: 0.0,
             },
             0.0,
         )

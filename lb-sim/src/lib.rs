@@ -7,6 +7,7 @@
 //! [`server`] wires them together; `src/main.rs` is only the CLI. Prompts are tokenized by the
 //! stand-in [`tokenizer`], or in HF mode by a Hugging Face tokenizer ([`hf_tokenizer`]).
 //! [`workload`] generates the agentic workloads that benchmarks and tests send to it.
+//! [`pd`] simulates disaggregated prefill/decode with vLLM's NixlConnector protocol.
 
 pub mod api;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod faults;
 pub mod hf_tokenizer;
 pub mod kv_events;
 pub mod metrics;
+pub mod pd;
 pub mod prefix_cache;
 pub mod responses;
 pub mod server;

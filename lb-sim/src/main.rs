@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use lb_sim::config::{EngineConfig, KvEventsConfig, Preset, SimConfig};
+use lb_sim::config::{EngineConfig, KvEventsConfig, PdConfig, Preset, SimConfig};
 use lb_sim::faults::FaultSpec;
 use lb_sim::hf_tokenizer::{self, HfTokenizer};
+use lb_sim::pd::KvRole;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -143,6 +144,20 @@ struct ServeArgs {
     /// Runtime worker threads (0 = single-threaded runtime).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Disaggregated prefill/decode role (vLLM's kv_role): both | producer | consumer, or one
+    /// per instance, comma-separated (`producer,producer,consumer`).
+    #[arg(long, default_value = "both")]
+    kv_role: String,
+    /// Virtual seconds a prefill instance keeps a finished prefill's KV for its decode instance
+    /// (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+    #[arg(long, default_value_t = 480.0)]
+    kv_transfer_timeout: f64,
+    /// Virtual seconds per token of a KV transfer to a decode instance.
+    #[arg(long, default_value_t = 2e-6)]
+    kv_transfer_time_per_token: f64,
+    /// Pending KV transfers an instance keeps at most (oldest dropped beyond).
+    #[arg(long, default_value_t = 10_000)]
+    max_pending_transfers: usize,
 }
 
 impl ServeArgs {
@@ -190,6 +205,13 @@ impl ServeArgs {
             bail!("--instances must be at least 1");
         }
         let initial_fault = self.fault.as_deref().map(FaultSpec::parse).transpose()?;
+        let pd = PdConfig {
+            roles: KvRole::parse_list(&self.kv_role)?,
+            transfer_timeout_s: self.kv_transfer_timeout,
+            transfer_time_per_token_s: self.kv_transfer_time_per_token,
+            max_pending_transfers: self.max_pending_transfers,
+        };
+        pd.validate(self.instances)?;
         Ok(SimConfig {
             engine,
             instances: self.instances,
@@ -204,6 +226,7 @@ impl ServeArgs {
             initial_fault,
             ports_file: self.ports_file,
             worker_threads: self.threads,
+            pd,
         })
     }
 }

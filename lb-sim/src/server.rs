@@ -20,9 +20,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, SimBody};
-use crate::config::{EngineConfig, SimConfig};
+use crate::config::{EngineConfig, PdConfig, SimConfig};
 use crate::engine::{Engine, EngineHandle, run_engine};
 use crate::faults::{FaultMode, FaultSpec};
+use crate::pd::PdState;
 use crate::responses::ResponseStore;
 use crate::tokenizer::Tokenizer;
 
@@ -83,6 +84,8 @@ pub struct Instance {
     pub responses: ResponseStore,
     /// `POST /tokenize` requests served (a router tokenizing in-process makes none).
     pub tokenize_requests: AtomicU64,
+    /// Disaggregated prefill/decode: role, engine id, pending transfers, counters.
+    pub pd: PdState,
     ids: AtomicU64,
     id_seed: u64,
     random_ids: AtomicU64,
@@ -104,7 +107,14 @@ impl Drop for LoadGuard {
 }
 
 impl Instance {
-    fn new(idx: usize, host: &str, port: u16, cfg: EngineConfig, kv: Option<KvPorts>) -> Arc<Self> {
+    fn new(
+        idx: usize,
+        host: &str,
+        port: u16,
+        cfg: EngineConfig,
+        kv: Option<KvPorts>,
+        pd: &PdConfig,
+    ) -> Arc<Self> {
         let engine = EngineHandle::new(Engine::new(cfg.clone(), kv.is_some()));
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -112,6 +122,14 @@ impl Instance {
             .unwrap_or(0);
         let (fault_tx, _) = watch::channel(FaultSpec::default());
         let responses = ResponseStore::new(cfg.max_stored_responses);
+        let random_seed = crate::tokenizer::mix64(process_entropy() ^ ((port as u64) << 32))
+            ^ crate::tokenizer::mix64(idx as u64);
+        let pd = PdState::new(
+            pd.role_of(idx),
+            pd,
+            cfg.time_scale,
+            crate::pd::uuid_from_hex(&api::hex_id(random_seed, u64::MAX)),
+        );
         Arc::new(Self {
             idx,
             host: host.to_string(),
@@ -126,8 +144,8 @@ impl Instance {
             id_seed: crate::tokenizer::mix64(created ^ ((port as u64) << 32) ^ idx as u64),
             random_ids: AtomicU64::new(0),
             tokenize_requests: AtomicU64::new(0),
-            random_seed: crate::tokenizer::mix64(process_entropy() ^ ((port as u64) << 32))
-                ^ crate::tokenizer::mix64(idx as u64),
+            pd,
+            random_seed,
             engine: ArcSwap::from(engine),
             engine_task: Mutex::new(None),
             fault_tx,
@@ -203,8 +221,10 @@ impl Instance {
             for w in woken {
                 w.waker.wake();
             }
-            // The stored responses lived in the dead server's memory.
+            // The stored responses and the KV kept for decode instances lived in the dead
+            // server's memory.
             self.responses.clear();
+            self.pd.clear();
         }
         if prev.mode == FaultMode::Die && spec.mode != FaultMode::Die {
             // Restart: a fresh engine with an empty cache; KV subscribers are told to drop
@@ -214,6 +234,9 @@ impl Instance {
             let e = EngineHandle::new(fresh);
             self.engine.store(e);
             self.start_engine();
+            // A new incarnation: decode instances can no longer pull the old one's KV.
+            self.pd
+                .new_incarnation(crate::pd::uuid_from_hex(&self.new_random_id()));
         }
         self.engine().lock().set_slow_factor(factor);
         self.fault_tx.send_replace(spec);
@@ -268,6 +291,7 @@ impl Instance {
             "max_clock_lag_seconds": eng.lag().1,
             "stored_responses": stored_responses,
             "kv_events": self.kv.as_ref().map(|k| json!({"pub_port": k.pub_port, "replay_port": k.replay_port, "topic": k.topic})),
+            "pd": self.pd.info(),
         })
     }
 }
@@ -382,6 +406,7 @@ impl Running {
 /// Binds every listener and starts every task. Must be called inside a tokio runtime.
 pub async fn start(cfg: &SimConfig) -> Result<Running, SimError> {
     cfg.engine.validate()?;
+    cfg.pd.validate(cfg.instances)?;
     let mut instances = Vec::with_capacity(cfg.instances);
     let mut listeners = Vec::with_capacity(cfg.instances);
     for i in 0..cfg.instances {
@@ -419,7 +444,14 @@ pub async fn start(cfg: &SimConfig) -> Result<Running, SimError> {
                 (Some(ports), Some(sockets))
             }
         };
-        instances.push(Instance::new(i, &cfg.host, port, cfg.engine.clone(), kv));
+        instances.push(Instance::new(
+            i,
+            &cfg.host,
+            port,
+            cfg.engine.clone(),
+            kv,
+            &cfg.pd,
+        ));
         listeners.push((l, sockets));
     }
     for (inst, (l, sockets)) in instances.iter().zip(listeners) {
