@@ -54,7 +54,13 @@ struct RunArgs {
     /// Backend base URL, repeatable (replaces [[backends]]).
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
-    /// Routing policy: workflow (default) | session | round_robin | least_loaded (routing.policy).
+    /// Prefill backend base URL for `--policy disaggregated`, repeatable (joins --backend).
+    #[arg(long = "prefill", value_name = "URL")]
+    prefill: Vec<String>,
+    /// Decode backend base URL for `--policy disaggregated`, repeatable (joins --backend).
+    #[arg(long = "decode", value_name = "URL")]
+    decode: Vec<String>,
+    /// Routing policy: workflow (default) | session | prefix | kv | disaggregated | round_robin | least_loaded (routing.policy).
     #[arg(long)]
     policy: Option<String>,
     /// Do not load kernel programs (kernel.mode = "off").
@@ -92,15 +98,19 @@ impl RunArgs {
         if let Some(v) = &self.admin {
             raw.server.admin = Some(v.clone());
         }
-        if !self.backends.is_empty() {
-            raw.backends = self
-                .backends
-                .iter()
-                .map(|u| config::raw::RawBackend {
-                    url: Some(u.clone()),
-                    name: None,
-                })
-                .collect();
+        if !(self.backends.is_empty() && self.prefill.is_empty() && self.decode.is_empty()) {
+            let with = |urls: &[String], role: &str| {
+                urls.iter()
+                    .map(|u| config::raw::RawBackend {
+                        url: Some(u.clone()),
+                        name: None,
+                        role: Some(role.to_owned()),
+                    })
+                    .collect::<Vec<_>>()
+            };
+            raw.backends = with(&self.backends, "unified");
+            raw.backends.extend(with(&self.prefill, "prefill"));
+            raw.backends.extend(with(&self.decode, "decode"));
         }
         if let Some(v) = &self.policy {
             raw.routing.policy = Some(v.clone());

@@ -33,6 +33,45 @@ pub struct BackendLoad {
     pub kv_capacity_tokens: f64,
 }
 
+/// What a backend does under the `disaggregated` policy (vLLM prefill/decode
+/// disaggregation over a KV connector such as NIXL). Other policies use every backend
+/// alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Serves whole requests (and is the fallback when a disaggregated leg fails).
+    #[default]
+    Unified,
+    /// Computes the prompt's KV (`max_tokens` 1) for a decode instance to pull.
+    Prefill,
+    /// Pulls the KV a prefill instance computed and generates the answer.
+    Decode,
+}
+
+impl Role {
+    /// Accepted names.
+    pub const ALL: [&'static str; 3] = ["unified", "prefill", "decode"];
+
+    /// Parses a role name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "unified" | "both" => Some(Self::Unified),
+            "prefill" | "producer" => Some(Self::Prefill),
+            "decode" | "consumer" => Some(Self::Decode),
+            _ => None,
+        }
+    }
+
+    /// Canonical name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unified => "unified",
+            Self::Prefill => "prefill",
+            Self::Decode => "decode",
+        }
+    }
+}
+
 /// Circuit-breaker state of a backend (passive health).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -69,6 +108,8 @@ pub struct Backend {
     pub url_hash: u64,
     /// Resolved addresses (published to the kernel).
     pub addrs: Vec<SocketAddr>,
+    /// Prefill, decode or unified (the `disaggregated` policy).
+    pub role: Role,
     /// `host:port` of the URL, for upstream request URIs.
     pub authority: http::uri::Authority,
     /// The same as a `Host` header value.
@@ -115,6 +156,7 @@ impl Backend {
             ),
             url,
             addrs,
+            role: Role::Unified,
             authority,
             host_header,
             inflight: AtomicU64::new(0),

@@ -453,3 +453,80 @@ fn the_index_matches_each_instance_cache_through_eviction_and_a_dropped_socket()
     }
     Ok(())
 }
+
+#[test]
+fn without_a_tokenizer_a_workflows_blocks_are_learned_and_an_eviction_is_seen() -> Result<()> {
+    let tok = export_tokenizer()?;
+    let s = sims(2, &tok)?;
+    // No tokenizer: agentlb cannot key requests itself; it learns from `/tokenize`.
+    let lb = lb(&s, "kv", None)?;
+    wait_sources(&lb, 2, "events_only")?;
+    let hdr = [("x-workflow-id", "wf-learn")];
+    let tokenized = |s: &[Sim]| -> Result<u64> {
+        s.iter()
+            .map(|x| Ok(sim_info(x)?["tokenize_requests"].as_u64().unwrap_or(0)))
+            .sum()
+    };
+    let first = conversation(5, &[("user", text(51, 500))]);
+    let a = chat(&lb.url("/v1/chat/completions"), &first, &hdr)?;
+    let home = index_of(&lb, &s, &a.backend.clone().context("backend")?)?;
+    // Learned after the answer, from the instance that gave it: one /tokenize there.
+    wait_until(Duration::from_secs(10), || {
+        let v = get(&lb.admin_url("/admin/kv")).ok()?;
+        (v["learned"]["learned"].as_u64()? == 1).then_some(())
+    })
+    .context("the first prompt was never learned")?;
+    ensure!(
+        sim_info(&s[home])?["tokenize_requests"] == 1 && tokenized(&s)? == 1,
+        "expected one /tokenize on the instance that answered"
+    );
+    // The next turn: its earlier prompt is all held there (the events say so).
+    let turns = |answer: &str, seed: u64| {
+        conversation(
+            5,
+            &[
+                ("user", text(51, 500)),
+                ("assistant", answer.to_owned()),
+                ("user", text(seed, 30)),
+            ],
+        )
+    };
+    let b = chat(
+        &lb.url("/v1/chat/completions"),
+        &turns(&a.content, 52),
+        &hdr,
+    )?;
+    ensure!(
+        index_of(&lb, &s, &b.backend.clone().context("backend")?)? == home,
+        "left the instance holding its context: {}",
+        b.route
+    );
+    let predicted = cached_of(&b.route).context("cached=")?;
+    ensure!(
+        predicted >= a.prompt / 2 && b.cached >= a.prompt / 2,
+        "predicted {predicted}, reported {} (first prompt {} tokens)",
+        b.cached,
+        a.prompt
+    );
+    // The instance drops its cache (AllBlocksCleared): no longer credited with it,
+    // although agentlb's own approximate index still remembers routing it there.
+    ureq::post(&format!("{}/sim/reset_prefix_cache", s[home].url())).call()?;
+    wait_until(Duration::from_secs(10), || {
+        let v = get(&lb.admin_url("/admin/kv")).ok()?;
+        (v["sources"].as_array()?.get(home)?["blocks"].as_u64()? == 0).then_some(())
+    })
+    .context("the cleared cache never reached the index")?;
+    let c = chat(
+        &lb.url("/v1/chat/completions"),
+        &turns(&a.content, 53),
+        &hdr,
+    )?;
+    let predicted = cached_of(&c.route).context("cached=")?;
+    ensure!(
+        predicted == 0 && c.cached == 0,
+        "after the eviction: predicted {predicted}, reported {} ({})",
+        c.cached,
+        c.route
+    );
+    Ok(())
+}

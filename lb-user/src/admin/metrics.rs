@@ -156,6 +156,7 @@ pub struct Metrics {
     head: Histogram,
     upstream_errors: Family<ErrorLabels, Counter>,
     retries: Family<KindLabel, Counter>,
+    pd: Family<KindLabel, Counter>,
     lineage: Counter,
     wf_requests: Family<WorkflowLabel, Counter>,
     agent_requests: Family<AgentLabel, Counter>,
@@ -251,6 +252,14 @@ impl Metrics {
             "Attempts retried on another backend, by the failure that caused them",
             retries.clone(),
         );
+        let pd = Family::<KindLabel, Counter>::default();
+        r.register(
+            "pd_requests",
+            "Requests under the disaggregated policy by path: disaggregated (prefill then \
+             decode leg), prefill_failed / no_prefill / decode_failed (served by a unified \
+             backend instead), client_params (the client sent its own kv_transfer_params)",
+            pd.clone(),
+        );
         let endings = Family::<KindLabel, Counter>::default();
         r.register(
             "response_endings",
@@ -325,6 +334,7 @@ impl Metrics {
             head,
             upstream_errors,
             retries,
+            pd,
             lineage,
             wf_requests,
             agent_requests,
@@ -411,6 +421,11 @@ impl Metrics {
     /// A retry.
     pub fn retry(&self, kind: &'static str) {
         self.retries.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// One request under the `disaggregated` policy, by the path it took.
+    pub fn pd(&self, kind: &'static str) {
+        self.pd.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// A new lineage edge.

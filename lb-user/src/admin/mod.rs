@@ -52,6 +52,7 @@ fn backend_json(b: &Backend) -> serde_json::Value {
         "id": b.id,
         "name": b.name,
         "url": b.url.to_string(),
+        "role": b.role,
         "addrs": b.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "healthy": b.healthy.load(Ordering::Relaxed),
         "draining": b.draining.load(Ordering::Relaxed),
@@ -71,6 +72,9 @@ struct AddBackend {
     url: String,
     #[serde(default)]
     name: Option<String>,
+    /// `unified` (default), `prefill` or `decode`.
+    #[serde(default)]
+    role: Option<String>,
 }
 
 fn query_param(q: Option<&str>, key: &str) -> Option<usize> {
@@ -117,6 +121,12 @@ impl Admin {
             "enabled": true,
             "mode": kv.mode(),
             "tokenizer": kv.can_key(),
+            "learned": kv.learner.as_ref().map(|l| serde_json::json!({
+                "prompts": l.len(),
+                "learned": r(&l.stats.learned),
+                "skipped": r(&l.stats.skipped),
+                "failed": r(&l.stats.failed),
+            })),
             "block_size": kv.block_size(),
             "index": {
                 "blocks": kv.index.len(),
@@ -216,12 +226,16 @@ impl Admin {
                     .to_bytes();
                 let add: AddBackend = serde_json::from_slice(&body).map_err(|e| {
                     ApiError::invalid_request(
-                        format!("expected {{\"url\", \"name\"?}}: {e}"),
+                        format!("expected {{\"url\", \"name\"?, \"role\"?}}: {e}"),
                         "invalid_json",
                     )
                 })?;
-                let cfg = crate::config::parse_backend(&add.url, add.name.as_deref())
-                    .map_err(|e| ApiError::invalid_request(e.to_string(), "invalid_backend"))?;
+                let cfg = crate::config::parse_backend(
+                    &add.url,
+                    add.name.as_deref(),
+                    add.role.as_deref(),
+                )
+                .map_err(|e| ApiError::invalid_request(e.to_string(), "invalid_backend"))?;
                 let b = self.controller.add(&cfg).await.map_err(|e| {
                     let mut err = ApiError::invalid_request(e.to_string(), "invalid_backend");
                     if matches!(e, crate::controller::ControllerError::Duplicate(_)) {

@@ -88,17 +88,21 @@ pub enum PolicyName {
     Prefix,
     /// `prefix` scored with the backends' KV events (exact where they are fresh).
     Kv,
+    /// Prefill/decode disaggregation: the prompt's KV computed on a `prefill` backend
+    /// (chosen as `kv` chooses), the answer generated on a `decode` backend.
+    Disaggregated,
 }
 
 impl PolicyName {
     /// All accepted names.
-    pub const ALL: [&'static str; 6] = [
+    pub const ALL: [&'static str; 7] = [
         "round_robin",
         "least_loaded",
         "workflow",
         "session",
         "prefix",
         "kv",
+        "disaggregated",
     ];
 
     /// Parses a policy name (`-` and `_` are interchangeable).
@@ -110,6 +114,7 @@ impl PolicyName {
             "session" => Some(Self::Session),
             "prefix" => Some(Self::Prefix),
             "kv" => Some(Self::Kv),
+            "disaggregated" | "pd" => Some(Self::Disaggregated),
             _ => None,
         }
     }
@@ -123,6 +128,7 @@ impl PolicyName {
             Self::Session => "session",
             Self::Prefix => "prefix",
             Self::Kv => "kv",
+            Self::Disaggregated => "disaggregated",
         }
     }
 }
@@ -138,6 +144,8 @@ pub struct BackendConfig {
     pub host: String,
     /// Port (80 when the URL has none).
     pub port: u16,
+    /// Part under the `disaggregated` policy.
+    pub role: crate::model::Role,
 }
 
 /// `[kernel]`, validated.
@@ -321,6 +329,11 @@ pub struct KvConfig {
     pub max_blocks: usize,
     /// Blocks keyed at most per request.
     pub max_prompt_blocks: usize,
+    /// Without a tokenizer: workflows' prompts learned from the backends' `/tokenize`
+    /// answers (0: no learning).
+    pub learn_max_prompts: usize,
+    /// `/tokenize` calls of learning at once.
+    pub learn_concurrency: usize,
     /// Staleness: a routed request with no event since, this long ago.
     pub stale_after: Duration,
     /// Replay answer timeout.
@@ -346,6 +359,8 @@ impl Default for KvConfig {
             block_size: 16,
             max_blocks: 1 << 20,
             max_prompt_blocks: 16_384,
+            learn_max_prompts: 4096,
+            learn_concurrency: 2,
             stale_after: Duration::from_secs(10),
             replay_timeout: Duration::from_secs(2),
             cpu_discount: 0.8,
@@ -482,7 +497,9 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
             v.issue(&path, "missing");
             continue;
         };
-        if let Some(backend) = v.backend(&path, url, b.name.as_deref()) {
+        let role = v.role(&format!("backends[{i}].role"), b.role.as_deref());
+        if let Some(mut backend) = v.backend(&path, url, b.name.as_deref()) {
+            backend.role = role;
             if backends
                 .iter()
                 .any(|o: &BackendConfig| o.host == backend.host && o.port == backend.port)
@@ -513,6 +530,19 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         );
         PolicyName::RoundRobin
     });
+    if policy == PolicyName::Disaggregated {
+        for role in [crate::model::Role::Prefill, crate::model::Role::Decode] {
+            if !backends.iter().any(|b: &BackendConfig| b.role == role) {
+                v.issue(
+                    "routing.policy",
+                    &format!(
+                        "disaggregated needs at least one backend with role = \"{}\"",
+                        role.as_str()
+                    ),
+                );
+            }
+        }
+    }
 
     let rr = &raw.routing;
     let load_bound = rr.load_bound.unwrap_or(1.25);
@@ -807,6 +837,18 @@ fn kv_config(v: &mut Validator, r: &raw::RawKv) -> KvConfig {
             d.max_prompt_blocks,
             1,
         ),
+        learn_max_prompts: v.size(
+            "kv.learn_max_prompts",
+            r.learn_max_prompts,
+            d.learn_max_prompts,
+            0,
+        ),
+        learn_concurrency: v.size(
+            "kv.learn_concurrency",
+            r.learn_concurrency,
+            d.learn_concurrency,
+            1,
+        ),
         stale_after: v.millis(
             "kv.stale_after_ms",
             r.stale_after_ms,
@@ -831,10 +873,18 @@ fn kv_config(v: &mut Validator, r: &raw::RawKv) -> KvConfig {
 }
 
 /// Validates one backend (admin API `POST /admin/backends`).
-pub fn parse_backend(url: &str, name: Option<&str>) -> Result<BackendConfig, ConfigError> {
+pub fn parse_backend(
+    url: &str,
+    name: Option<&str>,
+    role: Option<&str>,
+) -> Result<BackendConfig, ConfigError> {
     let mut v = Validator::default();
+    let role = v.role("role", role);
     match v.backend("url", url, name) {
-        Some(b) if v.issues.is_empty() => Ok(b),
+        Some(mut b) if v.issues.is_empty() => {
+            b.role = role;
+            Ok(b)
+        }
         _ => Err(ConfigError::Invalid(v.issues)),
     }
 }
@@ -928,6 +978,23 @@ impl Validator {
             url: base,
             host,
             port,
+            role: crate::model::Role::Unified,
+        })
+    }
+
+    fn role(&mut self, path: &str, v: Option<&str>) -> crate::model::Role {
+        let Some(name) = v else {
+            return crate::model::Role::Unified;
+        };
+        crate::model::Role::parse(name).unwrap_or_else(|| {
+            self.issue(
+                path,
+                &format!(
+                    "unknown role {name:?} (expected one of: {})",
+                    crate::model::Role::ALL.join(", ")
+                ),
+            );
+            crate::model::Role::Unified
         })
     }
 }
@@ -1063,6 +1130,44 @@ format = "xml"
             issues("[[backends]]\nurl = \"http://a:1\"\n[[backends]]\nurl = \"http://a:1/\"\n");
         assert_eq!(got.len(), 1);
         assert!(got[0].contains("duplicate backend"), "{got:?}");
+    }
+
+    #[test]
+    fn disaggregated_needs_prefill_and_decode_roles() {
+        let cfg = "[routing]\npolicy = \"disaggregated\"\n\
+                   [[backends]]\nurl = \"http://p:1\"\nrole = \"prefill\"\n\
+                   [[backends]]\nurl = \"http://d:1\"\nrole = \"decode\"\n\
+                   [[backends]]\nurl = \"http://u:1\"\n";
+        let c = validate(&parse_str(cfg).expect("parse")).expect("valid");
+        assert_eq!(c.policy, PolicyName::Disaggregated);
+        let roles: Vec<_> = c.backends.iter().map(|b| b.role).collect();
+        use crate::model::Role;
+        assert_eq!(roles, [Role::Prefill, Role::Decode, Role::Unified]);
+        // Without decode backends, and with an unknown role: both named.
+        let got = issues(
+            "[routing]\npolicy = \"disaggregated\"\n\
+             [[backends]]\nurl = \"http://p:1\"\nrole = \"prefill\"\n\
+             [[backends]]\nurl = \"http://d:1\"\nrole = \"decoder\"\n",
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got.iter()
+                .any(|i| i.contains("backends[1].role") && i.contains("unknown role")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(|i| i.contains("role = \"decode\"")),
+            "{got:?}"
+        );
+        // Roles are ignored by other policies, and accepted via the admin API too.
+        assert!(issues("[[backends]]\nurl = \"http://p:1\"\nrole = \"prefill\"\n").is_empty());
+        assert_eq!(
+            parse_backend("http://d:1", None, Some("decode"))
+                .expect("valid")
+                .role,
+            Role::Decode
+        );
+        assert!(parse_backend("http://d:1", None, Some("x")).is_err());
     }
 
     #[test]

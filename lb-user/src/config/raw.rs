@@ -56,6 +56,10 @@ pub struct RawKv {
     pub max_blocks: Option<usize>,
     /// Blocks keyed at most per request.
     pub max_prompt_blocks: Option<usize>,
+    /// Without a tokenizer: prompts learned from the backends' `/tokenize` (0: off).
+    pub learn_max_prompts: Option<usize>,
+    /// `/tokenize` calls of learning at once.
+    pub learn_concurrency: Option<usize>,
     /// A source is stale this long after a request routed to it saw no event.
     pub stale_after_ms: Option<u64>,
     /// Longest wait for a replay answer.
@@ -162,6 +166,9 @@ pub struct RawBackend {
     pub url: Option<String>,
     /// Display name (defaults to `host:port`).
     pub name: Option<String>,
+    /// `unified` (default), `prefill` or `decode`: the backend's part under the
+    /// `disaggregated` policy.
+    pub role: Option<String>,
 }
 
 /// `[routing]`.

@@ -139,6 +139,21 @@ impl Controller {
         self
     }
 
+    /// Without a tokenizer: the blocks learned for this request's workflow, when the
+    /// policy reads the events and would tokenize it (see [`Controller::kv_for`]).
+    pub fn kv_learned(&self, meta: &RequestMeta) -> Option<crate::kv::PromptKeys> {
+        let kv = self.kv.as_ref().filter(|k| !k.can_key())?;
+        let policy = self.policy.load();
+        if !policy.uses_kv() {
+            return None;
+        }
+        let key = policies::workflow::routing_key(meta)?;
+        if policy.uses_homes() && self.workflows.has_home(key) {
+            return None;
+        }
+        kv.learned(key)
+    }
+
     /// Precise KV routing, when this request should be tokenized for it: a tokenizer is
     /// loaded and the policy reads the events — `kv` for every request, `workflow` only
     /// for a workflow without a home here (where the events say its context is decides
@@ -169,7 +184,9 @@ impl Controller {
                 message: e.to_string(),
             })?
             .collect();
-        Ok(Backend::new(id, c.name.clone(), c.url.clone(), addrs))
+        let mut b = Backend::new(id, c.name.clone(), c.url.clone(), addrs);
+        b.role = c.role;
+        Ok(b)
     }
 
     /// Resolves configured backends and assigns ids 0..n.
@@ -273,8 +290,14 @@ impl Controller {
                 };
                 if let Some((kv, p)) = kv {
                     for (x, held) in m.iter_mut().zip(kv.held_tokens(&p.keys, &ids)) {
-                        if let Some(h) = held {
-                            *x = h;
+                        match held {
+                            // An earlier prompt of the workflow, all still held: the
+                            // approximate prediction also covers what came since.
+                            Some(h) if p.learned && h >= 0.9 * p.tokens as f64 => {
+                                *x = x.max(h);
+                            }
+                            Some(h) => *x = h,
+                            None => {}
                         }
                     }
                 }
@@ -283,7 +306,11 @@ impl Controller {
                 Vec::new()
             },
             held: Vec::new(),
-            prompt_tokens: meta.kv.as_ref().map(|p| p.tokens as f64),
+            prompt_tokens: meta
+                .kv
+                .as_ref()
+                .filter(|p| !p.learned)
+                .map(|p| p.tokens as f64),
         });
         let matched = |i: usize| {
             demand
@@ -304,7 +331,7 @@ impl Controller {
                     // its context is?
                     let adopted;
                     let demand = match (&demand, kv) {
-                        (Some(d), Some((kv, p))) if homes.home.is_none() => {
+                        (Some(d), Some((kv, p))) if homes.home.is_none() && !p.learned => {
                             let ids: Vec<BackendId> = free.iter().map(|b| b.id).collect();
                             adopted = policies::Demand {
                                 held: kv.held_tokens(&p.keys, &ids),
@@ -407,6 +434,11 @@ impl Controller {
     /// Whether the current policy keeps workflow homes.
     pub fn uses_homes(&self) -> bool {
         self.policy.load().uses_homes()
+    }
+
+    /// Whether the policy splits requests into prefill and decode legs.
+    pub fn disaggregated(&self) -> bool {
+        self.policy.load().disaggregated()
     }
 
     /// Policy name.

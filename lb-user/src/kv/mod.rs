@@ -18,6 +18,7 @@
 //! `/admin/backends` and `/admin/kv`.
 
 pub mod index;
+pub mod learn;
 pub mod subscriber;
 pub mod tokenize;
 pub mod wire;
@@ -75,6 +76,9 @@ pub struct PromptKeys {
     pub keys: Vec<u64>,
     /// Prompt length in tokens.
     pub tokens: usize,
+    /// Learned from the backend's `/tokenize` answer to an earlier request of the same
+    /// workflow ([`learn`]): a prefix of this prompt, not all of it.
+    pub learned: bool,
 }
 
 struct Running {
@@ -95,6 +99,8 @@ pub struct KvRouting {
     running: Mutex<HashMap<(BackendId, u32), Running>>,
     /// Requests whose prompt could not be tokenized (matched by the approximate index).
     pub tokenize_errors: std::sync::atomic::AtomicU64,
+    /// Without a tokenizer: workflows' prompts learned from the backends' `/tokenize`.
+    pub learner: Option<Arc<learn::Learner>>,
 }
 
 impl std::fmt::Debug for KvRouting {
@@ -125,6 +131,7 @@ impl KvRouting {
             )?)),
             (None, None) => None,
         };
+        let tokenizer_missing = tokenizer.is_none();
         Ok(Self {
             index: Arc::new(KvIndex::new(cfg.max_blocks)),
             cfg: cfg.clone(),
@@ -136,6 +143,17 @@ impl KvRouting {
             sources: ArcSwap::from_pointee(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             tokenize_errors: std::sync::atomic::AtomicU64::new(0),
+            learner: (tokenizer_missing && cfg.learn_max_prompts > 0).then(|| {
+                Arc::new(learn::Learner::new(
+                    cfg.learn_max_prompts,
+                    cfg.learn_concurrency,
+                    BlockKeys {
+                        block_size: cfg.block_size,
+                    },
+                    cfg.max_prompt_blocks,
+                    cfg.replay_timeout.max(std::time::Duration::from_secs(5)),
+                ))
+            }),
         })
     }
 
@@ -182,6 +200,7 @@ impl KvRouting {
                     .keys
                     .keys(BlockKeys::root(lora), &tokens, self.cfg.max_prompt_blocks),
                 tokens: tokens.len(),
+                learned: false,
             }),
             Err(e) => {
                 self.tokenize_errors
@@ -189,6 +208,34 @@ impl KvRouting {
                 tracing::debug!("prompt not tokenized: {e}");
                 None
             }
+        }
+    }
+
+    /// Without a tokenizer, the blocks of an earlier prompt of the workflow `key`,
+    /// learned from a backend's `/tokenize` answer (`None` when none is, or no source
+    /// publishes events).
+    pub fn learned(&self, key: u64) -> Option<PromptKeys> {
+        let l = self.learner.as_ref()?;
+        if self.sources.load().values().all(Vec::is_empty) {
+            return None;
+        }
+        l.get(key)
+    }
+
+    /// Without a tokenizer: learns, off the request path, the blocks of the request
+    /// `body` that `base_url` has just answered, for the workflow `key`.
+    pub fn learn(&self, key: u64, base_url: String, body: bytes::Bytes, kind: PromptKind) {
+        if let Some(l) = &self.learner
+            && !self.sources.load().values().all(Vec::is_empty)
+        {
+            l.learn(key, base_url, body, kind);
+        }
+    }
+
+    /// The workflow `key` ended: its learned prompt is forgotten first.
+    pub fn end_learned(&self, key: u64) {
+        if let Some(l) = &self.learner {
+            l.end(key);
         }
     }
 

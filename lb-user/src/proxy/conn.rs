@@ -675,6 +675,21 @@ impl Conn {
                 };
             }
         }
+        // Without a tokenizer: an earlier prompt of the workflow, learned from a backend.
+        let prompt_kind = match route {
+            "chat" => Some(crate::kv::tokenize::PromptKind::Chat),
+            "completions" => Some(crate::kv::tokenize::PromptKind::Completion),
+            _ => None,
+        };
+        let learning = proxy
+            .controller
+            .kv
+            .as_ref()
+            .filter(|k| k.learner.is_some() && prompt_kind.is_some())
+            .and_then(|_| crate::controller::policies::workflow::routing_key(&meta));
+        if meta.kv.is_none() && learning.is_some() {
+            meta.kv = proxy.controller.kv_learned(&meta);
+        }
         let span = tracing::Span::current();
         if !span.is_disabled() {
             span.record("workflow_id", meta.workflow_id.as_deref().unwrap_or(""));
@@ -685,7 +700,7 @@ impl Conn {
 
         // Upstream, watching for the client leaving meanwhile.
         let up = {
-            let fwd = proxy.forward(
+            let fwd = proxy.route(
                 &head,
                 &body,
                 &meta,
@@ -695,6 +710,7 @@ impl Conn {
                 started,
                 &mut self.timers.first_byte,
                 &mut self.upstream_head,
+                route,
             );
             tokio::pin!(fwd);
             tokio::select! {
@@ -719,6 +735,7 @@ impl Conn {
             inflight,
             reason,
             predicted_cached,
+            prefill,
         } = up;
         let ufr = h1::response_framing(&uh)
             .map_err(|m| ApiError::bad_gateway(format!("backend {} sent {m}", backend.name)))?;
@@ -757,6 +774,10 @@ impl Conn {
             out.extend_from_slice(reason.as_str().as_bytes());
             out.extend_from_slice(b"; cached=");
             h1::put_dec(out, predicted_cached);
+            if let Some(p) = &prefill {
+                out.extend_from_slice(b"; prefill=");
+                out.extend_from_slice(p.name.as_bytes());
+            }
             out.extend_from_slice(b"\r\n");
         }
         match cfr {
@@ -837,6 +858,11 @@ impl Conn {
         let backend_log = backend.clone();
         let rid_log = meta.request_id;
         let want_usage = wf_key.is_some() || predicted_cached > 0;
+        // Learned after a complete 200 answer, from the backend that gave it.
+        let learn = learning
+            .zip(prompt_kind)
+            .filter(|_| status == 200)
+            .map(|(k, kind)| (k, kind, body.clone()));
         let on_end = move |outcome: Outcome,
                            usage: Option<crate::controller::workflows::Usage>,
                            ended: Instant| {
@@ -845,6 +871,13 @@ impl Conn {
                 ended.saturating_duration_since(started).as_secs_f64(),
                 outcome,
             );
+            if let (Some((k, kind, body)), Some(kv)) = (learn, &this.controller.kv) {
+                if end_workflow {
+                    kv.end_learned(k);
+                } else if outcome == Outcome::Complete {
+                    kv.learn(k, backend_log.url.to_string(), body, kind);
+                }
+            }
             if let Some(u) = usage {
                 this.metrics.cache_reuse(
                     &backend_log.label,

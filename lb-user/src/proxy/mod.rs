@@ -25,6 +25,7 @@ pub mod error;
 pub mod h1;
 pub mod limits;
 pub mod meta;
+mod pd;
 pub mod responses;
 pub mod stream;
 pub mod upstream;
@@ -95,7 +96,9 @@ impl Settings {
                 prefix_block: if c.routing.prefix_index_blocks > 0
                     && matches!(
                         c.policy,
-                        crate::config::PolicyName::Workflow | crate::config::PolicyName::Prefix
+                        crate::config::PolicyName::Workflow
+                            | crate::config::PolicyName::Prefix
+                            | crate::config::PolicyName::Disaggregated
                     ) {
                     c.routing.prefix_block_bytes
                 } else {
@@ -183,6 +186,8 @@ pub struct Upstream {
     pub reason: crate::controller::Reason,
     /// Prompt tokens `backend` was predicted to have cached.
     pub predicted_cached: u64,
+    /// The prefill backend whose KV the decode backend pulled (`disaggregated`).
+    pub prefill: Option<Arc<Backend>>,
 }
 
 /// Shared proxy state.
@@ -280,10 +285,13 @@ impl Proxy {
         started: Instant,
         first_byte: &mut conn::Deadline,
         req: &mut Vec<u8>,
+        exclude: &[u32],
     ) -> Result<Upstream, ApiError> {
         let limits = &settings.limits;
         let retry = &settings.retry;
-        let mut tried: Vec<u32> = Vec::new();
+        // Backends not to use (another role under `disaggregated`), then the ones tried.
+        let mut tried: Vec<u32> = exclude.to_vec();
+        let skip = tried.len();
         let mut last: Option<ApiError> = None;
         // The last upstream 5xx answer: passed through to the client when no
         // other backend can be tried.
@@ -312,11 +320,11 @@ impl Proxy {
                 req.extend_from_slice(body);
             }
             let now = Instant::now();
-            if tried.is_empty() {
+            if tried.len() == skip {
                 self.metrics
                     .overhead(now.saturating_duration_since(started).as_secs_f64());
             }
-            tracing::debug!(backend = %backend.name, attempt = tried.len(), "forwarding");
+            tracing::debug!(backend = %backend.name, attempt = tried.len() - skip, "forwarding");
             first_byte.set(tokio::time::Instant::from_std(now) + limits.first_byte_timeout);
             let timed = {
                 let sent = self.attempt(
@@ -339,8 +347,8 @@ impl Proxy {
                 }
                 Ok(Ok((conn, h))) => {
                     backend.record_success();
-                    if !tried.is_empty() {
-                        tracing::info!(request_id = rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, failed_attempts = tried.len(), reason = picked.reason.as_str(), "request moved to another backend");
+                    if tried.len() > skip {
+                        tracing::info!(request_id = rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, failed_attempts = tried.len() - skip, reason = picked.reason.as_str(), "request moved to another backend");
                     }
                     return Ok(Upstream {
                         conn,
@@ -349,6 +357,7 @@ impl Proxy {
                         inflight,
                         reason: picked.reason,
                         predicted_cached: picked.predicted_cached,
+                        prefill: None,
                     });
                 }
                 Ok(Err(e)) => e,
@@ -366,6 +375,7 @@ impl Proxy {
                         inflight,
                         reason: picked.reason,
                         predicted_cached: picked.predicted_cached,
+                        prefill: None,
                     });
                     (
                         "status",
@@ -406,7 +416,7 @@ impl Proxy {
             self.metrics.upstream_error(&backend.name, kind);
             tracing::warn!(request_id = rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
             last = Some(err);
-            let n = tried.len() as u32;
+            let n = (tried.len() - skip) as u32;
             if n > retry.max_retries || !self.budget.try_retry(retry.budget_ratio, retry.budget_min)
             {
                 if let Some(t) = last_status.take() {

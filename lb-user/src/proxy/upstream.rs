@@ -25,7 +25,7 @@ use std::{
 use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use super::h1::{self, Head, HeadError};
+use super::h1::{self, Framing, Head, HeadError};
 use crate::model::{Backend, BackendId};
 
 /// Idle connections older than this are checked for a close before reuse.
@@ -214,6 +214,66 @@ async fn connect(backend: &Backend, timeout: Duration) -> io::Result<TcpStream> 
             io::ErrorKind::TimedOut,
             format!("connect timed out after {} ms", timeout.as_millis()),
         )),
+    }
+}
+
+/// Reads a whole response body of `framing` (the bytes after the head in `conn.buf`
+/// first), up to `max` bytes. Returns the body and whether the connection can be reused
+/// (the body ended by its framing, not by a close). For agentlb's own sub-requests (the
+/// prefill leg), never for relaying.
+pub async fn read_whole_body(
+    conn: &mut UpConn,
+    framing: Framing,
+    max: usize,
+) -> Result<(bytes::Bytes, bool), String> {
+    let mut out: Vec<u8> = Vec::new();
+    let mut chunked = h1::Chunked::new();
+    let mut eof = false;
+    loop {
+        // Consume what is buffered.
+        match framing {
+            Framing::Empty => return Ok((bytes::Bytes::new(), true)),
+            Framing::Length(n) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if n > max {
+                    return Err(format!("response body of {n} bytes exceeds {max}"));
+                }
+                let take = (n - out.len()).min(conn.buf.len());
+                out.extend_from_slice(&conn.buf.split_to(take));
+                if out.len() == n {
+                    return Ok((out.into(), conn.buf.is_empty()));
+                }
+            }
+            Framing::Chunked => {
+                let used = chunked
+                    .decode(&conn.buf, |d| out.extend_from_slice(d))
+                    .map_err(|e| e.to_string())?;
+                let _ = conn.buf.split_to(used);
+                if chunked.done() {
+                    return Ok((out.into(), conn.buf.is_empty()));
+                }
+            }
+            Framing::Close => {
+                out.extend_from_slice(&conn.buf.split());
+                if eof {
+                    return Ok((out.into(), false));
+                }
+            }
+        }
+        if out.len() > max {
+            return Err(format!("response body exceeds {max} bytes"));
+        }
+        if eof {
+            return Err("connection closed inside the response body".into());
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(READ_BUF);
+        }
+        match tokio::io::AsyncReadExt::read_buf(&mut conn.stream, &mut conn.buf).await {
+            Ok(0) => eof = true,
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 

@@ -151,6 +151,11 @@ pub trait Policy: Send + Sync {
     fn uses_kv(&self) -> bool {
         false
     }
+    /// Whether requests are split into a prefill leg and a decode leg by backend role
+    /// (the proxy does the split; the policy scores each leg's candidates).
+    fn disaggregated(&self) -> bool {
+        false
+    }
     /// Chooses a backend with the workflow's homes when the policy keeps them.
     fn route(
         &self,
@@ -178,6 +183,7 @@ pub fn build(name: PolicyName, routing: &RoutingConfig) -> Box<dyn Policy> {
         PolicyName::Session => Box::new(SessionPolicy::new(routing.load_bound)),
         PolicyName::Prefix => Box::new(PrefixPolicy::default()),
         PolicyName::Kv => Box::new(PrefixPolicy::kv()),
+        PolicyName::Disaggregated => Box::new(PrefixPolicy::disaggregated()),
     }
 }
 

@@ -30,6 +30,7 @@ use crate::model::{Backend, RequestMeta};
 pub struct PrefixPolicy {
     rotor: AtomicUsize,
     kv: bool,
+    disaggregated: bool,
 }
 
 impl PrefixPolicy {
@@ -38,13 +39,32 @@ impl PrefixPolicy {
         Self {
             rotor: AtomicUsize::new(0),
             kv: true,
+            disaggregated: false,
+        }
+    }
+
+    /// The `disaggregated` policy: the `kv` scorer, applied by the proxy to the prefill
+    /// backends for the prompt and to the decode backends for the answer.
+    pub fn disaggregated() -> Self {
+        Self {
+            rotor: AtomicUsize::new(0),
+            kv: true,
+            disaggregated: true,
         }
     }
 }
 
 impl Policy for PrefixPolicy {
     fn name(&self) -> &'static str {
-        if self.kv { "kv" } else { "prefix" }
+        match (self.disaggregated, self.kv) {
+            (true, _) => "disaggregated",
+            (false, true) => "kv",
+            (false, false) => "prefix",
+        }
+    }
+
+    fn disaggregated(&self) -> bool {
+        self.disaggregated
     }
 
     fn uses_prefix(&self) -> bool {
