@@ -4,7 +4,10 @@
 //! `POST /v1/responses` (JSON or SSE), `GET /v1/responses/{id}`,
 //! `POST /v1/responses/{id}/cancel` (the Responses API, see [`crate::responses`]),
 //! `GET /v1/models`, `GET /health`, `POST /tokenize`, `GET /load`, `GET /metrics`,
-//! `GET /version`, `GET /kv_event_sources`, and the simulator's own `GET/POST /sim/fault`,
+//! `GET /version`, `GET /kv_event_sources`, vLLM's serving API beyond generation
+//! (`POST /detokenize`, `/score`, `/rerank`, `/pooling`, `/classify`, `/v1/embeddings`,
+//! `/v1/audio/transcriptions`, `/v1/audio/translations`, see [`crate::serving`]), and the
+//! simulator's own `GET/POST /sim/fault`,
 //! `GET /sim/info`, `POST /sim/reset_prefix_cache`, `POST /sim/kv_transfer` (the KV pull of
 //! disaggregated prefill/decode, see [`crate::pd`]).
 //!
@@ -41,6 +44,7 @@ use crate::engine::{
 use crate::faults::{FaultMode, FaultSpec};
 use crate::pd::{Leg, PullRequest};
 use crate::server::{Instance, LoadGuard};
+use crate::serving::Route;
 use crate::tokenizer::{ChatTurn, Tokenizer, fnv1a64, mix64};
 
 /// Largest request body accepted.
@@ -109,7 +113,7 @@ use std::future::Future as _;
 /// A response.
 pub type Resp = Response<SimBody>;
 
-fn json_response(status: StatusCode, v: &Value) -> Resp {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Resp {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let mut r = Response::new(SimBody::full(body));
     *r.status_mut() = status;
@@ -374,6 +378,24 @@ pub async fn handle(
                 Err(r) => *r,
             }
         }
+        // vLLM's serving API beyond generation (see [`crate::serving`]).
+        (
+            Method::POST,
+            p @ ("/detokenize"
+            | "/score"
+            | "/v1/score"
+            | "/rerank"
+            | "/v1/rerank"
+            | "/v2/rerank"
+            | "/pooling"
+            | "/classify"
+            | "/v1/embeddings"
+            | "/v1/audio/transcriptions"
+            | "/v1/audio/translations"),
+        ) => match Route::of_path(p) {
+            Some(route) => crate::serving::serve(&inst, route, req, request_id.clone()).await,
+            None => not_found(),
+        },
         (
             _,
             "/health"
@@ -385,7 +407,18 @@ pub async fn handle(
             | "/tokenize"
             | "/v1/chat/completions"
             | "/v1/completions"
-            | "/v1/responses",
+            | "/v1/responses"
+            | "/detokenize"
+            | "/score"
+            | "/v1/score"
+            | "/rerank"
+            | "/v1/rerank"
+            | "/v2/rerank"
+            | "/pooling"
+            | "/classify"
+            | "/v1/embeddings"
+            | "/v1/audio/transcriptions"
+            | "/v1/audio/translations",
         ) => method_not_allowed(),
         (m, p) if p.starts_with("/v1/responses/") => {
             let query = req.uri().query().map(str::to_string);
@@ -401,7 +434,7 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Box<Resp>> {
+pub(crate) async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Box<Resp>> {
     let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
@@ -486,8 +519,13 @@ fn kv_event_sources(inst: &Instance) -> Resp {
 }
 
 pub(crate) fn check_model(inst: &Instance, model: Option<&str>) -> Result<(), Box<Resp>> {
+    check_served_model(&inst.cfg.model, model)
+}
+
+/// vLLM's 404 when a request names a model other than the served one (`None` is the served one).
+pub(crate) fn check_served_model(served: &str, model: Option<&str>) -> Result<(), Box<Resp>> {
     match model {
-        Some(m) if m != inst.cfg.model => Err(Box::new(error_response(
+        Some(m) if m != served => Err(Box::new(error_response(
             StatusCode::NOT_FOUND,
             "NotFoundError",
             &format!("The model `{m}` does not exist."),

@@ -724,6 +724,19 @@ impl HfTokenizer {
         ids.iter().map(|&id| self.tok.id_to_token(id)).collect()
     }
 
+    /// Text of `ids` (vLLM's `/detokenize`: `tokenizer.decode(ids)`, special tokens kept); an id
+    /// outside the vocabulary is an error naming it.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, HfError> {
+        if let Some(bad) = ids.iter().find(|&&id| self.tok.id_to_token(id).is_none()) {
+            return Err(HfError::Request(format!(
+                "Token id {bad} is out of vocabulary"
+            )));
+        }
+        self.tok
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| HfError::Tokenizer(e.to_string()))
+    }
+
     /// Prompt ids of a chat request body (`/v1/chat/completions` or `/tokenize` with
     /// `messages`): rendered, then encoded without special tokens unless the body sets
     /// `add_special_tokens: true`.

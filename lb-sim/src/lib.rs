@@ -8,6 +8,8 @@
 //! stand-in [`tokenizer`], or in HF mode by a Hugging Face tokenizer ([`hf_tokenizer`]).
 //! [`workload`] generates the agentic workloads that benchmarks and tests send to it.
 //! [`pd`] simulates disaggregated prefill/decode with vLLM's NixlConnector protocol.
+//! [`serving`] answers vLLM's non-generating routes (score, rerank, pooling, classify,
+//! embeddings, detokenize, audio transcriptions and translations).
 
 pub mod api;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod pd;
 pub mod prefix_cache;
 pub mod responses;
 pub mod server;
+pub mod serving;
 pub mod tokenizer;
 pub mod workload;
 

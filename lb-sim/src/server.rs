@@ -86,6 +86,9 @@ pub struct Instance {
     pub tokenize_requests: AtomicU64,
     /// Disaggregated prefill/decode: role, engine id, pending transfers, counters.
     pub pd: PdState,
+    /// Requests served per serving route (`/score`, `/v1/embeddings`, ...; see
+    /// [`crate::serving`]).
+    pub serving: crate::serving::ServingCounters,
     ids: AtomicU64,
     id_seed: u64,
     random_ids: AtomicU64,
@@ -145,6 +148,7 @@ impl Instance {
             random_ids: AtomicU64::new(0),
             tokenize_requests: AtomicU64::new(0),
             pd,
+            serving: Default::default(),
             random_seed,
             engine: ArcSwap::from(engine),
             engine_task: Mutex::new(None),
@@ -292,6 +296,7 @@ impl Instance {
             "stored_responses": stored_responses,
             "kv_events": self.kv.as_ref().map(|k| json!({"pub_port": k.pub_port, "replay_port": k.replay_port, "topic": k.topic})),
             "pd": self.pd.info(),
+            "serving": self.serving.info(),
         })
     }
 }
