@@ -169,13 +169,18 @@ pub struct Metrics {
 }
 
 /// Every value of the `route` label.
-pub const ROUTES: [&str; 7] = [
+pub const ROUTES: [&str; 12] = [
     "chat",
     "completions",
     "embeddings",
     "responses",
     "models",
     "health",
+    "tokenize",
+    "score",
+    "rerank",
+    "pooling",
+    "audio",
     "other",
 ];
 

@@ -583,15 +583,19 @@ impl Conn {
     ) -> Result<bool, ApiError> {
         let limits = &s.limits;
         let bodyless = stored.is_some() && framing == Framing::Empty;
-        let is_json = bodyless
-            || head
-                .values_of(Known::ContentType)
-                .next()
-                .and_then(|v| v.split(|&b| b == b';').next())
-                .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"application/json"));
-        if !is_json {
+        let multipart = super::multipart_route(head.path());
+        let content_type = head.values_of(Known::ContentType).next();
+        let mime = content_type
+            .and_then(|v| v.split(|&b| b == b';').next())
+            .map(<[u8]>::trim_ascii);
+        let expected: &[u8] = if multipart {
+            b"multipart/form-data"
+        } else {
+            b"application/json"
+        };
+        if !(bodyless || mime.is_some_and(|m| m.eq_ignore_ascii_case(expected))) {
             return Err(ApiError::invalid_request(
-                "Content-Type must be application/json",
+                format!("Content-Type must be {}", String::from_utf8_lossy(expected)),
                 "invalid_content_type",
             ));
         }
@@ -608,12 +612,19 @@ impl Conn {
             }
         }
         let body = self.read_body(framing, s).await?;
-        let mut meta = meta::extract(
-            &head,
-            (!bodyless).then_some(&body[..]),
-            rid.to_owned(),
-            &s.meta,
-        )?;
+        let mut meta = if multipart {
+            // Audio: the model is a form field; the file is not a prompt.
+            let mut m = meta::extract(&head, None, rid.to_owned(), &s.meta)?;
+            m.model = meta::form_model(content_type.unwrap_or_default(), &body, &s.meta).await?;
+            m
+        } else {
+            meta::extract(
+                &head,
+                (!bodyless).then_some(&body[..]),
+                rid.to_owned(),
+                &s.meta,
+            )?
+        };
         let proxy = self.proxy.clone();
         // Responses API: a request on a stored response goes to the backend that has it,
         // and a continuation joins the chain's workflow.

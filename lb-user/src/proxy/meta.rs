@@ -343,6 +343,39 @@ fn opt_id(what: &str, v: Option<&str>, limits: &MetaLimits) -> Result<Option<Str
     v.map(|v| check_id(what, v, limits)).transpose()
 }
 
+/// The `model` field of a `multipart/form-data` body (the audio routes), `None` when
+/// the form has none. A malformed form is a 400.
+pub async fn form_model(
+    content_type: &[u8],
+    body: &bytes::Bytes,
+    limits: &MetaLimits,
+) -> Result<Option<String>, ApiError> {
+    let bad = |m: String| ApiError::invalid_request(m, "invalid_multipart");
+    let ct =
+        std::str::from_utf8(content_type).map_err(|_| bad("Content-Type is not ASCII".into()))?;
+    let boundary =
+        multer::parse_boundary(ct).map_err(|e| bad(format!("multipart/form-data: {e}")))?;
+    let data = body.clone();
+    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(data) });
+    let constraints = multer::Constraints::new()
+        .size_limit(multer::SizeLimit::new().for_field("model", limits.max_id_len as u64 * 4 + 64));
+    let mut form = multer::Multipart::with_constraints(stream, boundary, constraints);
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| bad(format!("multipart/form-data body: {e}")))?
+    {
+        if field.name() == Some("model") {
+            let text = field
+                .text()
+                .await
+                .map_err(|e| bad(format!("multipart/form-data field model: {e}")))?;
+            return Ok(Some(text.trim().to_owned()).filter(|m| !m.is_empty()));
+        }
+    }
+    Ok(None)
+}
+
 /// Extracts metadata from headers and (for JSON requests) the body bytes.
 /// `body` is `None` for requests without a JSON body.
 pub fn extract(
@@ -358,6 +391,14 @@ pub fn extract(
         // here rather than by the backend.
         Some(b) if !b.is_empty() => std::str::from_utf8(b)
             .map_err(|e| format!("it is not UTF-8 ({e})"))
+            .and_then(|text| {
+                // A struct also deserializes from an array: require the object.
+                if text.trim_start().starts_with('{') {
+                    Ok(text)
+                } else {
+                    Err("expected a JSON object".to_owned())
+                }
+            })
             .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
             .map_err(|e| {
                 ApiError::invalid_request(
@@ -579,6 +620,47 @@ mod tests {
     fn unknown_fields_are_ignored() {
         let m = ex(&[], r#"{"messages":[{"role":"user","content":"hi"}],"temperature":0.5,"x":{"y":[1,2,{"z":null}]}}"#).expect("ok");
         assert_eq!(m.workflow_id, None);
+    }
+
+    #[test]
+    fn a_body_must_be_a_json_object() {
+        for body in ["[]", "[\"m\", true]", "  [1]", "\"text\"", "7"] {
+            let e = ex(&[], body).expect_err(body);
+            assert_eq!(e.code, "invalid_json", "{body}");
+        }
+        assert!(ex(&[], " \n{\"model\":\"m\"}").is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_model_of_a_form_is_read_and_a_bad_form_refused() {
+        let limits = MetaLimits::default();
+        let form = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+                    Content-Type: audio/wav\r\n\r\nRIFF....\r\n--XyZ\r\n\
+                    Content-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ--\r\n";
+        let body = bytes::Bytes::from(form);
+        let got = form_model(b"multipart/form-data; boundary=XyZ", &body, &limits).await;
+        assert_eq!(got.expect("form"), Some("whisper-1".to_owned()));
+        let none = bytes::Bytes::from(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r\n--XyZ--\r\n",
+        );
+        assert_eq!(
+            form_model(b"multipart/form-data; boundary=XyZ", &none, &limits)
+                .await
+                .expect("form"),
+            None
+        );
+        let e = form_model(b"multipart/form-data", &body, &limits)
+            .await
+            .expect_err("no boundary");
+        assert_eq!(e.code, "invalid_multipart");
+        let e = form_model(
+            b"multipart/form-data; boundary=XyZ",
+            &bytes::Bytes::from("--XyZ\r\ngarbage"),
+            &limits,
+        )
+        .await
+        .expect_err("truncated");
+        assert_eq!(e.code, "invalid_multipart");
     }
 
     fn chat(system: &str, user: &str) -> String {

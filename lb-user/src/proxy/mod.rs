@@ -55,13 +55,34 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type of every response agentlb produces.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// The OpenAI routes agentlb proxies.
-const PROXIED: [&[u8]; 4] = [
+/// The routes agentlb proxies (`POST`): vLLM's OpenAI-compatible API and the rest of
+/// its serving API, each routed by model with the same metadata, limits, retries and
+/// metrics.
+const PROXIED: [&[u8]; 15] = [
     b"/v1/chat/completions",
     b"/v1/completions",
     b"/v1/embeddings",
     b"/v1/responses",
+    b"/tokenize",
+    b"/detokenize",
+    b"/v1/score",
+    b"/score",
+    b"/v1/rerank",
+    b"/rerank",
+    b"/v2/rerank",
+    b"/pooling",
+    b"/classify",
+    b"/v1/audio/transcriptions",
+    b"/v1/audio/translations",
 ];
+
+/// Routes whose body is `multipart/form-data` (the model is a form field).
+pub(crate) fn multipart_route(path: &[u8]) -> bool {
+    matches!(
+        path,
+        b"/v1/audio/transcriptions" | b"/v1/audio/translations"
+    )
+}
 
 /// Settings that a reload can change without restarting.
 #[derive(Debug, Clone)]
@@ -492,6 +513,11 @@ fn route_label(path: &[u8]) -> &'static str {
         p if p.starts_with(b"/v1/responses/") => "responses",
         b"/v1/models" => "models",
         b"/health" | b"/ready" => "health",
+        b"/tokenize" | b"/detokenize" => "tokenize",
+        b"/v1/score" | b"/score" => "score",
+        b"/v1/rerank" | b"/rerank" | b"/v2/rerank" => "rerank",
+        b"/pooling" | b"/classify" => "pooling",
+        b"/v1/audio/transcriptions" | b"/v1/audio/translations" => "audio",
         _ => "other",
     }
 }
