@@ -192,6 +192,13 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Body upload timeout.
     pub body_read_timeout: Duration,
+    /// After an early error (413, 400, 408...) with the request body unread: how long
+    /// agentlb keeps reading and discarding it so the client, which may send the whole
+    /// body before reading, gets the answer instead of a reset (nginx's lingering
+    /// close). 0: close at once.
+    pub linger: Duration,
+    /// Most bytes discarded while lingering.
+    pub linger_bytes: usize,
     /// Upstream first-byte (response head) timeout.
     pub first_byte_timeout: Duration,
     /// Whole-request timeout.
@@ -666,6 +673,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
             l.body_read_timeout_ms,
             60_000,
         ),
+        linger: Duration::from_millis(l.linger_ms.unwrap_or(30_000)),
+        linger_bytes: v.size("limits.linger_bytes", l.linger_bytes, 256 * 1024 * 1024, 0),
         first_byte_timeout: v.millis(
             "limits.first_byte_timeout_ms",
             l.first_byte_timeout_ms,

@@ -252,6 +252,10 @@ pub struct RawLimits {
     pub max_body_bytes: Option<usize>,
     /// Time for the client to send the body.
     pub body_read_timeout_ms: Option<u64>,
+    /// Lingering close after an early error: time reading and discarding the body.
+    pub linger_ms: Option<u64>,
+    /// Lingering close: most bytes discarded.
+    pub linger_bytes: Option<usize>,
     /// Time from sending upstream to the response head.
     pub first_byte_timeout_ms: Option<u64>,
     /// Time for a whole request, including streaming.

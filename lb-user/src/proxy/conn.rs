@@ -281,7 +281,49 @@ impl Conn {
                 break;
             }
         }
+        if self.body_pending {
+            self.linger().await;
+        }
         let _ = self.stream.shutdown().await;
+    }
+
+    /// Lingering close (as nginx does): the answer to a request whose body was left
+    /// unread (413, 408, a bad head...) is out, but a client that sends its whole body
+    /// before reading (Python's `urllib`) would get a reset instead of it if the socket
+    /// closed with unread bytes. Half-close, then read and discard until the client
+    /// closes, `limits.linger_ms` pass (at most 5 s without a byte), or
+    /// `limits.linger_bytes` are read.
+    async fn linger(&mut self) {
+        let (total, max) = {
+            let s = self.proxy.settings.load();
+            (s.limits.linger, s.limits.linger_bytes)
+        };
+        if total.is_zero() || max == 0 {
+            return;
+        }
+        let _ = self.stream.shutdown().await;
+        let deadline = Instant::now() + total;
+        let idle = total.min(std::time::Duration::from_secs(5));
+        let mut read = 0usize;
+        self.buf.clear();
+        self.buf.reserve(READ_BUF);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.buf.clear();
+            match tokio::time::timeout(idle.min(left), self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => {
+                    read += n;
+                    if read >= max {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::debug!(bytes = read, "lingering close done");
     }
 
     /// Reads the next request head. `Ok(None)`: the connection is done (closed,
