@@ -149,7 +149,12 @@ async fn serve(
                 reloader: reloader.clone(),
                 token: config.admin_token.clone(),
             });
-            Some(tokio::spawn(admin::serve(l, admin, stop_rx.clone())))
+            Some(tokio::spawn(admin::serve_with(
+                l,
+                admin,
+                stop_rx.clone(),
+                config.limits.header_read_timeout,
+            )))
         }
         None => None,
     };

@@ -5,6 +5,12 @@
 //! (label values capped, the rest counted as `_other`). Read at scrape time by
 //! collectors: backend in-flight/health/circuit/load, queue depth, workflow table,
 //! kernel counters and dataplane mode.
+//!
+//! Label values that come from outside agentlb's code — workflow and agent ids
+//! (request headers and bodies), backend names (configuration and the admin API) —
+//! are [`Escaped`]: prometheus-client's text encoder writes label values as they
+//! are, so a `"` in an id could otherwise close the value and forge labels or break
+//! the exposition.
 
 use std::{
     collections::HashSet,
@@ -13,7 +19,9 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
@@ -31,13 +39,45 @@ use crate::{
     proxy::{limits::Limiter, stream::Outcome},
 };
 
+/// A label value agentlb does not control, escaped when encoded as the text
+/// exposition formats require (`\` → `\\`, `"` → `\"`, newline → `\n`;
+/// prometheus-client's text encoder does not escape label values itself).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Escaped<T>(pub T);
+
+impl<T: std::fmt::Display> EncodeLabelValue for Escaped<T> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        write!(EscapeWriter(encoder), "{}", self.0)
+    }
+}
+
+/// Writes through to `W`, escaping a label value.
+struct EscapeWriter<'a, W>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for EscapeWriter<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut rest = s;
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            self.0.write_str(&rest[..i])?;
+            self.0.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
 /// `{route, backend, status}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Route (`chat`, `completions`, `embeddings`, `models`, `health`, `other`).
     pub route: &'static str,
     /// Backend name (`none` when no backend answered).
-    pub backend: Arc<String>,
+    pub backend: Escaped<Arc<String>>,
     /// HTTP status returned to the client.
     pub status: u16,
 }
@@ -53,7 +93,7 @@ pub struct RouteLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// Backend name.
-    pub backend: String,
+    pub backend: Escaped<String>,
     /// `connect`, `io`, `timeout`, `status`.
     pub kind: &'static str,
 }
@@ -69,7 +109,7 @@ pub struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KvSourceLabels {
     /// Backend name.
-    pub backend: String,
+    pub backend: Escaped<String>,
     /// Data-parallel rank.
     pub rank: u32,
     /// What is counted.
@@ -89,7 +129,7 @@ pub struct RouteReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendPolicyLabels {
     /// Backend name.
-    pub backend: Arc<String>,
+    pub backend: Escaped<Arc<String>>,
     /// Policy name.
     pub policy: &'static str,
 }
@@ -98,14 +138,14 @@ pub struct BackendPolicyLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkflowLabel {
     /// Workflow id (or `_other` past the cap).
-    pub workflow: String,
+    pub workflow: Escaped<String>,
 }
 
 /// `{agent}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabel {
     /// Agent id (or `_other` past the cap).
-    pub agent: String,
+    pub agent: Escaped<String>,
 }
 
 /// Bounded set of label values.
@@ -376,7 +416,7 @@ impl Metrics {
             .requests
             .get_or_create(&RequestLabels {
                 route,
-                backend: backend.clone(),
+                backend: Escaped(backend.clone()),
                 status,
             })
             .clone();
@@ -417,7 +457,7 @@ impl Metrics {
     pub fn upstream_error(&self, backend: &str, kind: &'static str) {
         self.upstream_errors
             .get_or_create(&ErrorLabels {
-                backend: backend.to_owned(),
+                backend: Escaped(backend.to_owned()),
                 kind,
             })
             .inc();
@@ -463,7 +503,7 @@ impl Metrics {
         reported: u64,
     ) {
         let l = BackendPolicyLabels {
-            backend: backend.clone(),
+            backend: Escaped(backend.clone()),
             policy,
         };
         self.predicted_cached.get_or_create(&l).inc_by(predicted);
@@ -474,13 +514,13 @@ impl Metrics {
     pub fn workflow_request(&self, workflow: &str, agent: Option<&str>) {
         self.wf_requests
             .get_or_create(&WorkflowLabel {
-                workflow: self.wf_cap.get(workflow),
+                workflow: Escaped(self.wf_cap.get(workflow)),
             })
             .inc();
         if let Some(a) = agent {
             self.agent_requests
                 .get_or_create(&AgentLabel {
-                    agent: self.agent_cap.get(a),
+                    agent: Escaped(self.agent_cap.get(a)),
                 })
                 .inc();
         }
@@ -541,7 +581,7 @@ struct StateCollector {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabel {
-    backend: String,
+    backend: Escaped<String>,
 }
 
 fn gauge_family<F: Fn(&crate::model::Backend) -> f64>(
@@ -554,7 +594,7 @@ fn gauge_family<F: Fn(&crate::model::Backend) -> f64>(
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for b in backends {
         ConstGauge::new(f(b)).encode(family.encode_family(&BackendLabel {
-            backend: b.name.clone(),
+            backend: Escaped(b.name.clone()),
         })?)?;
     }
     Ok(())
@@ -617,7 +657,7 @@ fn encode_kv(
             ] {
                 ConstCounter::new(c.load(Relaxed)).encode(fam.encode_family(
                     &KvSourceLabels {
-                        backend: name(st.spec.backend),
+                        backend: Escaped(name(st.spec.backend)),
                         rank: st.spec.dp_rank,
                         kind,
                     },
@@ -633,7 +673,7 @@ fn encode_kv(
     )?;
     for st in &states {
         ConstGauge::new(i64::from(st.fresh())).encode(fam.encode_family(&KvSourceLabels {
-            backend: name(st.spec.backend),
+            backend: Escaped(name(st.spec.backend)),
             rank: st.spec.dp_rank,
             kind: "fresh",
         })?)?;
@@ -817,5 +857,35 @@ impl Collector for StateCollector {
             MetricType::Counter,
         )?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_supplied_label_values_are_escaped() {
+        let mut r = Registry::default();
+        let f = Family::<WorkflowLabel, Counter>::default();
+        r.register("wf", "help", f.clone());
+        for id in [r#"x",forged="yes"#, "wf\"}evil{x=\"1\\", "a\nb"] {
+            f.get_or_create(&WorkflowLabel {
+                workflow: Escaped(id.to_owned()),
+            })
+            .inc();
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).expect("encodes");
+        assert!(
+            out.contains(r#"wf_total{workflow="x\",forged=\"yes"} 1"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"wf_total{workflow="wf\"}evil{x=\"1\\"} 1"#),
+            "{out}"
+        );
+        assert!(out.contains(r#"wf_total{workflow="a\nb"} 1"#), "{out}");
+        assert_eq!(out.lines().filter(|l| l.starts_with("wf_total")).count(), 3);
     }
 }

@@ -9,6 +9,11 @@
 //!   implicit workflow), `DELETE /admin/workflows/{id}` (ends it: forgotten, its next
 //!   request is placed anew);
 //! - `POST /admin/reload`.
+//!
+//! The token is sent as `Authorization: Bearer <token>`, the scheme in any case
+//! (RFC 9110 §11.1). A connection must send each request head within the header
+//! read timeout ([`serve_with`]; `limits.header_read_timeout_ms`), which also
+//! closes idle keep-alive connections.
 
 pub mod client;
 pub mod metrics;
@@ -163,9 +168,8 @@ impl Admin {
             let ok = req
                 .headers()
                 .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|t| t == token);
+                .and_then(|v| bearer_token(v.as_bytes()))
+                .is_some_and(|t| same_secret(t, token.as_bytes()));
             if !ok {
                 return Err(ApiError::unauthorized());
             }
@@ -367,12 +371,55 @@ impl Admin {
     }
 }
 
-/// Serves the admin API until `stop` turns true.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+/// The token of `Authorization: Bearer <token>`: the scheme in any case, then
+/// one or more spaces (RFC 9110 §11.1, §11.4).
+fn bearer_token(v: &[u8]) -> Option<&[u8]> {
+    let sp = v.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = v.split_at(sp);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(&rest[start..])
+}
+
+/// Compares a presented token with the configured one in time independent of
+/// where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Header read timeout of [`serve`] (the default of [`serve_with`]'s callers that
+/// have no configuration at hand).
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The admin listener's HTTP/1 settings: each request head (and the first byte
+/// of the next one on an idle keep-alive connection) must arrive within
+/// `header_read_timeout`, or the connection is closed.
+fn http1_builder(header_read_timeout: std::time::Duration) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(10));
+        .header_read_timeout(header_read_timeout);
+    builder
+}
+
+/// Serves the admin API until `stop` turns true, with the default header read
+/// timeout ([`DEFAULT_HEADER_READ_TIMEOUT`]); [`serve_with`] takes the configured one.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: watch::Receiver<bool>) {
+    serve_with(listener, admin, stop, DEFAULT_HEADER_READ_TIMEOUT).await;
+}
+
+/// Serves the admin API until `stop` turns true; a connection that does not send
+/// a request head within `header_read_timeout` (`limits.header_read_timeout_ms`)
+/// is closed.
+pub async fn serve_with(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    mut stop: watch::Receiver<bool>,
+    header_read_timeout: std::time::Duration,
+) {
+    let builder = http1_builder(header_read_timeout);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -409,4 +456,71 @@ fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER s3cret",
+            "bEaReR   s3cret",
+        ] {
+            assert_eq!(bearer_token(v.as_bytes()), Some(&b"s3cret"[..]), "{v}");
+        }
+        for v in [
+            "Bearers3cret",
+            "Basic s3cret",
+            "Bearer",
+            "Bearer ",
+            "s3cret",
+        ] {
+            assert_eq!(bearer_token(v.as_bytes()), None, "{v}");
+        }
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cret", b"s3creT"));
+        assert!(!same_secret(b"s3cret", b"s3cre"));
+    }
+
+    /// A connection served like the admin API's: closed when it sends no
+    /// request head within the timeout, idle or half-way through one.
+    #[tokio::test]
+    async fn silent_and_slow_connections_are_closed_at_the_header_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let timeout = Duration::from_millis(300);
+        tokio::spawn(async move {
+            let builder = http1_builder(timeout);
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::spawn(conn);
+            }
+        });
+        for partial in [&b""[..], b"GET /metrics HTTP/1.1\r\nhost: x\r\n"] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            c.write_all(partial).await.expect("write");
+            let t = Instant::now();
+            let mut buf = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+                .await
+                .expect("closed well before 5 s")
+                .ok();
+            let took = t.elapsed();
+            assert!(
+                took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+                "{took:?}"
+            );
+        }
+    }
 }

@@ -344,8 +344,17 @@ impl Conn {
                 match h1::parse_request(&mut self.buf, max) {
                     Ok(Some(h)) => return Ok(Some(h)),
                     Ok(None) => {}
-                    Err(h1::HeadError::TooLarge | h1::HeadError::TooManyHeaders) => {
+                    Err(h1::HeadError::TooLarge) => {
                         return Err(ApiError::headers_too_large(max));
+                    }
+                    Err(h1::HeadError::TooManyHeaders) => {
+                        // The same 431, naming the limit that was hit.
+                        let mut e = ApiError::headers_too_large(max);
+                        e.message = format!(
+                            "request headers exceed the limit of {} header fields",
+                            h1::MAX_HEADERS
+                        );
+                        return Err(e);
                     }
                     Err(e @ h1::HeadError::Malformed(_)) => {
                         return Err(ApiError::invalid_request(e.to_string(), "malformed_http"));
@@ -385,6 +394,19 @@ impl Conn {
         let path = head.path();
         let route = route_label(path);
         self.client_closes = !head.keep_alive();
+        // RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0.
+        let hosts = head.values_of(Known::Host).take(2).count();
+        if hosts > 1 || (hosts == 0 && head.minor >= 1) {
+            self.body_pending = true;
+            let m = if hosts > 1 {
+                "more than one Host header field"
+            } else {
+                "an HTTP/1.1 request must have a Host header field"
+            };
+            self.reject(ApiError::invalid_request(m, "invalid_host"), rid, route, s)
+                .await;
+            return false;
+        }
         let framing = match h1::request_framing(&head) {
             Ok(f) => f,
             Err(m) => {
@@ -798,6 +820,21 @@ impl Conn {
             Framing::Chunked | Framing::Close if head.minor >= 1 => ClientFraming::Chunked,
             Framing::Chunked | Framing::Close => ClientFraming::Close,
         };
+        // Transfer codings other than the final chunked (`gzip, chunked`, or a
+        // close-delimited `gzip`) stay in the client's Transfer-Encoding: the body
+        // is relayed as it came, only re-chunked. HTTP/1.0 has no transfer codings.
+        let codings = match ufr {
+            Framing::Chunked | Framing::Close => h1::inner_codings(&uh)
+                .map_err(|m| ApiError::bad_gateway(format!("backend {} sent {m}", backend.name)))?,
+            _ => Vec::new(),
+        };
+        if !codings.is_empty() && cfr == ClientFraming::Close {
+            return Err(ApiError::bad_gateway(format!(
+                "backend {} sent a body with transfer coding {}, which an HTTP/1.0 client cannot receive",
+                backend.name,
+                String::from_utf8_lossy(&codings)
+            )));
+        }
         // An HTTP/1.0 client learns the end of such a body from the close.
         self.client_closes |= cfr == ClientFraming::Close;
         let keep = !self.closing();
@@ -842,7 +879,14 @@ impl Conn {
                 h1::put_dec(out, n);
                 out.extend_from_slice(b"\r\n");
             }
-            ClientFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            ClientFraming::Chunked => {
+                out.extend_from_slice(b"transfer-encoding: ");
+                if !codings.is_empty() {
+                    out.extend_from_slice(&codings);
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(b"chunked\r\n");
+            }
             ClientFraming::Close => {}
         }
         if !keep {

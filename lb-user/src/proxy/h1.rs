@@ -10,6 +10,23 @@
 //! Request smuggling rules (RFC 9112 §6.1, §6.3): a request with both
 //! `Transfer-Encoding` and `Content-Length`, with differing `Content-Length`
 //! values, or with a transfer coding other than `chunked` is refused.
+//!
+//! Line endings and fields: one rule for every line the engine frames — request
+//! and response heads, chunk-size lines, the CRLF after chunk data and trailer
+//! lines — every line ends with CRLF. A bare LF (RFC 9112 §2.2 lets a recipient
+//! accept it, it does not have to) makes the message malformed, and so does a
+//! bare CR: a request gets a 400, a response head a 502, a response body is cut
+//! short. Accepting bare LF only in some places is what let a trailer line such
+//! as `X: 1\n` hide the next pipelined request: the head parser (httparse) reads
+//! LF as a line end, hyper's chunked decoder does not, so message boundaries
+//! depended on who parsed them. With bare LF refused everywhere, every message
+//! agentlb accepts has the boundaries hyper and httparse give it, and any message
+//! where they could differ is refused (and its connection closed). Fields follow
+//! one definition too: trailer fields are checked by the same parser as head
+//! fields (`name: value`, a token name with no whitespace before the colon, no
+//! line folding), so a trailer line without a colon is malformed. Heads larger
+//! than their limit are refused by their actual length, however many reads
+//! delivered them.
 
 use std::mem::MaybeUninit;
 
@@ -274,6 +291,16 @@ struct Parts {
     connection_names: bool,
 }
 
+/// Why a message with a bare LF is refused (see the module docs).
+const BARE_LF: &str = "bare LF line ending (lines must end with CRLF)";
+
+/// Whether a line of `lines` ends with a bare LF (not preceded by CR): the one
+/// line-ending rule of heads, chunk-size lines and trailers (module docs).
+/// httparse has already refused bare CRs.
+fn has_bare_lf(lines: &[u8]) -> bool {
+    lines.first() == Some(&b'\n') || lines.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r')
+}
+
 /// The result of one parse attempt: `Ok(None)` while incomplete and within
 /// `max`; on success the head's `len` bytes are split off `buf`.
 fn settle(
@@ -284,6 +311,11 @@ fn settle(
     match parsed {
         Ok(httparse::Status::Partial) if buf.len() > max => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
+        // The head's own length, however many reads brought it.
+        Ok(httparse::Status::Complete((len, _))) if len > max => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete((len, _))) if has_bare_lf(&buf[..len]) => {
+            Err(HeadError::Malformed(BARE_LF))
+        }
         Ok(httparse::Status::Complete((len, p))) => Ok(Some(Head {
             buf: buf.split_to(len).freeze(),
             method: p.method,
@@ -586,6 +618,42 @@ pub fn response_framing(head: &Head) -> Result<Framing, &'static str> {
     })
 }
 
+/// The transfer codings of a response other than the final `chunked` its framing
+/// removes, comma-separated in the order applied (empty when there are none):
+/// what a relay must keep in the client's `Transfer-Encoding` for the client to
+/// decode the body (`gzip, chunked` upstream is `gzip` here, a close-delimited
+/// `gzip` too). `identity` codings are dropped. Errors when `chunked` appears
+/// anywhere but last (it may be applied only once, as the final coding).
+pub fn inner_codings(head: &Head) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::new();
+    let Some(last_chunked) = chunked_last(head) else {
+        return Ok(out);
+    };
+    let mut tokens = head
+        .values_of(Known::TransferEncoding)
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .peekable();
+    while let Some(t) = tokens.next() {
+        let last = tokens.peek().is_none();
+        if t.eq_ignore_ascii_case(b"chunked") {
+            if last && last_chunked {
+                break;
+            }
+            return Err("a transfer coding after chunked");
+        }
+        if t.eq_ignore_ascii_case(b"identity") {
+            continue;
+        }
+        if !out.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(t);
+    }
+    Ok(out)
+}
+
 /// A malformed chunked body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkError(pub &'static str);
@@ -614,13 +682,17 @@ enum CState {
 /// Longest chunk-extension or trailer section accepted.
 const MAX_CHUNK_META: usize = 8 * 1024;
 
-/// Incremental decoder of the chunked transfer coding.
+/// Incremental decoder of the chunked transfer coding. Every line ends with
+/// CRLF, and trailer fields follow the head's field rules (module docs).
 #[derive(Debug, Clone)]
 pub struct Chunked {
     state: CState,
     size: u64,
     digits: u8,
     meta: usize,
+    /// The trailer section read so far (empty unless the body has trailers;
+    /// bounded by [`MAX_CHUNK_META`]), checked once it is complete.
+    trailer: Vec<u8>,
 }
 
 impl Default for Chunked {
@@ -637,6 +709,7 @@ impl Chunked {
             size: 0,
             digits: 0,
             meta: 0,
+            trailer: Vec::new(),
         }
     }
 
@@ -728,28 +801,34 @@ impl Chunked {
                     self.meta = 0;
                     i += 1;
                 }
-                CState::TrailerStart => {
+                CState::TrailerStart if b == b'\r' => {
+                    self.state = CState::EndLf;
+                    i += 1;
+                }
+                CState::TrailerStart | CState::TrailerLine => {
+                    if b == b'\n' {
+                        return Err(ChunkError("bare LF in trailer section"));
+                    }
+                    self.count_meta("trailer section too long")?;
+                    self.trailer.push(b);
                     self.state = if b == b'\r' {
-                        CState::EndLf
+                        CState::TrailerLf
                     } else {
                         CState::TrailerLine
                     };
                     i += 1;
                 }
-                CState::TrailerLine => {
-                    self.count_meta("trailer section too long")?;
-                    if b == b'\r' {
-                        self.state = CState::TrailerLf;
-                    }
-                    i += 1;
-                }
                 CState::TrailerLf => {
                     expect(b, b'\n', "expected LF in trailer")?;
+                    self.trailer.push(b);
                     self.state = CState::TrailerStart;
                     i += 1;
                 }
                 CState::EndLf => {
                     expect(b, b'\n', "expected LF at end of body")?;
+                    if !self.trailer.is_empty() {
+                        check_trailer(&mut self.trailer)?;
+                    }
                     self.state = CState::Done;
                     return Ok(i + 1);
                 }
@@ -758,6 +837,24 @@ impl Chunked {
         }
         Ok(i)
     }
+}
+
+/// Checks a complete trailer section (its lines, each ending with CRLF) with the
+/// parser and rules of head fields, then empties it.
+#[cold]
+fn check_trailer(section: &mut Vec<u8>) -> Result<(), ChunkError> {
+    section.extend_from_slice(b"\r\n");
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let checked = match httparse::parse_headers(section, &mut fields) {
+        Ok(httparse::Status::Complete((n, _))) if n == section.len() => Ok(()),
+        Err(httparse::Error::TooManyHeaders) => Err(ChunkError("too many trailer fields")),
+        Err(httparse::Error::HeaderName | httparse::Error::Token) => {
+            Err(ChunkError("invalid trailer field (expected `name: value`)"))
+        }
+        _ => Err(ChunkError("invalid trailer field")),
+    };
+    section.clear();
+    checked
 }
 
 fn expect(got: u8, want: u8, what: &'static str) -> Result<(), ChunkError> {
@@ -1001,6 +1098,151 @@ mod tests {
         assert!(d.decode(b"3\r\nabcX", |_| {}).is_err());
         let mut d = Chunked::new();
         assert!(d.decode(b"ffffffffffffffffff\r\n", |_| {}).is_err());
+    }
+
+    /// Decodes `body` whole, then byte by byte (every split); both must agree.
+    fn decode_all(body: &[u8]) -> Result<(Vec<u8>, usize), ChunkError> {
+        let mut d = Chunked::new();
+        let mut got = Vec::new();
+        let used = d.decode(body, |s| got.extend_from_slice(s))?;
+        let mut bytewise = Chunked::new();
+        let mut got2 = Vec::new();
+        let mut used2 = 0;
+        for b in body.chunks(1) {
+            if bytewise.done() {
+                break;
+            }
+            used2 += bytewise.decode(b, |s| got2.extend_from_slice(s))?;
+        }
+        assert_eq!(
+            (&got, used),
+            (&got2, used2),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(d.done() && bytewise.done(), "incomplete");
+        Ok((got, used))
+    }
+
+    #[test]
+    fn bare_lf_is_refused_in_heads_chunk_lines_and_trailers() {
+        for head in [
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\n",
+            "GET / HTTP/1.1\nHost: a\n\n",
+            "\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(
+                matches!(req(head), Err(HeadError::Malformed(m)) if m == BARE_LF),
+                "{head:?}"
+            );
+        }
+        // A leading empty CRLF line is still ignored (RFC 9112 §2.2).
+        assert!(
+            req("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                .expect("ok")
+                .is_some()
+        );
+        for head in [
+            "HTTP/1.1 200 OK\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\n",
+        ] {
+            let mut b = BytesMut::from(head);
+            assert_eq!(
+                parse_response(&mut b, 8192).err(),
+                Some(HeadError::Malformed(BARE_LF)),
+                "{head:?}"
+            );
+        }
+        for body in [
+            &b"2\n{}\r\n0\r\n\r\n"[..],
+            b"2;ext\n{}\r\n0\r\n\r\n",
+            b"2\r\n{}\n0\r\n\r\n",
+            b"0\n\r\n",
+            b"0\r\n\n",
+            b"0\r\nX: 1\n\r\n",
+            // The adversarial shape: a next request hidden behind a bare LF.
+            b"0\r\nX: 1\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"0\r\nX: 1\r\nY: 2\n\r\n",
+            b"0\r\nX: 1\rY: 2\r\n\r\n",
+        ] {
+            assert!(
+                decode_all(body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn trailer_fields_follow_the_head_field_rules() {
+        let (data, used) = decode_all(b"2\r\n{}\r\n0\r\nX: 1\r\ny-z:\r\nA:\tb c\r\n\r\nNEXT")
+            .expect("valid trailers");
+        assert_eq!((&data[..], used), (&b"{}"[..], 32));
+        for trailer in [
+            "nocolon",
+            "GET /v1/models HTTP/1.1",
+            "X : 1",
+            " X: 1",
+            "X: 1\r\n\tfolded",
+            ": no name",
+            "X\x01: 1",
+            "X: a\x00b",
+        ] {
+            let body = format!("0\r\n{trailer}\r\n\r\n");
+            assert!(decode_all(body.as_bytes()).is_err(), "{trailer:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x{i}: 1\r\n")).collect();
+        assert!(decode_all(format!("0\r\n{many}\r\n").as_bytes()).is_err());
+        let long = format!("0\r\nX: {}\r\n\r\n", "a".repeat(MAX_CHUNK_META));
+        assert!(decode_all(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn heads_past_the_limit_are_refused_however_they_arrive() {
+        let head = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(70_000));
+        // All of it in the buffer at once (one read), with the body behind it.
+        let mut b = BytesMut::from(format!("{head}{{}}").as_str());
+        assert_eq!(
+            parse_response(&mut b, 64 * 1024).err(),
+            Some(HeadError::TooLarge)
+        );
+        let mut b = BytesMut::from(head.as_str());
+        assert!(parse_response(&mut b, 128 * 1024).expect("ok").is_some());
+        let req_head = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(100));
+        let mut b = BytesMut::from(req_head.as_str());
+        assert_eq!(parse_request(&mut b, 64).err(), Some(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn inner_transfer_codings_are_kept_for_the_client() {
+        let codings = |te: &str| {
+            let mut b = BytesMut::from(format!("HTTP/1.1 200 OK\r\n{te}\r\n").as_str());
+            let h = parse_response(&mut b, 8192).expect("ok").expect("complete");
+            inner_codings(&h).map(|c| String::from_utf8_lossy(&c).into_owned())
+        };
+        assert_eq!(codings("").as_deref(), Ok(""));
+        assert_eq!(codings("content-length: 3\r\n").as_deref(), Ok(""));
+        assert_eq!(codings("transfer-encoding: chunked\r\n").as_deref(), Ok(""));
+        assert_eq!(
+            codings("transfer-encoding: gzip, chunked\r\n").as_deref(),
+            Ok("gzip")
+        );
+        assert_eq!(
+            codings("Transfer-Encoding: gzip\r\ntransfer-encoding: br ,Chunked\r\n").as_deref(),
+            Ok("gzip, br")
+        );
+        assert_eq!(
+            codings("transfer-encoding: gzip\r\n").as_deref(),
+            Ok("gzip")
+        );
+        assert_eq!(
+            codings("transfer-encoding: identity, gzip\r\n").as_deref(),
+            Ok("gzip")
+        );
+        assert!(codings("transfer-encoding: chunked, gzip\r\n").is_err());
+        assert!(codings("transfer-encoding: chunked, chunked\r\n").is_err());
     }
 
     #[test]

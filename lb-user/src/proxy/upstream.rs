@@ -30,7 +30,8 @@ use crate::model::{Backend, BackendId};
 
 /// Idle connections older than this are checked for a close before reuse.
 pub const CHECK_AFTER: Duration = Duration::from_secs(1);
-/// Largest upstream response head.
+/// Largest upstream response head, by its own length however many reads
+/// brought it ([`h1::parse_response`]); a larger one fails the exchange (502).
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_BUF: usize = 16 * 1024;
 
