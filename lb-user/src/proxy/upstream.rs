@@ -44,6 +44,8 @@ pub struct UpConn {
     pub buf: BytesMut,
     /// Whether this connection served an earlier request.
     pub reused: bool,
+    /// The backend answered before the request was all written: never reused.
+    pub unfinished: bool,
     idle_since: Instant,
 }
 
@@ -142,13 +144,14 @@ impl Pool {
             stream,
             buf: BytesMut::with_capacity(READ_BUF),
             reused: false,
+            unfinished: false,
             idle_since: now,
         })
     }
 
     /// Returns a connection whose last response ended cleanly at `now`.
     pub fn checkin(&self, backend: BackendId, mut conn: UpConn, now: Instant) {
-        if !conn.buf.is_empty() || self.max_idle == 0 {
+        if !conn.buf.is_empty() || conn.unfinished || self.max_idle == 0 {
             return;
         }
         conn.reused = true;
@@ -278,19 +281,29 @@ pub async fn read_whole_body(
     }
 }
 
-/// Writes `head` and `body`, then reads until a complete final response head is
+/// Writes `head` and `body` while reading, until a complete final response head is
 /// buffered (1xx heads are skipped). The caller bounds it with its first-byte
 /// timeout.
+///
+/// A backend may answer before it has read the whole request body (an early 413 or
+/// 400) and close: the answer is read while the body is still being written, so it is
+/// relayed rather than lost to the reset the close causes, and the write stops
+/// (as nginx does). Such a connection is not reused ([`UpConn::unfinished`]).
 pub async fn exchange(conn: &mut UpConn, head: &[u8], body: &[u8]) -> Result<Head, ExchangeError> {
     let io_err = |error, started| ExchangeError::Io { error, started };
-    if body.is_empty() {
-        conn.stream.write_all(head).await
-    } else {
-        write_two(&mut conn.stream, head, body).await
-    }
-    .map_err(|e| io_err(e, false))?;
     conn.buf.clear();
     let mut started = false;
+    let mut sent = false;
+    let mut write_failed: Option<io::Error> = None;
+    let (mut rd, mut wr) = conn.stream.split();
+    let write = async {
+        if body.is_empty() {
+            wr.write_all(head).await
+        } else {
+            write_two(&mut wr, head, body).await
+        }
+    };
+    tokio::pin!(write);
     loop {
         match h1::parse_response(&mut conn.buf, MAX_RESPONSE_HEAD) {
             Ok(Some(h)) if (100..200).contains(&h.status) => {
@@ -301,31 +314,50 @@ pub async fn exchange(conn: &mut UpConn, head: &[u8], body: &[u8]) -> Result<Hea
                 }
                 continue;
             }
-            Ok(Some(h)) => return Ok(h),
+            Ok(Some(h)) => {
+                // Answered before the request was all sent: this connection's request
+                // stream is cut short.
+                conn.unfinished = !sent;
+                return Ok(h);
+            }
             Ok(None) => {}
             Err(e) => return Err(ExchangeError::Malformed(e)),
         }
         if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(READ_BUF);
         }
-        match tokio::io::AsyncReadExt::read_buf(&mut conn.stream, &mut conn.buf).await {
-            Ok(0) => {
-                return Err(io_err(
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed before a response",
-                    ),
-                    started,
-                ));
-            }
-            Ok(_) => started = true,
-            Err(e) => return Err(io_err(e, started)),
+        let writing = !sent && write_failed.is_none();
+        tokio::select! {
+            biased;
+            r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut conn.buf) => match r {
+                Ok(0) => {
+                    // A write error says more than the close it caused.
+                    let e = write_failed.take().unwrap_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed before a response",
+                        )
+                    });
+                    return Err(io_err(e, started));
+                }
+                Ok(_) => started = true,
+                Err(e) => return Err(io_err(write_failed.take().unwrap_or(e), started)),
+            },
+            w = &mut write, if writing => match w {
+                Ok(()) => sent = true,
+                // Keep reading: the backend may have answered before it closed.
+                Err(e) => write_failed = Some(e),
+            },
         }
     }
 }
 
 /// Writes `a` then `b`, with one `writev` when the socket takes both.
-async fn write_two(s: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+async fn write_two(
+    s: &mut (impl tokio::io::AsyncWrite + Unpin),
+    a: &[u8],
+    b: &[u8],
+) -> io::Result<()> {
     let mut off = 0usize;
     let total = a.len() + b.len();
     while off < total {
