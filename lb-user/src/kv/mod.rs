@@ -19,6 +19,7 @@
 
 pub mod index;
 pub mod learn;
+mod slots;
 pub mod subscriber;
 pub mod tokenize;
 pub mod wire;

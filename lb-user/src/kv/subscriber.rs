@@ -21,8 +21,6 @@
 //!   event has arrived since. Routing then falls back to the approximate index for it.
 
 use std::{
-    collections::HashMap,
-    hash::BuildHasherDefault,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -37,12 +35,10 @@ use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use super::{
     index::{BlockKeys, KvIndex},
+    slots::Slots,
     wire::{self, Batch, Event},
 };
-use crate::{
-    controller::table::KeyHasher,
-    model::{Backend, BackendId},
-};
+use crate::model::{Backend, BackendId};
 
 /// Where a source publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -90,6 +86,10 @@ pub struct SourceState {
     /// XOR of the engine hashes the source holds: equal to the backend's own digest of
     /// its cache when the view is exact (`/admin/kv`, tests).
     pub digest: AtomicU64,
+    /// The index refused the source's last store: every backend slot of the index is
+    /// held by other backends' blocks. The source is then stale (routing uses the
+    /// approximate index for its backend) until a store goes through.
+    unindexed: AtomicBool,
     reconnect: AtomicU64,
     reconnect_pause_ms: AtomicU64,
 }
@@ -126,6 +126,7 @@ impl SourceState {
             blocks: AtomicU64::new(0),
             unkeyed: AtomicU64::new(0),
             digest: AtomicU64::new(0),
+            unindexed: AtomicBool::new(false),
             reconnect: AtomicU64::new(0),
             reconnect_pause_ms: AtomicU64::new(0),
         }
@@ -162,7 +163,7 @@ impl SourceState {
         if self.mismatch.load(Ordering::Relaxed) != 0 {
             return Freshness::BlockSizeMismatch;
         }
-        if !self.connected.load(Ordering::Relaxed) {
+        if !self.connected.load(Ordering::Relaxed) || self.unindexed.load(Ordering::Relaxed) {
             return Freshness::Stale;
         }
         let since = self.waiting_since_ms.load(Ordering::Relaxed);
@@ -194,6 +195,16 @@ impl SourceState {
     }
 }
 
+/// Media bits ([`wire::Medium::bit`]) in a view slot's meta byte.
+const MEDIA: u8 = 7;
+
+/// Of the media a block leaves (`before` → `after`), those the index must clear: GPU,
+/// and CPU or storage only once the block is in neither (one bit in the index).
+fn gone(before: u8, after: u8) -> u8 {
+    let g = (before & !after) & 1;
+    if after & 6 == 0 { g | (before & 6) } else { g }
+}
+
 /// What one source holds, applied to the index: engine hash → (key, media) of every
 /// block, owned by the source's subscriber task (public for the ingestion benchmark).
 pub struct SourceView {
@@ -201,9 +212,10 @@ pub struct SourceView {
     state: Arc<SourceState>,
     block_size: usize,
     max_blocks: usize,
-    /// Engine hashes are digests already (vLLM: the low 64 bits of a SHA-256): used as
-    /// they are, no rehashing.
-    held: HashMap<u64, (u64, u8), BuildHasherDefault<KeyHasher>>,
+    /// Engine hash → key, the media in the slot's meta byte: 16 bytes and a meta byte
+    /// per block in a compact open-addressing table ([`Slots`]) that grows up to what
+    /// `max_blocks` needs (18 bytes per slot, 7/8 full at most).
+    held: Slots<u64>,
     /// Publisher timestamp of the newest batch applied.
     last_ts: f64,
 }
@@ -216,7 +228,7 @@ impl SourceView {
             state,
             block_size: cfg.block_size,
             max_blocks: cfg.max_blocks,
-            held: HashMap::default(),
+            held: Slots::new(cfg.max_blocks),
             last_ts: f64::NEG_INFINITY,
         }
     }
@@ -235,15 +247,15 @@ impl SourceView {
 
     /// Whether it holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        self.held.len() == 0
     }
 
     /// Drops everything the source holds from the index.
     pub fn drop_all(&mut self) {
         let b = self.state.spec.backend;
-        for (_, (key, mask)) in self.held.drain() {
-            self.index.remove(key, b, mask);
-        }
+        let index = &self.index;
+        self.held
+            .drain(|_, key, meta| index.remove(key, b, meta & MEDIA));
         self.state.blocks.store(0, Ordering::Relaxed);
         self.state.digest.store(0, Ordering::Relaxed);
         self.state.resets.fetch_add(1, Ordering::Relaxed);
@@ -280,7 +292,7 @@ impl SourceView {
                     }
                     let mut parent_key = match parent {
                         None => Some(BlockKeys::root(lora_name.as_deref())),
-                        Some(p) => self.held.get(&p.0).map(|&(k, _)| k),
+                        Some(p) => self.held.find(p.0).map(|at| self.held.val(at)),
                     };
                     for (i, h) in hashes.iter().enumerate() {
                         let tokens = token_ids.get(i * block_size..(i + 1) * block_size);
@@ -292,33 +304,49 @@ impl SourceView {
                         };
                         let key = BlockKeys::key(p, tokens);
                         parent_key = Some(key);
-                        let known = self.held.contains_key(&h.0);
-                        if !known && self.held.len() >= self.max_blocks {
-                            self.state.unkeyed.fetch_add(1, Ordering::Relaxed);
-                            continue;
+                        match self.held.find(h.0) {
+                            Some(at) => {
+                                let (old, meta) = (self.held.val(at), self.held.meta(at));
+                                if old != key {
+                                    // The engine reused a hash for other tokens (a
+                                    // collision or a restart we missed): the old holding
+                                    // goes.
+                                    self.index.remove(old, b, meta & MEDIA);
+                                    *self.held.val_mut(at) = key;
+                                    self.held.set_meta(at, medium.bit());
+                                } else {
+                                    self.held.set_meta(at, (meta & MEDIA) | medium.bit());
+                                }
+                            }
+                            None if self.held.len() >= self.max_blocks => {
+                                self.state.unkeyed.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            None => {
+                                self.state.digest.fetch_xor(h.0, Ordering::Relaxed);
+                                self.held.insert(h.0, key, medium.bit());
+                            }
                         }
-                        if !known {
-                            self.state.digest.fetch_xor(h.0, Ordering::Relaxed);
+                        let indexed = self.index.store(key, b, *medium);
+                        if indexed == self.state.unindexed.load(Ordering::Relaxed) {
+                            self.state.unindexed.store(!indexed, Ordering::Relaxed);
                         }
-                        let e = self.held.entry(h.0).or_insert((key, 0));
-                        if e.0 != key {
-                            // The engine reused a hash for other tokens (a collision or a
-                            // restart we missed): the old holding goes.
-                            self.index.remove(e.0, b, e.1);
-                            *e = (key, 0);
-                        }
-                        e.1 |= medium.bit();
-                        self.index.store(key, b, *medium);
                     }
                 }
                 Event::Removed { hashes, medium } => {
                     for h in hashes {
-                        if let Some(e) = self.held.get_mut(&h.0) {
-                            self.index.remove(e.0, b, medium.bit());
-                            e.1 &= !medium.bit();
-                            if e.1 == 0 {
-                                self.held.remove(&h.0);
+                        if let Some(at) = self.held.find(h.0) {
+                            let before = self.held.meta(at) & MEDIA;
+                            let after = before & !medium.bit();
+                            let g = gone(before, after);
+                            if g != 0 {
+                                self.index.remove(self.held.val(at), b, g);
+                            }
+                            if after == 0 {
+                                self.held.remove_at(at);
                                 self.state.digest.fetch_xor(h.0, Ordering::Relaxed);
+                            } else {
+                                self.held.set_meta(at, after);
                             }
                         }
                     }
@@ -591,4 +619,146 @@ pub async fn run(
     }
     state.connected.store(false, Ordering::Relaxed);
     view.drop_all();
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use crate::kv::{
+        index::Held,
+        wire::{EngineHash, Medium},
+    };
+
+    const BS: usize = 2;
+
+    fn view(index: &Arc<KvIndex>, backend: BackendId, max_blocks: usize) -> SourceView {
+        let state = Arc::new(SourceState::new(
+            SourceSpec {
+                backend,
+                dp_rank: 0,
+                endpoint: String::new(),
+                replay: None,
+                topic: String::new(),
+            },
+            Instant::now(),
+            Duration::from_secs(10),
+        ));
+        SourceView::new(
+            index.clone(),
+            state,
+            &SubscriberConfig {
+                block_size: BS,
+                max_blocks,
+                replay_timeout: Duration::from_secs(1),
+            },
+        )
+    }
+
+    fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32], medium: Medium) -> Event {
+        Event::Stored {
+            hashes: hashes.iter().map(|&h| EngineHash(h)).collect(),
+            parent: parent.map(EngineHash),
+            token_ids: tokens.to_vec(),
+            block_size: BS,
+            lora_name: None,
+            medium,
+        }
+    }
+
+    fn removed(hashes: &[u64], medium: Medium) -> Event {
+        Event::Removed {
+            hashes: hashes.iter().map(|&h| EngineHash(h)).collect(),
+            medium,
+        }
+    }
+
+    fn apply(v: &mut SourceView, events: Vec<Event>) {
+        v.apply(&Batch {
+            ts: 0.0,
+            events,
+            dp_rank: None,
+        });
+    }
+
+    fn keys(tokens: &[u32]) -> Vec<u64> {
+        BlockKeys { block_size: BS }.keys(BlockKeys::root(None), tokens, 100)
+    }
+
+    #[test]
+    fn view_tracks_media_chains_digest_and_drops_only_its_own_blocks() {
+        let index = Arc::new(KvIndex::new(1000));
+        let mut a = view(&index, 1, 1000);
+        let mut b = view(&index, 2, 1000);
+        let t: Vec<u32> = (0..8).collect();
+        let k = keys(&t);
+        // A chain of 4 blocks in two events (the second by its parent's engine hash),
+        // the last two also offloaded to CPU and storage.
+        apply(
+            &mut a,
+            vec![
+                stored(&[10, 11], None, &t[..4], Medium::Gpu),
+                stored(&[12, 13], Some(11), &t[4..], Medium::Gpu),
+                stored(&[12, 13], Some(11), &t[4..], Medium::Cpu),
+                stored(&[12, 13], Some(11), &t[4..], Medium::Storage),
+            ],
+        );
+        apply(&mut b, vec![stored(&[20, 21], None, &t[..4], Medium::Gpu)]);
+        assert_eq!(a.len(), 4);
+        assert_eq!(a.state.digest.load(Ordering::Relaxed), 10 ^ 11 ^ 12 ^ 13);
+        assert_eq!(
+            index.matched(&k, &[1, 2]),
+            vec![Held { gpu: 4, any: 4 }, Held { gpu: 2, any: 2 }]
+        );
+        // Off the GPU, then off CPU: still in storage.
+        apply(
+            &mut a,
+            vec![removed(&[13, 12], Medium::Gpu), removed(&[13], Medium::Cpu)],
+        );
+        assert_eq!(index.matched(&k, &[1])[0], Held { gpu: 2, any: 4 });
+        apply(&mut a, vec![removed(&[13], Medium::Storage)]);
+        assert_eq!(index.matched(&k, &[1])[0], Held { gpu: 2, any: 3 });
+        assert_eq!(a.len(), 3);
+        assert_eq!(a.state.digest.load(Ordering::Relaxed), 10 ^ 11 ^ 12);
+        // A hash reused for other tokens: the old holding goes.
+        let u: Vec<u32> = (100..102).collect();
+        apply(&mut a, vec![stored(&[10], None, &u, Medium::Gpu)]);
+        assert_eq!(index.matched(&keys(&u), &[1])[0].gpu, 1);
+        assert_eq!(index.matched(&k, &[1])[0], Held::default());
+        assert_eq!(a.len(), 3);
+        // Cleared: only this source's blocks go.
+        apply(&mut a, vec![Event::Cleared]);
+        assert!(a.is_empty());
+        assert_eq!(a.state.digest.load(Ordering::Relaxed), 0);
+        assert_eq!(index.matched(&k, &[1, 2])[1], Held { gpu: 2, any: 2 });
+        assert_eq!(index.len(), 2);
+        b.drop_all();
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn view_is_bounded_by_max_blocks() {
+        let index = Arc::new(KvIndex::new(1000));
+        let mut a = view(&index, 0, 3);
+        let t: Vec<u32> = (0..10).collect();
+        apply(
+            &mut a,
+            vec![stored(&[1, 2, 3, 4, 5], None, &t, Medium::Gpu)],
+        );
+        assert_eq!(a.len(), 3);
+        assert_eq!(a.state.unkeyed.load(Ordering::Relaxed), 2);
+        assert_eq!(index.len(), 3);
+    }
+
+    #[test]
+    fn gone_media() {
+        assert_eq!(gone(1, 0), 1);
+        assert_eq!(gone(1 | 2, 1), 2);
+        assert_eq!(
+            gone(2 | 4, 4),
+            0,
+            "still in storage: the index keeps the bit"
+        );
+        assert_eq!(gone(1 | 2 | 4, 2 | 4), 1);
+        assert_eq!(gone(2, 2), 0);
+    }
 }
