@@ -962,10 +962,21 @@ impl Validator {
             );
             return None;
         }
-        let Some(host) = uri.host().map(|h| h.trim_matches(['[', ']']).to_owned()) else {
+        let Some(host) = uri
+            .host()
+            .map(|h| h.trim_matches(['[', ']']).to_owned())
+            .filter(|h| !h.is_empty())
+        else {
             self.issue(path, &format!("URL {url:?} has no host"));
             return None;
         };
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            self.issue(
+                path,
+                &format!("URL {url:?} has user information (not supported)"),
+            );
+            return None;
+        }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             self.issue(path, &format!("URL {url:?} must not have a path or query"));
             return None;
@@ -1131,6 +1142,15 @@ format = "xml"
         let got = issues("[server]\nlisten = 5\n");
         assert_eq!(got.len(), 1, "{got:?}");
         assert!(got[0].starts_with("line 2"), "{got:?}");
+    }
+
+    /// Found by the `admin_backend` fuzz target: `http://h@:1` had an empty host.
+    #[test]
+    fn backend_urls_need_a_host_and_no_user_information() {
+        for url in ["http://h@:1", "http://:80", "http://user:pw@host:1"] {
+            assert!(parse_backend(url, None, None).is_err(), "{url}");
+        }
+        assert!(parse_backend("http://[::1]:8000", None, None).is_ok());
     }
 
     #[test]

@@ -374,6 +374,9 @@ pub fn parse_response(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, He
         &mut storage,
     ) {
         Ok(httparse::Status::Complete(len)) => {
+            if !(100..=999).contains(&resp.code.unwrap_or(0)) {
+                return Err(HeadError::Malformed("invalid status code"));
+            }
             let (fields, connection_names) = collect(base, resp.headers);
             Ok(httparse::Status::Complete((
                 len,
@@ -588,7 +591,13 @@ pub fn request_framing(head: &Head) -> Result<Framing, &'static str> {
                 .filter(|t| !t.is_empty())
                 .all(|t| t.eq_ignore_ascii_case(b"chunked"))
         });
-        if !only_chunked || chunked_last(head) != Some(true) || head.minor == 0 {
+        // Chunked may be applied once (RFC 9112 §6.1): `chunked, chunked` is refused.
+        let codings = head
+            .values_of(Known::TransferEncoding)
+            .flat_map(|v| v.split(|&b| b == b','))
+            .filter(|t| !t.trim_ascii().is_empty())
+            .count();
+        if !only_chunked || codings != 1 || chunked_last(head) != Some(true) || head.minor == 0 {
             return Err("unsupported Transfer-Encoding (only chunked is accepted)");
         }
         return Ok(Framing::Chunked);
@@ -1213,6 +1222,36 @@ mod tests {
         let req_head = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(100));
         let mut b = BytesMut::from(req_head.as_str());
         assert_eq!(parse_request(&mut b, 64).err(), Some(HeadError::TooLarge));
+    }
+
+    /// Found by the `response_head` and `differential_request` fuzz targets.
+    #[test]
+    fn fuzz_findings_status_below_100_and_chunked_twice() {
+        for line in ["HTTP/1.1 020 X\r\n\r\n", "HTTP/1.1 000 X\r\n\r\n"] {
+            let mut b = BytesMut::from(line);
+            assert!(
+                matches!(parse_response(&mut b, 8192), Err(HeadError::Malformed(_))),
+                "{line:?}"
+            );
+        }
+        let mut b = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\n");
+        assert!(parse_response(&mut b, 8192).expect("ok").is_some());
+        for te in [
+            "chunked, chunked",
+            "chunked\r\nTransfer-Encoding: chunked",
+            "gzip, chunked",
+        ] {
+            let h = req(&format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n"
+            ))
+            .expect("ok")
+            .expect("complete");
+            assert!(request_framing(&h).is_err(), "{te}");
+        }
+        let h = req("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(request_framing(&h), Ok(Framing::Chunked));
     }
 
     #[test]
