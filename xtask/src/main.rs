@@ -16,6 +16,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 /// Counts live heap bytes while `bench control` asks it to (a pass-through otherwise).
@@ -63,6 +64,15 @@ enum Cmd {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Fuzz every parser of untrusted input (cargo-fuzz targets in tests/fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Targets to run (all when none).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
     /// Benchmarks.
     Bench {
         /// Which benchmark: `sim`, `proxy`, `agentic` or `control`.
@@ -99,6 +109,10 @@ fn main() -> Result<()> {
         } => {
             setup::run(&root)?;
             demo(&root, backends, keep_running)
+        }
+        Cmd::Fuzz { time, targets } => {
+            setup::run(&root)?;
+            fuzz::run(&root, time, &targets)
         }
         Cmd::Bench { which, args } => {
             setup::run(&root)?;
