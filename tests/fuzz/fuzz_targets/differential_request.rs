@@ -169,24 +169,24 @@ fn reference_split(data: &[u8]) -> Vec<Msg> {
             at = body_at + used;
             body
         } else if !cl.is_empty() {
-            let values: Vec<&[u8]> = cl
+            // Every value 1*DIGIT (at most 19: agentlb's bound) and all the same number
+            // (RFC 9110 §8.6 lets a recipient accept a list of one repeated length).
+            let values: Vec<Option<usize>> = cl
                 .iter()
                 .flat_map(|v| v.split(|&c| c == b','))
                 .map(trim)
+                .map(|v| {
+                    (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+                        .then(|| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
+                        .flatten()
+                })
                 .collect();
-            let first = values[0];
-            if first.is_empty()
-                || !first.iter().all(u8::is_ascii_digit)
-                || values.iter().any(|v| *v != first)
-            {
-                break;
-            }
-            let Some(n) = std::str::from_utf8(first)
-                .ok()
-                .and_then(|s| s.parse::<usize>().ok())
-            else {
+            let Some(Some(n)) = values.first().copied() else {
                 break;
             };
+            if values.iter().any(|v| *v != Some(n)) {
+                break;
+            }
             if data.len() < body_at + n {
                 break;
             }
