@@ -100,6 +100,11 @@ impl Reloader {
         {
             restart.push("limits.max_concurrent/max_queue");
         }
+        if new.limits.max_connections != old.limits.max_connections
+            || new.limits.memory_trim != old.limits.memory_trim
+        {
+            restart.push("limits.max_connections/memory_trim_ms");
+        }
         let (added, removed) = self
             .controller
             .reconcile(&new.backends)

@@ -867,3 +867,92 @@ fn transfer_codings_other_than_chunked_reach_the_client() -> Result<()> {
     }
     Ok(())
 }
+
+/// The value of the sample `series` (name with its label set as exposed, e.g.
+/// `agentlb_connections_open{path="user"}`) in agentlb's `/metrics`, 0 when absent.
+fn metric(lb: &Lb, series: &str) -> Result<f64> {
+    let text = ureq::get(&lb.admin_url("/metrics")).call()?.into_string()?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// Defect 7 of #14: after a storm of connections closes, agentlb hands the freed
+/// heap back (the RSS curve itself is `cargo xtask bench storm`); with
+/// `memory_trim_ms = 0` it never does. Connections are counted per data path.
+#[test]
+fn closed_connection_storms_hand_memory_back() -> Result<()> {
+    let (_b, port) = backend("b0", None)?;
+    for (trim_ms, want_trims) in [(100, true), (0, false)] {
+        let lb = lb_with_config(port, &format!("[limits]\nmemory_trim_ms = {trim_ms}\n"))?;
+        let mut clients = Vec::new();
+        for _ in 0..100 {
+            let mut c = Client::connect(lb.port)?;
+            c.send(&post("/v1/completions", "", "{}"))?;
+            assert_eq!(c.read_response()?.status, 200);
+            clients.push(c);
+        }
+        assert_eq!(
+            metric(&lb, r#"agentlb_connections_open{path="user"}"#)?,
+            100.0
+        );
+        assert_eq!(
+            metric(&lb, r#"agentlb_connections_total{path="user"}"#)?,
+            100.0
+        );
+        drop(clients);
+        let closed = wait_until(Duration::from_secs(10), || {
+            (metric(&lb, r#"agentlb_connections_open{path="user"}"#).ok()? == 0.0).then_some(())
+        });
+        assert!(closed.is_some(), "connections still counted open");
+        // Ten trim periods.
+        std::thread::sleep(Duration::from_secs(1));
+        let trims = metric(&lb, "agentlb_memory_trims_total")?;
+        assert_eq!(
+            trims > 0.0,
+            want_trims,
+            "memory_trim_ms = {trim_ms}: {trims} trims"
+        );
+    }
+    Ok(())
+}
+
+/// `limits.max_connections`: at the limit agentlb stops accepting; a connection
+/// waiting in the backlog is served as soon as another closes.
+#[test]
+fn the_connection_limit_holds_new_connections_until_one_closes() -> Result<()> {
+    let (_b, port) = backend("b0", None)?;
+    let lb = lb_with_config(port, "[limits]\nmax_connections = 3\n")?;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::connect(lb.port)?;
+        c.send(&post("/v1/completions", "", "{}"))?;
+        assert_eq!(c.read_response()?.status, 200);
+        open.push(c);
+    }
+    let mut waiting = Client::connect(lb.port)?;
+    waiting.send(&post("/v1/completions", "", "{}"))?;
+    waiting
+        .s
+        .set_read_timeout(Some(Duration::from_millis(700)))?;
+    let mut tmp = [0u8; 64];
+    match waiting.s.read(&mut tmp) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => bail!("the 4th connection was served past the limit: {other:?}"),
+    }
+    assert!(metric(&lb, "agentlb_connections_at_limit_total")? >= 1.0);
+    assert_eq!(
+        metric(&lb, r#"agentlb_connections_open{path="user"}"#)?,
+        3.0
+    );
+    drop(open.pop());
+    waiting.s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    assert_eq!(waiting.read_response()?.status, 200);
+    Ok(())
+}

@@ -12,7 +12,8 @@
 //!   nginx and vllm-router; `bench agentic`: agentic workloads through agentlb and the
 //!   anchor routers on simulated vLLM instances; `bench control`: the control plane's
 //!   routing decision latency and memory per workflow, and proxy throughput at a full
-//!   workflow table.
+//!   workflow table; `bench kv`: KV-aware routing; `bench storm`: resident memory
+//!   across connection storms.
 
 mod bench;
 mod demo;
@@ -75,7 +76,7 @@ enum Cmd {
     },
     /// Benchmarks.
     Bench {
-        /// Which benchmark: `sim`, `proxy`, `agentic` or `control`.
+        /// Which benchmark: `sim`, `proxy`, `agentic`, `control`, `kv` or `storm`.
         which: String,
         /// Extra arguments for the benchmark.
         #[arg(last = true)]
@@ -309,6 +310,9 @@ fn bench(root: &Path, which: &str, args: &[String]) -> Result<()> {
         "agentic" => bench::agentic::run(root, args),
         "control" => bench::control::run(root, args),
         "kv" => bench::kv::run(root, args),
-        other => bail!("unknown benchmark {other:?} (available: sim, proxy, agentic, control, kv)"),
+        "storm" => bench::storm::run(root, args),
+        other => bail!(
+            "unknown benchmark {other:?} (available: sim, proxy, agentic, control, kv, storm)"
+        ),
     }
 }

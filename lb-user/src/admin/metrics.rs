@@ -26,7 +26,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -206,6 +206,18 @@ pub struct Metrics {
     reported_cached: Family<BackendPolicyLabels, Counter>,
     wf_cap: LabelCap,
     agent_cap: LabelCap,
+    connections: Family<PathLabel, Counter>,
+    connections_open: Family<PathLabel, Gauge>,
+    connections_refused: Counter,
+    memory_trims: Counter,
+}
+
+/// `{path}`: `user` (the userspace engine) or `kernel` (a pair handed to the
+/// kernel's sockmap).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    /// Data path.
+    pub path: &'static str,
 }
 
 /// Every value of the `route` label.
@@ -353,6 +365,30 @@ impl Metrics {
             "Prompt tokens the backend reported as cached (usage.prompt_tokens_details.cached_tokens)",
             reported_cached.clone(),
         );
+        let connections = Family::<PathLabel, Counter>::default();
+        r.register(
+            "connections",
+            "Client connections accepted, by data path",
+            connections.clone(),
+        );
+        let connections_open = Family::<PathLabel, Gauge>::default();
+        r.register(
+            "connections_open",
+            "Client connections open now, by data path",
+            connections_open.clone(),
+        );
+        let connections_refused = Counter::default();
+        r.register(
+            "connections_at_limit",
+            "Times the proxy listener stopped accepting because limits.max_connections were open",
+            connections_refused.clone(),
+        );
+        let memory_trims = Counter::default();
+        r.register(
+            "memory_trims",
+            "Times freed heap memory was returned to the system after client connections closed (limits.memory_trim_ms)",
+            memory_trims.clone(),
+        );
         r.register_collector(Box::new(KernelCollector(dataplane)));
         r.register_collector(Box::new(StateCollector {
             controller,
@@ -395,7 +431,36 @@ impl Metrics {
                 seen: Mutex::default(),
                 max: max_labels,
             },
+            connections,
+            connections_open,
+            connections_refused,
+            memory_trims,
         }
+    }
+
+    /// A client connection was accepted on `path`.
+    pub fn connection_opened(&self, path: &'static str) {
+        self.connections.get_or_create(&PathLabel { path }).inc();
+        self.connections_open
+            .get_or_create(&PathLabel { path })
+            .inc();
+    }
+
+    /// A client connection on `path` ended.
+    pub fn connection_closed(&self, path: &'static str) {
+        self.connections_open
+            .get_or_create(&PathLabel { path })
+            .dec();
+    }
+
+    /// The listener reached `limits.max_connections`.
+    pub fn connections_at_limit(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// Freed memory was returned to the system.
+    pub fn memory_trimmed(&self) {
+        self.memory_trims.inc();
     }
 
     /// A response head was sent by `backend`.

@@ -254,6 +254,11 @@ pub struct RawLimits {
     pub body_read_timeout_ms: Option<u64>,
     /// Lingering close after an early error: time reading and discarding the body.
     pub linger_ms: Option<u64>,
+    /// Client connections open at once; past it the listener stops accepting.
+    pub max_connections: Option<usize>,
+    /// How often freed heap memory is returned to the system after client
+    /// connections closed (0: never).
+    pub memory_trim_ms: Option<u64>,
     /// Lingering close: most bytes discarded.
     pub linger_bytes: Option<usize>,
     /// Time from sending upstream to the response head.

@@ -21,7 +21,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Instant,
 };
@@ -30,7 +30,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     time::Sleep,
 };
 
@@ -58,6 +58,9 @@ pub async fn serve(
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let stopping = Arc::new(AtomicBool::new(false));
+    let limits = proxy.settings.load().limits.clone();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let tally = Arc::new(Tally::default());
     let pruner = {
         let proxy = proxy.clone();
         tokio::spawn(async move {
@@ -69,7 +72,31 @@ pub async fn serve(
             }
         })
     };
+    let trimmer = (!limits.memory_trim.is_zero()).then(|| {
+        tokio::spawn(trim_memory(
+            tally.clone(),
+            proxy.clone(),
+            limits.memory_trim,
+        ))
+    });
     loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                proxy.metrics.connections_at_limit();
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "client connection limit reached; not accepting until one closes"
+                );
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -81,12 +108,14 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let live = Live::new(tally.clone(), proxy.clone(), permit);
                 let conn = Conn::new(
                     proxy.clone(),
                     stream,
                     peer,
                     Stop { rx: Some(stop.clone()), flag: stopping.clone() },
                     done_tx.clone(),
+                    live,
                 );
                 tokio::spawn(conn.run());
             }
@@ -97,11 +126,90 @@ pub async fn serve(
     drop(listener);
     drop(done_tx);
     pruner.abort();
+    if let Some(t) = trimmer {
+        t.abort();
+    }
     tokio::select! {
         _ = done_rx.recv() => tracing::info!("proxy drained"),
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "shutdown grace elapsed; closing remaining connections");
         }
+    }
+}
+
+/// Client connections of one listener: open now, and the most open since
+/// freed memory was last returned.
+#[derive(Default)]
+struct Tally {
+    open: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// Connections that must have closed since the last trim (from the peak) before
+/// the next one: below this, what was freed is too little to be worth a pass
+/// over the heap.
+const TRIM_MIN_CLOSED: usize = 64;
+
+/// Returns freed heap memory to the system once many client connections have
+/// closed. glibc keeps what a connection storm freed in its arenas (each
+/// worker thread allocates from its own), so without this the resident set
+/// stays at the storm's peak; `malloc_trim` releases the free pages inside
+/// every arena. It walks the heap (a few ms at most), so it runs on the
+/// blocking pool and only after at least [`TRIM_MIN_CLOSED`] connections closed.
+async fn trim_memory(tally: Arc<Tally>, proxy: Arc<Proxy>, period: std::time::Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let open = tally.open.load(Ordering::Relaxed);
+        let peak = tally.peak.load(Ordering::Relaxed);
+        if peak.saturating_sub(open) < TRIM_MIN_CLOSED {
+            continue;
+        }
+        tally.peak.store(open, Ordering::Relaxed);
+        let trimmed = tokio::task::spawn_blocking(release_free_memory).await;
+        if trimmed.is_ok() {
+            proxy.metrics.memory_trimmed();
+            tracing::debug!(closed = peak - open, "returned freed memory to the system");
+        }
+    }
+}
+
+/// `malloc_trim(0)` where the allocator is glibc's; nothing elsewhere.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's free memory;
+    // it has no preconditions and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// One open client connection: counted while it lives, and holding one of
+/// the listener's `limits.max_connections` slots.
+struct Live {
+    tally: Arc<Tally>,
+    proxy: Arc<Proxy>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Live {
+    fn new(tally: Arc<Tally>, proxy: Arc<Proxy>, slot: OwnedSemaphorePermit) -> Self {
+        let open = tally.open.fetch_add(1, Ordering::Relaxed) + 1;
+        tally.peak.fetch_max(open, Ordering::Relaxed);
+        proxy.metrics.connection_opened("user");
+        Self {
+            tally,
+            proxy,
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.tally.open.fetch_sub(1, Ordering::Relaxed);
+        self.proxy.metrics.connection_closed("user");
     }
 }
 
@@ -151,6 +259,7 @@ struct Conn {
     /// A clock reading taken when the last response ended: the next head
     /// deadline counts from it instead of reading the clock again.
     last_end: Option<Instant>,
+    _live: Live,
     _done: mpsc::Sender<()>,
 }
 
@@ -214,6 +323,7 @@ impl Conn {
         peer: SocketAddr,
         stop: Stop,
         done: mpsc::Sender<()>,
+        live: Live,
     ) -> Self {
         Self {
             proxy,
@@ -232,6 +342,7 @@ impl Conn {
                 total: Deadline::new(),
             },
             last_end: None,
+            _live: live,
             _done: done,
         }
     }

@@ -50,6 +50,7 @@ mod load;
 mod plots;
 mod procs;
 mod report;
+pub mod storm;
 
 use std::{
     fmt::Write as _,
