@@ -13,7 +13,7 @@
 
 /// Version of the kernel⇄user ABI. Pinned maps carry it in [`MAP_META`]; agentlb
 /// refuses to adopt pins written by another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Magic stored in [`AbiMeta::magic`] ("ALB1" little-endian) to recognise our pins.
 pub const ABI_MAGIC: u32 = u32::from_le_bytes(*b"ALB1");
@@ -37,6 +37,11 @@ pub const MAP_SOCKS: &str = "ALB_SOCKS";
 pub const MAP_COUNTERS: &str = "ALB_COUNTERS";
 /// `Array<KernelConfig>` with one entry; not pinned. Written by userspace at start.
 pub const MAP_CONFIG: &str = "ALB_CONFIG";
+/// `HashMap<u64 /* socket cookie */, PairValue>`; not pinned. Pinned pairs: each
+/// side of a client⇄upstream pair handed to the kernel names its peer. Written by
+/// userspace (hand-off, teardown); the `sk_skb` verdict reads it and updates the
+/// activity fields.
+pub const MAP_PAIRS: &str = "ALB_PAIRS";
 
 /// Names of the maps that are pinned under the bpffs pin directory and survive restarts.
 pub const PINNED_MAPS: [&str; 2] = [MAP_META, MAP_BACKENDS];
@@ -51,6 +56,8 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_LISTENERS: u32 = 64;
 /// Capacity of [`MAP_SOCKS`] (registered client + upstream sockets).
 pub const MAX_SOCKETS: u32 = 65_536;
+/// Capacity of [`MAP_PAIRS`] (two entries per pinned pair).
+pub const MAX_PAIRS: u32 = MAX_SOCKETS;
 
 // ---------------------------------------------------------------------------
 // Program names (the ELF symbol names; the kernel keeps the first 15 bytes).
@@ -130,6 +137,30 @@ pub struct KernelConfig {
 pub const CFG_F_REGISTER_SOCKETS: u32 = 1;
 /// [`KernelConfig::flags`]: emit an aya-log debug line for every registered socket.
 pub const CFG_F_LOG_SOCKETS: u32 = 2;
+/// [`KernelConfig::flags`]: the `sk_skb` verdict redirects the bytes of pinned
+/// pairs ([`MAP_PAIRS`]) to the peer socket. Cleared, every byte goes to userspace
+/// (the kill switch; userspace then closes the pinned pairs).
+pub const CFG_F_STEER: u32 = 4;
+
+/// Value of [`MAP_PAIRS`]: one side of a pinned pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PairValue {
+    /// Socket cookie of the peer (its key in [`MAP_SOCKS`]).
+    pub peer: u64,
+    /// Bytes received on this socket and redirected to the peer (updated by the
+    /// verdict without atomics: statistics and idle detection only).
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` of the last redirect from this socket (0: none yet).
+    pub last_ns: u64,
+    /// The controller's backend id of the pair.
+    pub backend_id: u32,
+    /// `PAIR_F_*` flags.
+    pub flags: u32,
+}
+
+/// [`PairValue::flags`]: this side is the upstream (backend) socket.
+pub const PAIR_F_UPSTREAM: u32 = 1;
 
 // ---------------------------------------------------------------------------
 // Counters: indices into MAP_COUNTERS.
@@ -161,8 +192,16 @@ pub const CTR_XDP_PACKETS: u32 = 10;
 pub const CTR_XDP_BYTES: u32 = 11;
 /// TCP SYN (without ACK) packets seen by XDP.
 pub const CTR_XDP_TCP_SYN: u32 = 12;
+/// `sk_skb` verdicts redirected to the paired socket.
+pub const CTR_SK_SKB_REDIRECTED: u32 = 13;
+/// Bytes redirected by the `sk_skb` verdict.
+pub const CTR_SK_SKB_REDIRECTED_BYTES: u32 = 14;
+/// Redirects the kernel refused (peer gone): the bytes went to userspace.
+pub const CTR_SK_SKB_REDIRECT_FAILED: u32 = 15;
+/// `sk_skb` verdicts on a socket with no pair (passed to userspace).
+pub const CTR_SK_SKB_UNPAIRED: u32 = 16;
 /// Number of counters (size of [`MAP_COUNTERS`]).
-pub const NUM_COUNTERS: u32 = 13;
+pub const NUM_COUNTERS: u32 = 17;
 
 /// Stable names of the counters, indexed by `CTR_*` (used in metrics and status output).
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -179,6 +218,10 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "xdp_packets",
     "xdp_bytes",
     "xdp_tcp_syn",
+    "sk_skb_redirected",
+    "sk_skb_redirected_bytes",
+    "sk_skb_redirect_failed",
+    "sk_skb_unpaired",
 ];
 
 // ---------------------------------------------------------------------------
@@ -190,11 +233,12 @@ const _: () = assert!(core::mem::size_of::<BackendKey>() == 24);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
 const _: () = assert!(core::mem::size_of::<KernelConfig>() == 8);
 const _: () = assert!(core::mem::align_of::<BackendKey>() == 4);
+const _: () = assert!(core::mem::size_of::<PairValue>() == 32);
 
 /// Key and value sizes of every map, for the userspace contract check:
 /// `(name, key_size, value_size, max_entries)`. `max_entries` 0 means "not checked"
 /// (aya-log's ring buffer is sized by aya).
-pub const MAP_LAYOUT: [(&str, u32, u32, u32); 6] = [
+pub const MAP_LAYOUT: [(&str, u32, u32, u32); 7] = [
     (MAP_META, 4, core::mem::size_of::<AbiMeta>() as u32, 1),
     (
         MAP_BACKENDS,
@@ -211,6 +255,12 @@ pub const MAP_LAYOUT: [(&str, u32, u32, u32); 6] = [
         core::mem::size_of::<KernelConfig>() as u32,
         1,
     ),
+    (
+        MAP_PAIRS,
+        8,
+        core::mem::size_of::<PairValue>() as u32,
+        MAX_PAIRS,
+    ),
 ];
 
 #[cfg(feature = "user")]
@@ -222,4 +272,5 @@ mod pod {
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::KernelConfig {}
+    unsafe impl aya::Pod for super::PairValue {}
 }

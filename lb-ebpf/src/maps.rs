@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, SockHash},
 };
 use lb_common::{
-    AbiMeta, BackendKey, BackendValue, KernelConfig, MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS,
-    NUM_COUNTERS,
+    AbiMeta, BackendKey, BackendValue, KernelConfig, MAX_BACKENDS, MAX_LISTENERS, MAX_PAIRS,
+    MAX_SOCKETS, NUM_COUNTERS, PairValue,
 };
 
 /// ABI description of the pinned maps (pinned; written by userspace).
@@ -25,6 +25,10 @@ pub static LISTEN: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LISTENERS, 
 /// Registered sockets keyed by socket cookie.
 #[map(name = "ALB_SOCKS")]
 pub static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Pinned pairs: socket cookie → its peer (written by userspace at hand-off).
+#[map(name = "ALB_PAIRS")]
+pub static PAIRS: HashMap<u64, PairValue> = HashMap::with_max_entries(MAX_PAIRS, 0);
 
 /// Per-CPU counters indexed by `lb_common::CTR_*`.
 #[map(name = "ALB_COUNTERS")]

@@ -102,11 +102,18 @@ async fn serve(
         limiter.clone(),
         config.workflows.max_metric_labels,
     ));
+    let fastpath = proxy::pinned::FastPath::new(&config.kernel, dataplane.clone(), metrics.clone());
+    if config.kernel.pinning && fastpath.is_none() {
+        tracing::warn!(
+            "kernel.pinning is on but the kernel dataplane is not active: every connection stays in userspace"
+        );
+    }
     let proxy = Arc::new(Proxy::new(
         controller.clone(),
         metrics.clone(),
         limiter,
         &config,
+        fastpath,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (health_tx, health_rx) = watch::channel(config.health.clone());

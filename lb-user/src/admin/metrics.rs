@@ -210,6 +210,26 @@ pub struct Metrics {
     connections_open: Family<PathLabel, Gauge>,
     connections_refused: Counter,
     memory_trims: Counter,
+    handoffs: Counter,
+    handoff_refusals: Family<ReasonLabel, Counter>,
+    pinned_closes: Family<ReasonLabel, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+}
+
+/// `{reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Reason.
+    pub reason: &'static str,
+}
+
+/// `{path, direction}` of `agentlb_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// `kernel` or `user`.
+    pub path: &'static str,
+    /// `to_upstream` or `to_client`.
+    pub direction: &'static str,
 }
 
 /// `{path}`: `user` (the userspace engine) or `kernel` (a pair handed to the
@@ -389,6 +409,30 @@ impl Metrics {
             "Times freed heap memory was returned to the system after client connections closed (limits.memory_trim_ms)",
             memory_trims.clone(),
         );
+        let handoffs = Counter::default();
+        r.register(
+            "kernel_handoffs",
+            "Client/upstream connection pairs handed to the kernel after their first request (kernel.pinning)",
+            handoffs.clone(),
+        );
+        let handoff_refusals = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "kernel_handoff_refusals",
+            "Hand-offs not made, by reason: pipelined, no_tail, map_error, race",
+            handoff_refusals.clone(),
+        );
+        let pinned_closes = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "pinned_pair_closes",
+            "Pinned pairs closed, by reason: client_closed, backend_closed, passed_to_user, idle, lifetime, backend_not_routable, kill_switch, shutdown, error",
+            pinned_closes.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        r.register(
+            "bytes",
+            "Bytes forwarded by data path and direction (kernel: counted when a pinned pair closes)",
+            bytes.clone(),
+        );
         r.register_collector(Box::new(KernelCollector(dataplane)));
         r.register_collector(Box::new(StateCollector {
             controller,
@@ -435,7 +479,47 @@ impl Metrics {
             connections_open,
             connections_refused,
             memory_trims,
+            handoffs,
+            handoff_refusals,
+            pinned_closes,
+            bytes,
         }
+    }
+
+    /// A pair was handed to the kernel: its connection moves from the `user`
+    /// to the `kernel` path.
+    pub fn handoff(&self) {
+        self.handoffs.inc();
+        self.connections_open
+            .get_or_create(&PathLabel { path: "user" })
+            .dec();
+        self.connection_opened("kernel");
+    }
+
+    /// A hand-off was not made.
+    pub fn handoff_refused(&self, reason: &'static str) {
+        self.handoff_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A pinned pair closed after the kernel forwarded these bytes.
+    pub fn pinned_closed(&self, reason: &'static str, to_upstream: u64, to_client: u64) {
+        self.pinned_closes
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        self.bytes
+            .get_or_create(&BytesLabels {
+                path: "kernel",
+                direction: "to_upstream",
+            })
+            .inc_by(to_upstream);
+        self.bytes
+            .get_or_create(&BytesLabels {
+                path: "kernel",
+                direction: "to_client",
+            })
+            .inc_by(to_client);
     }
 
     /// A client connection was accepted on `path`.

@@ -171,6 +171,15 @@ pub struct KernelConfig {
     pub log_level: log::LevelFilter,
     /// Log every socket registration.
     pub log_sockets: bool,
+    /// Hand client⇄upstream pairs to the kernel after their first request.
+    pub pinning: bool,
+    /// A pinned pair with no bytes in either direction for this long is closed.
+    pub pin_idle_timeout: Duration,
+    /// A pinned pair is closed once quiet after this long.
+    pub pin_max_lifetime: Duration,
+    /// Quiet time after a response that makes a pinned pair safe to close
+    /// (kill switch, lifetime, backend gone).
+    pub pin_quiet: Duration,
 }
 
 /// `[limits]`, validated.
@@ -766,11 +775,21 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         cgroup,
         join_cgroup: k.join_cgroup.unwrap_or(true),
         sockmap: k.sockmap.unwrap_or(true),
+        pinning: k.pinning.unwrap_or(false),
+        pin_idle_timeout: v.millis("kernel.pin_idle_timeout_ms", k.pin_idle_timeout_ms, 60_000),
+        pin_max_lifetime: v.millis("kernel.pin_max_lifetime_ms", k.pin_max_lifetime_ms, 600_000),
+        pin_quiet: v.millis("kernel.pin_quiet_ms", k.pin_quiet_ms, 1_000),
         xdp_interfaces,
         xdp_mode,
         log_level: kernel_log_level,
         log_sockets: k.log_sockets.unwrap_or(false),
     };
+    if kernel_cfg.pinning && !kernel_cfg.sockmap {
+        v.issue(
+            "kernel.pinning",
+            "needs kernel.sockmap = true (pairs are forwarded by the sockmap programs)",
+        );
+    }
 
     if !v.issues.is_empty() {
         return Err(ConfigError::Invalid(v.issues));

@@ -231,6 +231,14 @@ pub struct RawKernel {
     pub log_level: Option<String>,
     /// Log every socket registration (debug level).
     pub log_sockets: Option<bool>,
+    /// Hand client⇄upstream pairs to the kernel after their first request.
+    pub pinning: Option<bool>,
+    /// Close a pinned pair idle this long.
+    pub pin_idle_timeout_ms: Option<u64>,
+    /// Close a pinned pair (once quiet) after this long.
+    pub pin_max_lifetime_ms: Option<u64>,
+    /// Quiet time after a response that makes a pinned pair safe to close.
+    pub pin_quiet_ms: Option<u64>,
 }
 
 /// `[limits]`.

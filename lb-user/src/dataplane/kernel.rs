@@ -4,7 +4,7 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr},
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -15,14 +15,15 @@ use aya::{
 };
 use lb_common::{
     ABI_MAGIC, ABI_VERSION, AbiMeta, BackendKey, BackendValue, CFG_F_LOG_SOCKETS,
-    CFG_F_REGISTER_SOCKETS, COUNTER_NAMES, FAMILY_V4, FAMILY_V6, KernelConfig as AbiConfig,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_LAYOUT, MAP_LISTEN, MAP_META, MAP_SOCKS,
-    NUM_COUNTERS, PROG_SK_MSG, PROG_SK_SKB, PROG_SOCKOPS, PROG_XDP,
+    CFG_F_REGISTER_SOCKETS, CFG_F_STEER, COUNTER_NAMES, FAMILY_V4, FAMILY_V6,
+    KernelConfig as AbiConfig, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_LAYOUT, MAP_LISTEN,
+    MAP_META, MAP_PAIRS, MAP_SOCKS, NUM_COUNTERS, PAIR_F_UPSTREAM, PROG_SK_MSG, PROG_SK_SKB,
+    PROG_SOCKOPS, PROG_XDP, PairValue,
 };
 use tokio::io::unix::AsyncFd;
 
 use super::{
-    DataplaneError, MapStatus, ProgramStatus, PublishedBackend,
+    DataplaneError, MapStatus, PairKeys, ProgramStatus, PublishedBackend,
     cgroup::{self, CgroupGuard},
     pins,
 };
@@ -43,6 +44,10 @@ pub struct KernelDataplane {
     counters: PerCpuArray<MapData, u64>,
     backends: HashMap<MapData, BackendKey, BackendValue>,
     listen: HashMap<MapData, u32, u32>,
+    pairs: HashMap<MapData, u64, PairValue>,
+    config: Array<MapData, AbiConfig>,
+    /// `CFG_F_*` flags as written to `ALB_CONFIG`.
+    flags: u32,
     logger: Option<tokio::task::JoinHandle<()>>,
     cgroup: CgroupGuard,
     programs: Vec<ProgramStatus>,
@@ -101,20 +106,28 @@ impl KernelDataplane {
                 meta.set(0, m, 0).map_err(map_err("writing ALB_META"))?;
             }
         }
-        {
-            let mut flags = 0;
-            if cfg.sockmap {
-                flags |= CFG_F_REGISTER_SOCKETS;
-            }
-            if cfg.log_sockets {
-                flags |= CFG_F_LOG_SOCKETS;
-            }
-            let mut conf: Array<&mut MapData, AbiConfig> = map_mut(&mut ebpf, MAP_CONFIG)?
-                .try_into()
-                .map_err(map_err("ALB_CONFIG"))?;
-            conf.set(0, AbiConfig { flags, _pad: 0 }, 0)
-                .map_err(map_err("writing ALB_CONFIG"))?;
+        // With pinning, sockets join ALB_SOCKS only when userspace hands a pair
+        // over (the rest of the traffic never crosses the sockmap); without it
+        // sock_ops registers every client and upstream socket (counting only).
+        let mut flags = 0;
+        if cfg.sockmap && !cfg.pinning {
+            flags |= CFG_F_REGISTER_SOCKETS;
         }
+        if cfg.pinning {
+            flags |= CFG_F_STEER;
+        }
+        if cfg.log_sockets {
+            flags |= CFG_F_LOG_SOCKETS;
+        }
+        let mut config: Array<MapData, AbiConfig> = take_map(&mut ebpf, MAP_CONFIG)?
+            .try_into()
+            .map_err(map_err("ALB_CONFIG"))?;
+        config
+            .set(0, AbiConfig { flags, _pad: 0 }, 0)
+            .map_err(map_err("writing ALB_CONFIG"))?;
+        let pairs: HashMap<MapData, u64, PairValue> = take_map(&mut ebpf, MAP_PAIRS)?
+            .try_into()
+            .map_err(map_err("ALB_PAIRS"))?;
         let backends_map: HashMap<MapData, BackendKey, BackendValue> =
             take_map(&mut ebpf, MAP_BACKENDS)?
                 .try_into()
@@ -149,6 +162,9 @@ impl KernelDataplane {
             counters,
             backends: backends_map,
             listen,
+            pairs,
+            config,
+            flags,
             logger,
             cgroup,
             programs: Vec::new(),
@@ -299,6 +315,93 @@ impl KernelDataplane {
         self.backends.keys().filter_map(Result::ok).count()
     }
 
+    /// Hands a client⇄upstream pair to the kernel: both sockets join `ALB_SOCKS`
+    /// and name each other in `ALB_PAIRS`, after which the `sk_skb` verdict
+    /// forwards their bytes. Undone on failure.
+    pub fn pin_pair(
+        &mut self,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+        backend_id: u32,
+    ) -> Result<PairKeys, DataplaneError> {
+        let keys = PairKeys {
+            client: socket_cookie(client)?,
+            upstream: socket_cookie(upstream)?,
+        };
+        let socks = self.socks.as_mut().ok_or(DataplaneError::Map {
+            what: "ALB_SOCKS",
+            message: "sockmap programs not attached".into(),
+        })?;
+        let side = |peer, flags| PairValue {
+            peer,
+            bytes: 0,
+            last_ns: 0,
+            backend_id,
+            flags,
+        };
+        let r = (|| {
+            self.pairs
+                .insert(keys.client, side(keys.upstream, 0), 0)
+                .map_err(map_err("writing ALB_PAIRS"))?;
+            self.pairs
+                .insert(keys.upstream, side(keys.client, PAIR_F_UPSTREAM), 0)
+                .map_err(map_err("writing ALB_PAIRS"))?;
+            socks
+                .insert(keys.upstream, upstream.as_raw_fd(), 0)
+                .map_err(map_err("inserting the upstream socket into ALB_SOCKS"))?;
+            socks
+                .insert(keys.client, client.as_raw_fd(), 0)
+                .map_err(map_err("inserting the client socket into ALB_SOCKS"))
+        })();
+        if r.is_err() {
+            self.unpin_pair(keys);
+        }
+        r.map(|()| keys)
+    }
+
+    /// Removes a pair's entries (missing ones are fine: closed sockets leave
+    /// `ALB_SOCKS` by themselves).
+    pub fn unpin_pair(&mut self, keys: PairKeys) {
+        for k in [keys.client, keys.upstream] {
+            let _ = self.pairs.remove(&k);
+            if let Some(s) = self.socks.as_mut() {
+                let _ = s.remove(&k);
+            }
+        }
+    }
+
+    /// The kernel's activity record of both sides of a pair: (client, upstream).
+    pub fn pair_activity(&self, keys: PairKeys) -> Option<(PairValue, PairValue)> {
+        Some((
+            self.pairs.get(&keys.client, 0).ok()?,
+            self.pairs.get(&keys.upstream, 0).ok()?,
+        ))
+    }
+
+    /// Turns the verdict's redirects on or off (the kill switch).
+    pub fn set_steering(&mut self, on: bool) -> Result<(), DataplaneError> {
+        let flags = if on {
+            self.flags | CFG_F_STEER
+        } else {
+            self.flags & !CFG_F_STEER
+        };
+        self.config
+            .set(0, AbiConfig { flags, _pad: 0 }, 0)
+            .map_err(map_err("writing ALB_CONFIG"))?;
+        self.flags = flags;
+        Ok(())
+    }
+
+    /// Entries in `ALB_PAIRS` and `ALB_SOCKS` (leak checks, status).
+    pub fn pair_entries(&self) -> (usize, usize) {
+        let pairs = self.pairs.keys().filter_map(Result::ok).count();
+        let socks = self
+            .socks
+            .as_ref()
+            .map_or(0, |s| s.keys().filter_map(Result::ok).count());
+        (pairs, socks)
+    }
+
     /// Attached programs.
     pub fn programs(&self) -> &[ProgramStatus] {
         &self.programs
@@ -381,6 +484,29 @@ where
         })?
         .try_into()
         .map_err(prog_err("program type"))
+}
+
+/// `SO_COOKIE` of a socket.
+fn socket_cookie(fd: BorrowedFd<'_>) -> Result<u64, DataplaneError> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which we own.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(DataplaneError::Map {
+            what: "SO_COOKIE",
+            message: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    Ok(cookie)
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, DataplaneError> {

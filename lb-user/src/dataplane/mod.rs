@@ -60,6 +60,29 @@ pub struct PublishedBackend {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// The socket cookies of a pair handed to the kernel (their keys in
+/// `ALB_SOCKS` and `ALB_PAIRS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairKeys {
+    /// Client socket.
+    pub client: u64,
+    /// Upstream socket.
+    pub upstream: u64,
+}
+
+/// What the kernel recorded for a pinned pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PairActivity {
+    /// Bytes the kernel forwarded client → upstream.
+    pub to_upstream: u64,
+    /// Bytes the kernel forwarded upstream → client.
+    pub to_client: u64,
+    /// `CLOCK_MONOTONIC` ns of the last client → upstream redirect (0: none).
+    pub last_request_ns: u64,
+    /// `CLOCK_MONOTONIC` ns of the last upstream → client redirect (0: none).
+    pub last_response_ns: u64,
+}
+
 /// One attached program.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramStatus {
@@ -109,6 +132,10 @@ pub struct DataplaneStatus {
     pub published_backends: usize,
     /// Kernel counters (summed over CPUs).
     pub counters: std::collections::BTreeMap<&'static str, u64>,
+    /// Entries in `ALB_PAIRS` (two per pinned pair).
+    pub pairs: usize,
+    /// Sockets in `ALB_SOCKS`.
+    pub sockets: usize,
 }
 
 /// The running dataplane.
@@ -225,6 +252,69 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Hands a client⇄upstream pair to the kernel (see
+    /// [`kernel::KernelDataplane::pin_pair`]); an error in userspace mode.
+    pub fn pin_pair(
+        &self,
+        client: std::os::fd::BorrowedFd<'_>,
+        upstream: std::os::fd::BorrowedFd<'_>,
+        backend_id: u32,
+    ) -> Result<PairKeys, DataplaneError> {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = lock(&self.kernel).as_mut() {
+            return k.pin_pair(client, upstream, backend_id);
+        }
+        let _ = (client, upstream, backend_id);
+        Err(DataplaneError::Map {
+            what: "ALB_PAIRS",
+            message: "the kernel dataplane is not active".into(),
+        })
+    }
+
+    /// Removes a pinned pair's map entries.
+    pub fn unpin_pair(&self, keys: PairKeys) {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = lock(&self.kernel).as_mut() {
+            k.unpin_pair(keys);
+        }
+        let _ = keys;
+    }
+
+    /// Bytes and last activity the kernel recorded for a pinned pair.
+    pub fn pair_activity(&self, keys: PairKeys) -> Option<PairActivity> {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = lock(&self.kernel).as_ref() {
+            let (c, u) = k.pair_activity(keys)?;
+            return Some(PairActivity {
+                to_upstream: c.bytes,
+                to_client: u.bytes,
+                last_request_ns: c.last_ns,
+                last_response_ns: u.last_ns,
+            });
+        }
+        let _ = keys;
+        None
+    }
+
+    /// Kill switch: turns the kernel's redirects of pinned pairs on or off.
+    pub fn set_steering(&self, on: bool) -> Result<(), DataplaneError> {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = lock(&self.kernel).as_mut() {
+            return k.set_steering(on);
+        }
+        let _ = on;
+        Ok(())
+    }
+
+    /// Entries in the pair map and the sockhash: (pairs, sockets).
+    pub fn pair_entries(&self) -> (usize, usize) {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = lock(&self.kernel).as_ref() {
+            return k.pair_entries();
+        }
+        (0, 0)
+    }
+
     /// Kernel counters, empty in userspace mode.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         #[cfg(feature = "ebpf")]
@@ -251,6 +341,8 @@ impl Dataplane {
             pin_dir: guard.is_some().then(|| self.pin_dir.clone()),
             published_backends: 0,
             counters: Default::default(),
+            pairs: 0,
+            sockets: 0,
         };
         #[cfg(feature = "ebpf")]
         if let Some(k) = guard.as_ref() {
@@ -259,6 +351,7 @@ impl Dataplane {
             st.cgroup = Some(k.cgroup_path().display().to_string());
             st.published_backends = k.published_backends();
             st.counters = k.counters().into_iter().collect();
+            (st.pairs, st.sockets) = k.pair_entries();
         }
         st
     }

@@ -190,6 +190,8 @@ fn release_free_memory() {
 struct Live {
     tally: Arc<Tally>,
     proxy: Arc<Proxy>,
+    /// `user`, or `kernel` once the connection was handed to the kernel.
+    path: &'static str,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -201,6 +203,7 @@ impl Live {
         Self {
             tally,
             proxy,
+            path: "user",
             _slot: slot,
         }
     }
@@ -209,7 +212,7 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.tally.open.fetch_sub(1, Ordering::Relaxed);
-        self.proxy.metrics.connection_closed("user");
+        self.proxy.metrics.connection_closed(self.path);
     }
 }
 
@@ -259,7 +262,14 @@ struct Conn {
     /// A clock reading taken when the last response ended: the next head
     /// deadline counts from it instead of reading the clock again.
     last_end: Option<Instant>,
-    _live: Live,
+    live: Live,
+    /// Set by the relay when the connection was handed to the kernel with this
+    /// upstream connection.
+    pinned: Option<(super::upstream::UpConn, super::pinned::Pinned)>,
+    /// A hand-off the relay of the current response should arm.
+    pin_plan: Option<(Arc<super::pinned::FastPath>, crate::model::BackendId)>,
+    /// A hand-off armed by the relay of the current response.
+    pin_armed: Option<super::pinned::Pinned>,
     _done: mpsc::Sender<()>,
 }
 
@@ -342,7 +352,10 @@ impl Conn {
                 total: Deadline::new(),
             },
             last_end: None,
-            _live: live,
+            live,
+            pinned: None,
+            pin_plan: None,
+            pin_armed: None,
             _done: done,
         }
     }
@@ -388,6 +401,22 @@ impl Conn {
             } else {
                 tracing::Instrument::instrument(self.request(head, &rid, &settings), span).await
             };
+            if let Some((up, pair)) = self.pinned.take()
+                && let Some(fp) = self.proxy.fastpath.clone()
+            {
+                // From here the kernel forwards both directions; this task only
+                // watches the pair.
+                self.live.path = "kernel";
+                fp.watch(
+                    &self.stream,
+                    &up.stream,
+                    pair,
+                    &self.proxy.controller,
+                    &mut stopped,
+                )
+                .await;
+                return;
+            }
             if !keep || self.stopping() {
                 break;
             }
@@ -949,6 +978,22 @@ impl Conn {
         // An HTTP/1.0 client learns the end of such a body from the close.
         self.client_closes |= cfr == ClientFraming::Close;
         let keep = !self.closing();
+        // Kernel hand-off (connection pinning) for a workflow's keep-alive
+        // connection whose response framing the engine understands.
+        let pin = proxy
+            .fastpath
+            .clone()
+            .filter(|f| f.enabled())
+            .filter(|_| {
+                keep && head.minor >= 1
+                    && meta.workflow_id.is_some()
+                    && matches!(route, "chat" | "completions")
+                    && prefill.is_none()
+                    && uh.status == 200
+                    && uh.keep_alive()
+                    && matches!(ufr, Framing::Length(_) | Framing::Chunked)
+            })
+            .map(|f| (f, backend.id));
 
         // The client's response head, from the upstream one.
         let out = &mut self.out;
@@ -1139,17 +1184,23 @@ impl Conn {
             tracker.arrived(head_at);
         }
         let deadline = tokio::time::Instant::from_std(started + limits.total_timeout);
+        self.pin_plan = pin;
         let relayed = self
             .relay(&mut conn, ufr, cfr, sse, &mut tracker, deadline)
             .await;
+        self.pin_plan = None;
         let ended = Instant::now();
         self.last_end = Some(ended);
         tracker.end(relayed.outcome, ended);
+        if let Some(p) = self.pin_armed.take() {
+            self.pinned = Some((conn, p));
+            return Ok(false);
+        }
         let upstream_keep = uh.keep_alive();
         if relayed.reusable && upstream_keep {
             proxy.pool.checkin(backend.id, conn, ended);
         }
-        Ok(keep && relayed.outcome == Outcome::Complete)
+        Ok(keep && !self.client_closes && relayed.outcome == Outcome::Complete)
     }
 
     /// Relays the upstream body to the client.
@@ -1224,6 +1275,42 @@ impl Conn {
             if finished && cfr == ClientFraming::Chunked {
                 self.out.extend_from_slice(h1::LAST_CHUNK);
             }
+            if finished && let Some((fp, backend)) = self.pin_plan.take() {
+                // Armed before the last byte: the client cannot have sent its
+                // next request yet.
+                if !self.buf.is_empty() || self.body_pending || !conn.buf.is_empty() {
+                    fp.refused(super::pinned::refusal::PIPELINED);
+                } else if self.out.is_empty() {
+                    fp.refused(super::pinned::refusal::NO_TAIL);
+                } else {
+                    let last = self.out.len() - 1;
+                    if let Err(timeout) =
+                        write_by(&mut self.stream, &self.out[..last], &mut self.timers.total).await
+                    {
+                        self.out.clear();
+                        return Relayed {
+                            outcome: if timeout {
+                                Outcome::TimedOut
+                            } else {
+                                Outcome::ClientGone
+                            },
+                            reusable: false,
+                        };
+                    }
+                    self.out.drain(..last);
+                    match fp.arm(&self.stream, &conn.stream, backend) {
+                        Ok(p) => self.pin_armed = Some(p),
+                        Err(reason) => {
+                            fp.refused(reason);
+                            if reason == super::pinned::refusal::RACE {
+                                // Bytes may already have been forwarded: close
+                                // both after this response.
+                                self.client_closes = true;
+                            }
+                        }
+                    }
+                }
+            }
             if !self.out.is_empty() {
                 match write_by(&mut self.stream, &self.out, &mut self.timers.total).await {
                     Ok(()) => self.out.clear(),
@@ -1243,7 +1330,7 @@ impl Conn {
             if finished {
                 return Relayed {
                     outcome: Outcome::Complete,
-                    reusable: ufr != Framing::Close && conn.buf.is_empty(),
+                    reusable: ufr != Framing::Close && conn.buf.is_empty() && !self.client_closes,
                 };
             }
             if conn.buf.capacity() - conn.buf.len() < 4096 {

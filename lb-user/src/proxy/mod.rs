@@ -26,6 +26,7 @@ pub mod h1;
 pub mod limits;
 pub mod meta;
 mod pd;
+pub mod pinned;
 pub mod responses;
 pub mod stream;
 pub mod upstream;
@@ -223,6 +224,8 @@ pub struct Proxy {
     budget: limits::RetryBudget,
     /// Client of the Responses owner lookup.
     probe: crate::controller::health::ProbeClient,
+    /// The kernel fast path (connection pinning), when on.
+    pub fastpath: Option<Arc<pinned::FastPath>>,
 }
 
 /// Bodies up to this size are sent in the same write as the upstream head.
@@ -235,6 +238,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         limiter: Arc<limits::Limiter>,
         config: &Config,
+        fastpath: Option<pinned::FastPath>,
     ) -> Self {
         Self {
             controller,
@@ -247,6 +251,7 @@ impl Proxy {
             limiter,
             budget: limits::RetryBudget::default(),
             probe: crate::controller::health::probe_client(),
+            fastpath: fastpath.map(Arc::new),
         }
     }
 

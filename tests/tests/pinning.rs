@@ -1,0 +1,488 @@
+//! Privileged suite: the kernel fast path's connection pinning (`kernel.pinning`)
+//! across real network stacks.
+//!
+//! Topology per test: three network namespaces — client, gateway, backends —
+//! joined by two veth pairs (198.18.0.0/30 client⇄gateway, 198.18.1.0/30
+//! gateway⇄backends), so every byte crosses real TCP stacks on both sides of
+//! agentlb. agentlb runs in the gateway namespace inside the test's own cgroup
+//! with `kernel.mode = "required"` and pinning on; `vllm-sim` instances run in
+//! the backend namespace. Clients are raw sockets in the client namespace that
+//! decode every response (chunked SSE) themselves.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use testkit::{
+    NetNs, PinDir, Proc, TestCgroup, get_json, privileged, veth_pair, wait_until, workspace_bin,
+};
+
+const GW: &str = "198.18.0.2";
+const BACKEND_NET: &str = "198.18.1.2";
+const ADMIN: &str = "127.0.0.1:9090";
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+struct World {
+    client: NetNs,
+    gw: NetNs,
+    be: NetNs,
+    cg: TestCgroup,
+    pins: PinDir,
+}
+
+impl World {
+    fn new() -> Result<Self> {
+        let client = NetNs::new("pc")?;
+        let gw = NetNs::new("pg")?;
+        let be = NetNs::new("pb")?;
+        veth_pair(
+            &client,
+            "eth0",
+            "198.18.0.1/30",
+            &gw,
+            "eth0",
+            "198.18.0.2/30",
+        )?;
+        veth_pair(&gw, "eth1", "198.18.1.1/30", &be, "eth0", "198.18.1.2/30")?;
+        Ok(Self {
+            client,
+            gw,
+            be,
+            cg: TestCgroup::new()?,
+            pins: PinDir::new(),
+        })
+    }
+
+    /// `vllm-sim` in the backend namespace on 198.18.1.2:`port`.
+    fn sim(&self, port: u16) -> Result<Proc> {
+        let mut cmd = self.be.command(workspace_bin("vllm-sim"));
+        cmd.args([
+            "--host",
+            BACKEND_NET,
+            "--instances",
+            "1",
+            "--base-port",
+            &port.to_string(),
+            "--time-scale",
+            "50",
+            "--kv-events-base-port",
+            "0",
+        ]);
+        self.cg.place(&mut cmd);
+        let mut p = Proc::spawn("vllm-sim", cmd)?;
+        let url = format!("http://{BACKEND_NET}:{port}/health");
+        let up = wait_until(Duration::from_secs(20), || {
+            if p.try_wait().is_some() {
+                return Some(false);
+            }
+            self.be
+                .run({
+                    let url = url.clone();
+                    move || ureq::get(&url).call().is_ok()
+                })
+                .ok()
+                .filter(|ok| *ok)
+        });
+        ensure!(up == Some(true), "vllm-sim did not start: {}", p.output());
+        Ok(p)
+    }
+
+    fn agentlb(&self, backends: &[u16], extra: &str) -> Result<Proc> {
+        let mut conf = format!(
+            "[server]\nlisten = \"{GW}:8080\"\nadmin = \"{ADMIN}\"\n\n\
+             [routing]\npolicy = \"workflow\"\n\n\
+             [health]\ninterval_ms = 200\ntimeout_ms = 500\n\n\
+             [kernel]\nmode = \"required\"\npin_dir = \"{}\"\npinning = true\n{extra}\n",
+            self.pins.path().display()
+        );
+        for p in backends {
+            conf.push_str(&format!(
+                "\n[[backends]]\nurl = \"http://{BACKEND_NET}:{p}\"\n"
+            ));
+        }
+        let file = testkit::temp_file("agentlb-pinning.toml", &conf)?;
+        let mut cmd = self.gw.command(workspace_bin("agentlb"));
+        cmd.arg("run").arg("--config").arg(&file);
+        self.cg.place(&mut cmd);
+        let mut p = Proc::spawn("agentlb", cmd)?;
+        let ready = wait_until(Duration::from_secs(20), || {
+            if p.try_wait().is_some() {
+                return Some(false);
+            }
+            self.gw
+                .run(|| get_json(&format!("http://{ADMIN}/ready")))
+                .ok()
+                .and_then(Result::ok)
+                .filter(|v| v["ready"] == true)
+                .map(|_| true)
+        });
+        ensure!(
+            ready == Some(true),
+            "agentlb did not start:\n{}",
+            p.output()
+        );
+        Ok(p)
+    }
+
+    fn metrics(&self) -> Result<String> {
+        self.gw.run(|| -> Result<String> {
+            Ok(ureq::get(&format!("http://{ADMIN}/metrics"))
+                .call()?
+                .into_string()?)
+        })?
+    }
+
+    fn dataplane(&self) -> Result<Value> {
+        self.gw
+            .run(|| get_json(&format!("http://{ADMIN}/admin/dataplane")))?
+    }
+}
+
+/// The value of `series` in an exposition (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A streamed chat request with a workflow id, kept alive.
+fn chat(workflow: &str, prompt: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "model": MODEL,
+        "stream": true,
+        "max_tokens": 24,
+        "messages": [{"role": "user", "content": prompt}],
+    })
+    .to_string();
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n\
+         x-workflow-id: {workflow}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// One decoded response.
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Reads one HTTP/1.1 response (Content-Length or chunked) from `s`, keeping
+/// what follows it in `buf`.
+fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Answer> {
+    fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
+        let mut tmp = [0u8; 16384];
+        let n = s.read(&mut tmp)?;
+        if n == 0 {
+            bail!(
+                "connection closed mid-response ({} bytes buffered)",
+                buf.len()
+            );
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        Ok(())
+    }
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        fill(s, buf)?;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    buf.drain(..end);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("status line")?;
+    let field = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    let mut body = Vec::new();
+    if let Some(len) = field("content-length") {
+        let len: usize = len.parse()?;
+        while buf.len() < len {
+            fill(s, buf)?;
+        }
+        body.extend(buf.drain(..len));
+    } else if field("transfer-encoding").is_some_and(|t| t.ends_with("chunked")) {
+        loop {
+            let line_end = loop {
+                if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                fill(s, buf)?;
+            };
+            let size_text = String::from_utf8_lossy(&buf[..line_end]).to_string();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .with_context(|| format!("chunk size {size_text:?}"))?;
+            buf.drain(..line_end + 2);
+            if size == 0 {
+                while !buf.starts_with(b"\r\n") {
+                    if buf.len() >= 2 {
+                        bail!("trailers not expected");
+                    }
+                    fill(s, buf)?;
+                }
+                buf.drain(..2);
+                break;
+            }
+            while buf.len() < size + 2 {
+                fill(s, buf)?;
+            }
+            body.extend(buf.drain(..size));
+            ensure!(buf.starts_with(b"\r\n"), "chunk not followed by CRLF");
+            buf.drain(..2);
+        }
+    } else {
+        bail!("response without length: {head}");
+    }
+    Ok(Answer { status, head, body })
+}
+
+/// The generated text of an SSE chat stream (ids and timestamps differ between
+/// runs; the text does not: vllm-sim is deterministic per prompt), and whether
+/// it ended with `[DONE]`.
+fn sse_text(body: &[u8]) -> Result<(String, bool)> {
+    let text = std::str::from_utf8(body)?;
+    let mut out = String::new();
+    let mut done = false;
+    for ev in text.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        let data = ev
+            .strip_prefix("data: ")
+            .with_context(|| format!("not an SSE data event: {ev:?}"))?;
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).with_context(|| format!("event {data:?}"))?;
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            out.push_str(c);
+        }
+    }
+    Ok((out, done))
+}
+
+/// `conns` keep-alive connections from the client namespace, `per_conn`
+/// streamed requests each (connection `c` is workflow `wf-c`, request `r`
+/// has prompt `p-c-r`). Returns every answer's text by (c, r).
+fn run_clients(w: &World, conns: usize, per_conn: usize) -> Result<Vec<Vec<String>>> {
+    w.client.run(move || -> Result<Vec<Vec<String>>> {
+        let mut socks = Vec::new();
+        for _ in 0..conns {
+            let s = TcpStream::connect((GW, 8080))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            socks.push((s, Vec::new()));
+        }
+        let mut texts = vec![Vec::new(); conns];
+        for r in 0..per_conn {
+            for (c, (s, _)) in socks.iter_mut().enumerate() {
+                s.write_all(&chat(&format!("wf-{c}"), &format!("p-{c}-{r}")))?;
+            }
+            for (c, (s, buf)) in socks.iter_mut().enumerate() {
+                let a = read_answer(s, buf).with_context(|| format!("conn {c} request {r}"))?;
+                ensure!(
+                    a.status == 200,
+                    "conn {c} request {r}: {} {}",
+                    a.status,
+                    a.head
+                );
+                let (text, done) = sse_text(&a.body)?;
+                ensure!(done, "conn {c} request {r}: no [DONE]");
+                ensure!(!text.is_empty(), "conn {c} request {r}: empty answer");
+                ensure!(buf.is_empty(), "conn {c}: bytes after the response");
+                texts[c].push(text);
+            }
+        }
+        Ok(texts)
+    })?
+}
+
+/// The same prompts sent straight to the backend from the gateway namespace.
+fn direct_texts(w: &World, port: u16, conns: usize, per_conn: usize) -> Result<Vec<Vec<String>>> {
+    w.gw.run(move || -> Result<Vec<Vec<String>>> {
+        let mut texts = vec![Vec::new(); conns];
+        for (c, t) in texts.iter_mut().enumerate() {
+            let mut s = TcpStream::connect((BACKEND_NET, port))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut buf = Vec::new();
+            for r in 0..per_conn {
+                s.write_all(&chat(&format!("wf-{c}"), &format!("p-{c}-{r}")))?;
+                let a = read_answer(&mut s, &mut buf)?;
+                ensure!(a.status == 200, "direct: {}", a.head);
+                t.push(sse_text(&a.body)?.0);
+            }
+        }
+        Ok(texts)
+    })?
+}
+
+#[test]
+fn pinned_connections_are_forwarded_by_the_kernel_byte_exact() -> Result<()> {
+    if !privileged("pinned_connections_are_forwarded_by_the_kernel_byte_exact") {
+        return Ok(());
+    }
+    let w = World::new()?;
+    let _sim = w.sim(8000)?;
+    let mut lb = w.agentlb(&[8000], "")?;
+    let (conns, per_conn) = (20, 10);
+    let through = run_clients(&w, conns, per_conn)?;
+    let direct = direct_texts(&w, 8000, conns, per_conn)?;
+    ensure!(
+        through == direct,
+        "answers through agentlb differ from direct ones"
+    );
+
+    let m = w.metrics()?;
+    let handoffs = metric(&m, "agentlb_kernel_handoffs_total");
+    ensure!(
+        handoffs == conns as f64,
+        "{handoffs} hand-offs for {conns} connections:\n{}",
+        lb.output()
+    );
+    let dp = w.dataplane()?;
+    let redirected = dp["counters"]["sk_skb_redirected_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    let failed = dp["counters"]["sk_skb_redirect_failed"]
+        .as_u64()
+        .unwrap_or(1);
+    ensure!(redirected > 0, "the kernel forwarded nothing: {dp}");
+    ensure!(failed == 0, "{failed} redirects failed: {dp}");
+    // Only request 1 of each connection went through the engine.
+    let user_requests: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("agentlb_requests_total{") && l.contains("route=\"chat\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    ensure!(
+        user_requests == conns as f64,
+        "{user_requests} requests through userspace, want {conns}"
+    );
+    // Clients leave: every pair closes and leaves no map entry behind.
+    let gone = wait_until(Duration::from_secs(10), || {
+        let dp = w.dataplane().ok()?;
+        (dp["pairs"].as_u64() == Some(0) && dp["sockets"].as_u64() == Some(0)).then_some(())
+    });
+    ensure!(gone.is_some(), "map entries left: {}", w.dataplane()?);
+    let m = w.metrics()?;
+    ensure!(
+        metric(
+            &m,
+            r#"agentlb_pinned_pair_closes_total{reason="client_closed"}"#
+        ) == conns as f64,
+        "closes:\n{m}"
+    );
+    ensure!(
+        metric(
+            &m,
+            r#"agentlb_bytes_total{path="kernel",direction="to_client"}"#
+        ) > 0.0
+    );
+    ensure!(metric(&m, r#"agentlb_connections_open{path="kernel"}"#) == 0.0);
+    lb.terminate(Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// The `x-agentlb-backend` field of a response head.
+fn backend_of(a: &Answer) -> String {
+    a.head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-agentlb-backend:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_dead_backend_closes_its_pinned_clients_and_they_move() -> Result<()> {
+    if !privileged("a_dead_backend_closes_its_pinned_clients_and_they_move") {
+        return Ok(());
+    }
+    let w = World::new()?;
+    let a = w.sim(8000)?;
+    let b = w.sim(8001)?;
+    let (pid_a, pid_b) = (a.pid(), b.pid());
+    let mut lb = w.agentlb(&[8000, 8001], "")?;
+    let (home, eof_after, moved_to) =
+        w.client
+            .run(move || -> Result<(String, Duration, String)> {
+                let mut s = TcpStream::connect((GW, 8080))?;
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                let mut buf = Vec::new();
+                s.write_all(&chat("wf-move", "hello"))?;
+                let first = read_answer(&mut s, &mut buf)?;
+                ensure!(first.status == 200, "{}", first.head);
+                let home = backend_of(&first);
+                // Request 2 goes through the kernel (no agentlb header on it).
+                s.write_all(&chat("wf-move", "again"))?;
+                let second = read_answer(&mut s, &mut buf)?;
+                ensure!(second.status == 200, "{}", second.head);
+                ensure!(
+                    backend_of(&second).is_empty(),
+                    "request 2 went through userspace"
+                );
+                // The home dies while the pair is pinned and idle.
+                let pid = if home.ends_with(":8000") {
+                    pid_a
+                } else {
+                    pid_b
+                };
+                // SAFETY: plain kill(2) of a child process of this test.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let t0 = Instant::now();
+                let mut tmp = [0u8; 64];
+                let n = s
+                    .read(&mut tmp)
+                    .context("reading the pinned connection after the kill")?;
+                ensure!(n == 0, "{n} unexpected bytes instead of a clean close");
+                let eof_after = t0.elapsed();
+                // The client reconnects with the same workflow: routed to the survivor.
+                let mut s = TcpStream::connect((GW, 8080))?;
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    s.write_all(&chat("wf-move", "after"))?;
+                    let mut buf = Vec::new();
+                    match read_answer(&mut s, &mut buf) {
+                        Ok(a) if a.status == 200 => return Ok((home, eof_after, backend_of(&a))),
+                        r if Instant::now() < deadline => {
+                            drop(r);
+                            std::thread::sleep(Duration::from_millis(100));
+                            s = TcpStream::connect((GW, 8080))?;
+                            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                        }
+                        Ok(a) => bail!("after the kill: {} {}", a.status, a.head),
+                        Err(e) => return Err(e),
+                    }
+                }
+            })??;
+    ensure!(!home.is_empty(), "no x-agentlb-backend header");
+    ensure!(
+        eof_after < Duration::from_secs(5),
+        "the client saw the close only after {eof_after:?}"
+    );
+    ensure!(
+        !moved_to.is_empty() && moved_to != home,
+        "after the kill served by {moved_to:?} (home was {home})"
+    );
+    let m = w.metrics()?;
+    ensure!(
+        metric(
+            &m,
+            r#"agentlb_pinned_pair_closes_total{reason="backend_closed"}"#
+        ) == 1.0,
+        "closes:\n{m}"
+    );
+    lb.terminate(Duration::from_secs(10))?;
+    drop((a, b));
+    Ok(())
+}
