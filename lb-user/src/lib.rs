@@ -102,7 +102,12 @@ async fn serve(
         limiter.clone(),
         config.workflows.max_metric_labels,
     ));
-    let fastpath = proxy::pinned::FastPath::new(&config.kernel, dataplane.clone(), metrics.clone());
+    let fastpath = proxy::pinned::FastPath::new(
+        &config.kernel,
+        config.limits.shutdown_grace,
+        dataplane.clone(),
+        metrics.clone(),
+    );
     if config.kernel.pinning && fastpath.is_none() {
         tracing::warn!(
             "kernel.pinning is on but the kernel dataplane is not active: every connection stays in userspace"
@@ -155,6 +160,7 @@ async fn serve(
                 metrics: metrics.clone(),
                 reloader: reloader.clone(),
                 token: config.admin_token.clone(),
+                fastpath: proxy.fastpath.clone(),
             });
             Some(tokio::spawn(admin::serve_with(
                 l,

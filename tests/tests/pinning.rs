@@ -272,58 +272,58 @@ fn sse_text(body: &[u8]) -> Result<(String, bool)> {
     Ok((out, done))
 }
 
-/// `conns` keep-alive connections from the client namespace, `per_conn`
-/// streamed requests each (connection `c` is workflow `wf-c`, request `r`
-/// has prompt `p-c-r`). Returns every answer's text by (c, r).
-fn run_clients(w: &World, conns: usize, per_conn: usize) -> Result<Vec<Vec<String>>> {
-    w.client.run(move || -> Result<Vec<Vec<String>>> {
-        let mut socks = Vec::new();
-        for _ in 0..conns {
-            let s = TcpStream::connect((GW, 8080))?;
-            s.set_read_timeout(Some(Duration::from_secs(20)))?;
-            socks.push((s, Vec::new()));
-        }
-        let mut texts = vec![Vec::new(); conns];
-        for r in 0..per_conn {
-            for (c, (s, _)) in socks.iter_mut().enumerate() {
-                s.write_all(&chat(&format!("wf-{c}"), &format!("p-{c}-{r}")))?;
-            }
-            for (c, (s, buf)) in socks.iter_mut().enumerate() {
-                let a = read_answer(s, buf).with_context(|| format!("conn {c} request {r}"))?;
-                ensure!(
-                    a.status == 200,
-                    "conn {c} request {r}: {} {}",
-                    a.status,
-                    a.head
-                );
-                let (text, done) = sse_text(&a.body)?;
-                ensure!(done, "conn {c} request {r}: no [DONE]");
-                ensure!(!text.is_empty(), "conn {c} request {r}: empty answer");
-                ensure!(buf.is_empty(), "conn {c}: bytes after the response");
-                texts[c].push(text);
-            }
-        }
-        Ok(texts)
-    })?
+/// A request of connection `c`, round `r`: odd connections send no workflow id
+/// (they stay on the userspace path).
+fn mixed_request(c: usize, r: usize) -> Vec<u8> {
+    let req = chat(&format!("wf-{c}"), &format!("p-{c}-{r}"));
+    if c % 2 == 1 {
+        let text = String::from_utf8_lossy(&req).replace(&format!("x-workflow-id: wf-{c}\r\n"), "");
+        return text.into_bytes();
+    }
+    req
 }
 
-/// The same prompts sent straight to the backend from the gateway namespace.
-fn direct_texts(w: &World, port: u16, conns: usize, per_conn: usize) -> Result<Vec<Vec<String>>> {
-    w.gw.run(move || -> Result<Vec<Vec<String>>> {
-        let mut texts = vec![Vec::new(); conns];
-        for (c, t) in texts.iter_mut().enumerate() {
-            let mut s = TcpStream::connect((BACKEND_NET, port))?;
-            s.set_read_timeout(Some(Duration::from_secs(20)))?;
-            let mut buf = Vec::new();
-            for r in 0..per_conn {
-                s.write_all(&chat(&format!("wf-{c}"), &format!("p-{c}-{r}")))?;
-                let a = read_answer(&mut s, &mut buf)?;
-                ensure!(a.status == 200, "direct: {}", a.head);
-                t.push(sse_text(&a.body)?.0);
-            }
+/// `conns` keep-alive connections to `addr`, `per_conn` streamed requests each,
+/// all connections in flight at once per round. Returns every answer's text
+/// by (connection, round).
+fn rounds(addr: (&'static str, u16), conns: usize, per_conn: usize) -> Result<Vec<Vec<String>>> {
+    let mut socks = Vec::new();
+    for _ in 0..conns {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        socks.push((s, Vec::new()));
+    }
+    let mut texts = vec![Vec::new(); conns];
+    for r in 0..per_conn {
+        for (c, (s, _)) in socks.iter_mut().enumerate() {
+            s.write_all(&mixed_request(c, r))?;
         }
-        Ok(texts)
-    })?
+        for (c, (s, buf)) in socks.iter_mut().enumerate() {
+            let a = read_answer(s, buf).with_context(|| format!("conn {c} request {r}"))?;
+            ensure!(
+                a.status == 200,
+                "conn {c} request {r}: {} {}",
+                a.status,
+                a.head
+            );
+            let (text, done) = sse_text(&a.body)?;
+            ensure!(done, "conn {c} request {r}: no [DONE]");
+            ensure!(!text.is_empty(), "conn {c} request {r}: empty answer");
+            ensure!(buf.is_empty(), "conn {c}: bytes after the response");
+            texts[c].push(text);
+        }
+    }
+    Ok(texts)
+}
+
+/// Through agentlb, from the client namespace.
+fn run_clients(w: &World, conns: usize, per_conn: usize) -> Result<Vec<Vec<String>>> {
+    w.client.run(move || rounds((GW, 8080), conns, per_conn))?
+}
+
+/// The same requests sent straight to the backend from the gateway namespace.
+fn direct_texts(w: &World, port: u16, conns: usize, per_conn: usize) -> Result<Vec<Vec<String>>> {
+    w.gw.run(move || rounds((BACKEND_NET, port), conns, per_conn))?
 }
 
 #[test]
@@ -334,7 +334,10 @@ fn pinned_connections_are_forwarded_by_the_kernel_byte_exact() -> Result<()> {
     let w = World::new()?;
     let _sim = w.sim(8000)?;
     let mut lb = w.agentlb(&[8000], "")?;
-    let (conns, per_conn) = (20, 10);
+    // 10,000 streamed requests on 200 connections; half carry a workflow id
+    // (handed to the kernel after request 1), half none (userspace throughout).
+    let (conns, per_conn) = (200, 50);
+    let pinned = conns / 2;
     let through = run_clients(&w, conns, per_conn)?;
     let direct = direct_texts(&w, 8000, conns, per_conn)?;
     ensure!(
@@ -345,8 +348,8 @@ fn pinned_connections_are_forwarded_by_the_kernel_byte_exact() -> Result<()> {
     let m = w.metrics()?;
     let handoffs = metric(&m, "agentlb_kernel_handoffs_total");
     ensure!(
-        handoffs == conns as f64,
-        "{handoffs} hand-offs for {conns} connections:\n{}",
+        handoffs == pinned as f64,
+        "{handoffs} hand-offs for {pinned} workflow connections:\n{}",
         lb.output()
     );
     let dp = w.dataplane()?;
@@ -358,15 +361,16 @@ fn pinned_connections_are_forwarded_by_the_kernel_byte_exact() -> Result<()> {
         .unwrap_or(1);
     ensure!(redirected > 0, "the kernel forwarded nothing: {dp}");
     ensure!(failed == 0, "{failed} redirects failed: {dp}");
-    // Only request 1 of each connection went through the engine.
+    // Only request 1 of each workflow connection went through the engine.
     let user_requests: f64 = m
         .lines()
         .filter(|l| l.starts_with("agentlb_requests_total{") && l.contains("route=\"chat\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
+    let want = pinned + (conns - pinned) * per_conn;
     ensure!(
-        user_requests == conns as f64,
-        "{user_requests} requests through userspace, want {conns}"
+        user_requests == want as f64,
+        "{user_requests} requests through userspace, want {want}"
     );
     // Clients leave: every pair closes and leaves no map entry behind.
     let gone = wait_until(Duration::from_secs(10), || {
@@ -379,7 +383,7 @@ fn pinned_connections_are_forwarded_by_the_kernel_byte_exact() -> Result<()> {
         metric(
             &m,
             r#"agentlb_pinned_pair_closes_total{reason="client_closed"}"#
-        ) == conns as f64,
+        ) == pinned as f64,
         "closes:\n{m}"
     );
     ensure!(
@@ -484,5 +488,153 @@ fn a_dead_backend_closes_its_pinned_clients_and_they_move() -> Result<()> {
     );
     lb.terminate(Duration::from_secs(10))?;
     drop((a, b));
+    Ok(())
+}
+
+/// Sends `req` on `s` and reads the answer: `Ok(None)` when the connection was
+/// closed before any byte of the answer (a keep-alive close at a request
+/// boundary, which clients retry), an error when an answer was cut short.
+fn exchange(s: &mut TcpStream, req: &[u8]) -> Result<Option<Answer>> {
+    if s.write_all(req).is_err() {
+        return Ok(None);
+    }
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 1];
+    match s.peek(&mut tmp) {
+        Ok(0) | Err(_) => return Ok(None),
+        Ok(_) => {}
+    }
+    read_answer(s, &mut buf).map(Some)
+}
+
+#[test]
+fn the_kill_switch_under_load_stops_hand_offs_without_cutting_answers() -> Result<()> {
+    if !privileged("the_kill_switch_under_load_stops_hand_offs_without_cutting_answers") {
+        return Ok(());
+    }
+    let w = World::new()?;
+    let _sim = w.sim(8000)?;
+    let mut lb = w.agentlb(
+        &[8000],
+        "pin_quiet_ms = 150\n\n[limits]\nshutdown_grace_ms = 4000\n",
+    )?;
+    let admin = |enabled: bool| -> Result<Value> {
+        w.gw.run(move || -> Result<Value> {
+            Ok(ureq::post(&format!("http://{ADMIN}/admin/pinning"))
+                .send_json(serde_json::json!({ "enabled": enabled }))?
+                .into_json()?)
+        })?
+    };
+    let handoffs = || -> Result<f64> { Ok(metric(&w.metrics()?, "agentlb_kernel_handoffs_total")) };
+    let redirected = || -> Result<u64> {
+        Ok(w.dataplane()?["counters"]["sk_skb_redirected"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let clients = 8;
+    let run_for = Duration::from_secs(9);
+    let (load, checks) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            w.client.run(move || -> Result<(usize, usize)> {
+                let workers: Vec<_> = (0..clients)
+                    .map(|c| {
+                        std::thread::spawn(move || -> Result<(usize, usize)> {
+                            let end = Instant::now() + run_for;
+                            let connect = || -> Result<TcpStream> {
+                                let s = TcpStream::connect((GW, 8080))?;
+                                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                                Ok(s)
+                            };
+                            let mut s = connect()?;
+                            let (mut answered, mut reconnects) = (0, 0);
+                            let mut r = 0;
+                            while Instant::now() < end {
+                                let req = chat(&format!("wf-k{c}"), &format!("k-{c}-{r}"));
+                                match exchange(&mut s, &req)
+                                    .with_context(|| format!("client {c} request {r}"))?
+                                {
+                                    Some(a) => {
+                                        ensure!(a.status == 200, "client {c}: {}", a.head);
+                                        ensure!(sse_text(&a.body)?.1, "client {c}: no [DONE]");
+                                        answered += 1;
+                                        r += 1;
+                                        std::thread::sleep(Duration::from_millis(250));
+                                    }
+                                    None => {
+                                        reconnects += 1;
+                                        s = connect()?;
+                                    }
+                                }
+                            }
+                            Ok((answered, reconnects))
+                        })
+                    })
+                    .collect();
+                let mut total = (0, 0);
+                for h in workers {
+                    let (a, r) = h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+                    total.0 += a;
+                    total.1 += r;
+                }
+                Ok(total)
+            })
+        });
+        let checks = (|| -> Result<(f64, f64, f64, u64, u64)> {
+            std::thread::sleep(Duration::from_millis(1500));
+            let before = handoffs()?;
+            let st = admin(false)?;
+            ensure!(st["enabled"] == false, "{st}");
+            // Pairs close at request boundaries (quiet 150 ms) well within the grace.
+            let closed = wait_until(Duration::from_secs(6), || {
+                let st =
+                    w.gw.run(|| get_json(&format!("http://{ADMIN}/admin/pinning")))
+                        .ok()?
+                        .ok()?;
+                (st["open_pairs"] == 0 && st["pair_entries"] == 0).then_some(())
+            });
+            ensure!(closed.is_some(), "pairs still open after the kill switch");
+            let disabled_at = handoffs()?;
+            let r0 = redirected()?;
+            std::thread::sleep(Duration::from_millis(1500));
+            let r1 = redirected()?;
+            let still_disabled = handoffs()?;
+            ensure!(admin(true)?["enabled"] == true);
+            Ok((before, disabled_at, still_disabled, r0, r1))
+        })();
+        (load.join(), checks)
+    });
+    let (answered, reconnects) = load.map_err(|_| anyhow::anyhow!("load thread panicked"))???;
+    let (before, disabled_at, still_disabled, r0, r1) = checks?;
+    ensure!(
+        before >= clients as f64,
+        "only {before} hand-offs before the switch"
+    );
+    ensure!(
+        still_disabled == disabled_at,
+        "hand-offs went on while disabled: {disabled_at} -> {still_disabled}"
+    );
+    ensure!(
+        r1 == r0,
+        "the kernel kept redirecting while disabled: {r0} -> {r1}"
+    );
+    ensure!(
+        reconnects >= clients,
+        "{reconnects} reconnects: pinned pairs were not closed"
+    );
+    let after = handoffs()?;
+    ensure!(
+        after > still_disabled,
+        "no hand-off after the switch was reset ({after})"
+    );
+    ensure!(answered > 10 * clients, "only {answered} answers");
+    let m = w.metrics()?;
+    ensure!(
+        metric(
+            &m,
+            r#"agentlb_pinned_pair_closes_total{reason="kill_switch"}"#
+        ) >= clients as f64,
+        "closes:\n{m}"
+    );
+    lb.terminate(Duration::from_secs(10))?;
     Ok(())
 }

@@ -418,7 +418,7 @@ impl Metrics {
         let handoff_refusals = Family::<ReasonLabel, Counter>::default();
         r.register(
             "kernel_handoff_refusals",
-            "Hand-offs not made, by reason: pipelined, no_tail, map_error, race",
+            "Hand-offs not made, by reason: pipelined, no_tail, map_error, race, disabled",
             handoff_refusals.clone(),
         );
         let pinned_closes = Family::<ReasonLabel, Counter>::default();

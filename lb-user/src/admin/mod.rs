@@ -8,6 +8,9 @@
 //!   homes, spills, moves, agents, lineage edges, fan-out, tokens; `~<hex>` names an
 //!   implicit workflow), `DELETE /admin/workflows/{id}` (ends it: forgotten, its next
 //!   request is placed anew);
+//! - `GET /admin/pinning`, `POST /admin/pinning` `{"enabled": bool}`: the kernel
+//!   fast path's kill switch (connection pinning: new hand-offs stop, pinned pairs
+//!   close at their next quiet moment, then the kernel stops redirecting);
 //! - `POST /admin/reload`.
 //!
 //! The token is sent as `Authorization: Bearer <token>`, the scheme in any case
@@ -50,6 +53,15 @@ pub struct Admin {
     pub reloader: Arc<Reloader>,
     /// Bearer token, if required.
     pub token: Option<String>,
+    /// The kernel fast path, when connection pinning is active.
+    pub fastpath: Option<Arc<crate::proxy::pinned::FastPath>>,
+}
+
+/// `POST /admin/pinning`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPinning {
+    enabled: bool,
 }
 
 fn backend_json(b: &Backend) -> serde_json::Value {
@@ -90,6 +102,25 @@ fn query_param(q: Option<&str>, key: &str) -> Option<usize> {
 }
 
 impl Admin {
+    fn fastpath(&self) -> Result<&Arc<crate::proxy::pinned::FastPath>, ApiError> {
+        self.fastpath.as_ref().ok_or_else(|| {
+            ApiError::not_found(
+                "connection pinning is not active (kernel.pinning is off or the kernel dataplane is not running)",
+            )
+        })
+    }
+
+    fn pinning_json(&self) -> Result<serde_json::Value, ApiError> {
+        let fp = self.fastpath()?;
+        let (pairs, sockets) = self.dataplane.pair_entries();
+        Ok(serde_json::json!({
+            "enabled": fp.enabled(),
+            "open_pairs": fp.open_pairs(),
+            "pair_entries": pairs,
+            "socket_entries": sockets,
+        }))
+    }
+
     /// Precise KV routing: mode, index and every source (`GET /admin/kv`).
     fn kv_json(&self) -> serde_json::Value {
         let Some(kv) = &self.controller.kv else {
@@ -209,6 +240,34 @@ impl Admin {
                 ))
             }
             (&Method::GET, ["admin", "kv"]) => Ok(json(StatusCode::OK, &self.kv_json())),
+            (&Method::GET, ["admin", "pinning"]) => Ok(json(StatusCode::OK, &self.pinning_json()?)),
+            (&Method::POST, ["admin", "pinning"]) => {
+                let body = Limited::new(req.into_body(), 4096)
+                    .collect()
+                    .await
+                    .map_err(|e| {
+                        ApiError::invalid_request(format!("cannot read body: {e}"), "invalid_body")
+                    })?
+                    .to_bytes();
+                let set: SetPinning = serde_json::from_slice(&body).map_err(|e| {
+                    ApiError::invalid_request(
+                        format!("expected {{\"enabled\": true|false}}: {e}"),
+                        "invalid_json",
+                    )
+                })?;
+                let fp = self.fastpath()?;
+                fp.set_enabled(set.enabled).map_err(|e| {
+                    ApiError::internal(
+                        format!("could not change the kernel steering flag: {e}"),
+                        "dataplane_error",
+                    )
+                })?;
+                tracing::warn!(
+                    enabled = set.enabled,
+                    "connection pinning switched by the admin API"
+                );
+                Ok(json(StatusCode::OK, &self.pinning_json()?))
+            }
             (&Method::POST, ["admin", "kv", "resubscribe"]) => {
                 let Some(kv) = &self.controller.kv else {
                     return Err(ApiError::not_found("KV-aware routing is not set up"));

@@ -46,6 +46,16 @@ impl ApiError {
         )
     }
 
+    /// 500: agentlb itself failed (e.g. a kernel map update).
+    pub fn internal(message: impl Into<String>, code: &'static str) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            code,
+            message,
+        )
+    }
+
     /// 404: unknown route or model.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(

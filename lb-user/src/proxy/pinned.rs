@@ -51,6 +51,8 @@ pub mod refusal {
     pub const MAP_ERROR: &str = "map_error";
     /// Bytes arrived while arming: the pair was closed after response 1.
     pub const RACE: &str = "race";
+    /// The kill switch was thrown while the response was relayed.
+    pub const DISABLED: &str = "disabled";
 }
 
 /// Why a pinned pair ended (the `reason` label of
@@ -83,6 +85,9 @@ pub struct FastPath {
     idle_timeout: Duration,
     max_lifetime: Duration,
     quiet: Duration,
+    /// Longest wait for a quiet moment once the kill switch is thrown or
+    /// agentlb stops (`limits.shutdown_grace_ms`): then the pair closes anyway.
+    grace: Duration,
     /// Cleared by the kill switch: no new hand-offs, pinned pairs close.
     enabled: AtomicBool,
     open: AtomicUsize,
@@ -111,6 +116,7 @@ impl FastPath {
     /// The fast path when `kernel.pinning` is on and the kernel dataplane runs.
     pub fn new(
         cfg: &KernelConfig,
+        grace: Duration,
         dataplane: Arc<Dataplane>,
         metrics: Arc<Metrics>,
     ) -> Option<Self> {
@@ -120,6 +126,7 @@ impl FastPath {
             idle_timeout: cfg.pin_idle_timeout,
             max_lifetime: cfg.pin_max_lifetime,
             quiet: cfg.pin_quiet,
+            grace,
             enabled: AtomicBool::new(true),
             open: AtomicUsize::new(0),
         })
@@ -130,16 +137,16 @@ impl FastPath {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Throws (false) or resets (true) the kill switch: with it thrown the
-    /// verdict forwards nothing, no pair is handed over and pinned pairs close
-    /// once quiet.
+    /// Throws (false) or resets (true) the kill switch. Thrown: no pair is
+    /// handed over, pinned pairs close at their next quiet moment (at the
+    /// latest after `limits.shutdown_grace_ms`), and once the last one closed
+    /// the verdict stops redirecting (so no response is cut by the switch
+    /// itself).
     pub fn set_enabled(&self, on: bool) -> Result<(), crate::dataplane::DataplaneError> {
         self.enabled.store(on, Ordering::Relaxed);
-        if on {
-            self.dataplane.set_steering(true)
+        if on || self.open.load(Ordering::Relaxed) == 0 {
+            self.dataplane.set_steering(on)
         } else {
-            // Pairs close at their next quiet moment; the redirects stop when
-            // the last one closed (see `watch`), so no response is cut.
             Ok(())
         }
     }
@@ -158,6 +165,9 @@ impl FastPath {
         upstream: &TcpStream,
         backend: crate::model::BackendId,
     ) -> Result<Pinned, &'static str> {
+        if !self.enabled() {
+            return Err(refusal::DISABLED);
+        }
         if pending(client.as_raw_fd()) || pending(upstream.as_raw_fd()) {
             return Err(refusal::PIPELINED);
         }
@@ -202,6 +212,8 @@ impl FastPath {
     ) {
         tokio::pin!(stopping);
         let mut shutting_down = false;
+        // Since when the pair has been asked to close (kill switch, shutdown).
+        let mut asked: Option<tokio::time::Instant> = None;
         let tick = (self.quiet / 2)
             .min(self.idle_timeout / 4)
             .max(Duration::from_millis(20));
@@ -230,14 +242,24 @@ impl FastPath {
                     if now.saturating_sub(last) >= nanos(self.idle_timeout) {
                         break closed::IDLE;
                     }
+                    let ask = if shutting_down {
+                        Some(closed::SHUTDOWN)
+                    } else if !self.enabled() {
+                        Some(closed::KILL_SWITCH)
+                    } else {
+                        None
+                    };
+                    if let Some(why) = ask {
+                        let since = *asked.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= self.grace {
+                            break why;
+                        }
+                    }
                     if !quiet(&act, now, since_ns, self.quiet) {
                         continue;
                     }
-                    if shutting_down {
-                        break closed::SHUTDOWN;
-                    }
-                    if !self.enabled() {
-                        break closed::KILL_SWITCH;
+                    if let Some(why) = ask {
+                        break why;
                     }
                     if pair.since.elapsed() >= self.max_lifetime {
                         break closed::LIFETIME;
@@ -249,9 +271,9 @@ impl FastPath {
             }
         };
         let act = self.dataplane.pair_activity(pair.keys).unwrap_or_default();
-        self.dataplane.unpin_pair(pair.keys);
         self.metrics
             .pinned_closed(reason, act.to_upstream, act.to_client);
+        self.dataplane.unpin_pair(pair.keys);
         let left = self.open.fetch_sub(1, Ordering::Relaxed) - 1;
         if left == 0 && !self.enabled() {
             // The kill switch: the last pair is gone, stop the redirects too.
