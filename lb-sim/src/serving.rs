@@ -189,6 +189,29 @@ macro_rules! tri {
     };
 }
 
+/// A 200 answer with the JSON body `v`.
+fn ok_json(v: &Value) -> Resp {
+    json_response(StatusCode::OK, v)
+}
+
+/// vLLM's 400 for `message`, boxed as the error of a `tri!` operand.
+fn bad(message: String) -> Box<Resp> {
+    Box::new(bad_request(&message))
+}
+
+/// The list answer of a scoring or pooling request: `data`, its id `<prefix>-<id>` and the
+/// usage of `prompt_tokens`.
+fn list_response(ctx: &Ctx<'_>, prefix: &str, data: Vec<Value>, prompt_tokens: usize) -> Resp {
+    ok_json(&json!({
+        "id": format!("{prefix}-{}", ctx.id),
+        "object": "list",
+        "created": ctx.created,
+        "model": ctx.model,
+        "data": data,
+        "usage": usage(prompt_tokens),
+    }))
+}
+
 /// vLLM's `UsageInfo` of a pooling request.
 fn usage(prompt_tokens: usize) -> Value {
     json!({
@@ -206,11 +229,11 @@ fn check_model(ctx: &Ctx<'_>, model: Option<&str>) -> Result<(), Box<Resp>> {
 /// vLLM's 400 for a prompt longer than the context.
 fn check_len(ctx: &Ctx<'_>, tokens: usize, operation: &str) -> Result<(), Box<Resp>> {
     if tokens > ctx.max_model_len {
-        return Err(Box::new(bad_request(&format!(
+        return Err(bad(format!(
             "This model's maximum context length is {} tokens. However, you requested {tokens} \
              tokens in the input for {operation}. Please reduce the length of the input.",
             ctx.max_model_len
-        ))));
+        )));
     }
     Ok(())
 }
@@ -330,7 +353,7 @@ fn detokenize(ctx: &Ctx<'_>, body: &[u8]) -> Resp {
         }
     }
     match hf.decode(&ids, false) {
-        Ok(prompt) => json_response(StatusCode::OK, &json!({ "prompt": prompt })),
+        Ok(prompt) => ok_json(&json!({ "prompt": prompt })),
         Err(e) => bad_request(&e.to_string()),
     }
 }
@@ -419,7 +442,7 @@ fn score_all(
     second: &[String],
     operation: &str,
 ) -> Result<(Vec<f64>, usize), Box<Resp>> {
-    let pairs = score_pairs(first.len(), second.len()).map_err(|m| Box::new(bad_request(&m)))?;
+    let pairs = score_pairs(first.len(), second.len()).map_err(bad)?;
     let mut firsts: Vec<Option<Vec<u32>>> = vec![None; first.len()];
     let mut scores = Vec::with_capacity(pairs.len());
     let mut total = 0;
@@ -427,16 +450,13 @@ fn score_all(
         let a = match &firsts[i] {
             Some(a) => a.clone(),
             None => {
-                let a = ctx
-                    .tok
-                    .try_encode_prompt(&first[i], true)
-                    .map_err(|m| Box::new(bad_request(&m)))?;
+                let a = ctx.tok.try_encode_prompt(&first[i], true).map_err(bad)?;
                 firsts[i] = Some(a.clone());
                 a
             }
         };
         let mut tokens = a;
-        tokens.extend(encode_plain(ctx.tok, &second[j]).map_err(|m| Box::new(bad_request(&m)))?);
+        tokens.extend(encode_plain(ctx.tok, &second[j]).map_err(bad)?);
         check_len(ctx, tokens.len(), operation)?;
         total += tokens.len();
         scores.push(pair_score(&tokens));
@@ -467,31 +487,15 @@ fn score(ctx: &Ctx<'_>, body: &[u8]) -> Resp {
             );
         }
     };
-    let first = match score_texts(a, names.0, false) {
-        Ok(t) => t,
-        Err(m) => return bad_request(&m),
-    };
-    let second = match score_texts(b, names.1, false) {
-        Ok(t) => t,
-        Err(m) => return bad_request(&m),
-    };
+    let first = tri!(score_texts(a, names.0, false).map_err(bad));
+    let second = tri!(score_texts(b, names.1, false).map_err(bad));
     let (scores, tokens) = tri!(score_all(ctx, &first, &second, "score"));
     let data: Vec<Value> = scores
         .iter()
         .enumerate()
         .map(|(i, s)| json!({"index": i, "object": "score", "score": s}))
         .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "id": format!("score-{}", ctx.id),
-            "object": "list",
-            "created": ctx.created,
-            "model": ctx.model,
-            "data": data,
-            "usage": usage(tokens),
-        }),
-    )
+    list_response(ctx, "score", data, tokens)
 }
 
 fn rerank(ctx: &Ctx<'_>, body: &[u8]) -> Resp {
@@ -504,10 +508,7 @@ fn rerank(ctx: &Ctx<'_>, body: &[u8]) -> Resp {
     if !req.documents.is_array() {
         return bad_request("documents: must be a list of strings or {\"text\": ...} objects");
     }
-    let docs = match score_texts(&req.documents, "documents", true) {
-        Ok(d) => d,
-        Err(m) => return bad_request(&m),
-    };
+    let docs = tri!(score_texts(&req.documents, "documents", true).map_err(bad));
     let (scores, tokens) = if docs.is_empty() {
         (Vec::new(), 0)
     } else {
@@ -534,15 +535,12 @@ fn rerank(ctx: &Ctx<'_>, body: &[u8]) -> Resp {
             })
         })
         .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "id": format!("rerank-{}", ctx.id),
-            "model": ctx.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "results": results,
-        }),
-    )
+    ok_json(&json!({
+        "id": format!("rerank-{}", ctx.id),
+        "model": ctx.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "results": results,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -693,10 +691,7 @@ fn chat_prompt(ctx: &Ctx<'_>, body: &[u8], req: &PoolingRequest) -> Result<Vec<u
 fn pool(ctx: &Ctx<'_>, body: &[u8], kind: Pooling) -> Resp {
     let req: PoolingRequest = tri!(parse_body(body));
     tri!(check_model(ctx, req.model.as_deref()));
-    let enc = match encoding(&req) {
-        Ok(e) => e,
-        Err(m) => return bad_request(&m),
-    };
+    let enc = tri!(encoding(&req).map_err(bad));
     let dim = match req.dimensions {
         None => EMBED_DIM,
         Some(d) if d >= 1 && d as usize <= EMBED_DIM => d as usize,
@@ -733,10 +728,7 @@ fn pool(ctx: &Ctx<'_>, body: &[u8], kind: Pooling) -> Resp {
     } else {
         Err("1 validation error: either `input` or `messages` is required".into())
     };
-    let mut prompts = match prompts {
-        Ok(p) => p,
-        Err(m) => return bad_request(&m),
-    };
+    let mut prompts = tri!(prompts.map_err(bad));
     let operation = match kind {
         Pooling::Classify => "classification",
         Pooling::Embed => "embedding generation",
@@ -753,34 +745,28 @@ fn pool(ctx: &Ctx<'_>, body: &[u8], kind: Pooling) -> Resp {
         tokens += p.len();
     }
     let (prefix, data): (&str, Vec<Value>) = match kind {
-        Pooling::Embed => (
-            "embd",
-            prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    json!({
-                        "index": i,
-                        "object": "embedding",
-                        "embedding": vector_value(&embedding(p, dim), enc),
+        Pooling::Embed | Pooling::Pool => {
+            // An embedding's vector is `embedding`, a pooling output's `data`.
+            let (prefix, object, field) = if kind == Pooling::Embed {
+                ("embd", "embedding", "embedding")
+            } else {
+                ("pool", "pooling", "data")
+            };
+            (
+                prefix,
+                prompts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        json!({
+                            "index": i,
+                            "object": object,
+                            field: vector_value(&embedding(p, dim), enc),
+                        })
                     })
-                })
-                .collect(),
-        ),
-        Pooling::Pool => (
-            "pool",
-            prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    json!({
-                        "index": i,
-                        "object": "pooling",
-                        "data": vector_value(&embedding(p, dim), enc),
-                    })
-                })
-                .collect(),
-        ),
+                    .collect(),
+            )
+        }
         Pooling::Classify => (
             "classify",
             prompts
@@ -801,17 +787,7 @@ fn pool(ctx: &Ctx<'_>, body: &[u8], kind: Pooling) -> Resp {
                 .collect(),
         ),
     };
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "id": format!("{prefix}-{}", ctx.id),
-            "object": "list",
-            "created": ctx.created,
-            "model": ctx.model,
-            "data": data,
-            "usage": usage(tokens),
-        }),
-    )
+    list_response(ctx, prefix, data, tokens)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1017,25 +993,19 @@ where
                     "tokens": tokens,
                 }])
             };
-            json_response(
-                StatusCode::OK,
-                &json!({
-                    "duration": py_float_str(duration),
-                    "language": form.language.as_deref().unwrap_or("en"),
-                    "text": text,
-                    "segments": segments,
-                    "words": null,
-                }),
-            )
-        }
-        _ if translate => json_response(StatusCode::OK, &json!({ "text": text })),
-        _ => json_response(
-            StatusCode::OK,
-            &json!({
+            ok_json(&json!({
+                "duration": py_float_str(duration),
+                "language": form.language.as_deref().unwrap_or("en"),
                 "text": text,
-                "usage": {"type": "duration", "seconds": duration.ceil() as u64},
-            }),
-        ),
+                "segments": segments,
+                "words": null,
+            }))
+        }
+        _ if translate => ok_json(&json!({ "text": text })),
+        _ => ok_json(&json!({
+            "text": text,
+            "usage": {"type": "duration", "seconds": duration.ceil() as u64},
+        })),
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -438,6 +438,79 @@ pub fn get_json(url: &str) -> Result<serde_json::Value> {
         .call()
         .with_context(|| format!("GET {url}"))?;
     Ok(resp.into_json()?)
+}
+
+/// An HTTP answer: the status, agentlb's `x-agentlb-backend` and `x-agentlb-route` and the
+/// `content-type` header (each empty when absent) and the body.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// `x-agentlb-backend`.
+    pub backend: String,
+    /// `x-agentlb-route`.
+    pub route: String,
+    /// `content-type`.
+    pub content_type: String,
+    /// The body.
+    pub body: String,
+}
+
+/// POSTs `body` as `content_type` to `url` (30 s timeout). Error statuses are replies
+/// too; only a transport failure is an error.
+pub fn post(url: &str, content_type: &str, body: &[u8]) -> Result<Reply> {
+    let r = match ureq::post(url)
+        .timeout(Duration::from_secs(30))
+        .set("content-type", content_type)
+        .send_bytes(body)
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.into()),
+    };
+    let header = |name| r.header(name).unwrap_or("").to_owned();
+    Ok(Reply {
+        status: r.status(),
+        backend: header("x-agentlb-backend"),
+        route: header("x-agentlb-route"),
+        content_type: header("content-type"),
+        body: r.into_string()?,
+    })
+}
+
+/// [`post`] of a JSON body.
+pub fn post_json(url: &str, body: &serde_json::Value) -> Result<Reply> {
+    post(url, "application/json", body.to_string().as_bytes())
+}
+
+/// Words of a deterministic text (`seed` makes texts distinct).
+pub fn text(seed: u64, words: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..words)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = 3 + (x % 6) as usize;
+            (0..len)
+                .map(|i| (b'a' + ((x >> (5 * i)) % 26) as u8) as char)
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Exports vllm-sim's stand-in tokenizer (HF format) to a fresh directory.
+pub fn export_tokenizer() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(unique("agentlb-tok"));
+    sh(Command::new(workspace_bin("vllm-sim"))
+        .arg("export-tokenizer")
+        .arg(&dir))?;
+    ensure!(
+        dir.join("tokenizer.json").exists(),
+        "no tokenizer.json exported"
+    );
+    Ok(dir)
 }
 
 /// A free TCP port on 127.0.0.1 of the current namespace.

@@ -6,44 +6,11 @@
 //! with the answer that instance gives directly; an unknown model is a 404, a JSON array
 //! body a 400, a form without its content type a 400, an unknown route a JSON 404.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use testkit::{Lb, Sim, sh, workspace_bin};
-
-fn export_tokenizer() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(testkit::unique("agentlb-tok"));
-    sh(Command::new(workspace_bin("vllm-sim"))
-        .arg("export-tokenizer")
-        .arg(&dir))?;
-    Ok(dir)
-}
-
-struct Reply {
-    status: u16,
-    backend: String,
-    content_type: String,
-    body: String,
-}
-
-fn send(url: &str, content_type: &str, body: &[u8]) -> Result<Reply> {
-    let r = match ureq::post(url)
-        .timeout(Duration::from_secs(20))
-        .set("content-type", content_type)
-        .send_bytes(body)
-    {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Reply {
-        status: r.status(),
-        backend: r.header("x-agentlb-backend").unwrap_or("").to_owned(),
-        content_type: r.header("content-type").unwrap_or("").to_owned(),
-        body: r.into_string()?,
-    })
-}
+use testkit::{Lb, Reply, Sim, export_tokenizer, get_json, post};
 
 fn json_of(r: &Reply) -> Result<Value> {
     serde_json::from_str(&r.body).with_context(|| format!("not JSON: {}", r.body))
@@ -59,11 +26,7 @@ fn payload(mut v: Value) -> Value {
 }
 
 fn served(s: &Sim) -> Result<Value> {
-    let v: Value = serde_json::from_str(
-        &ureq::get(&format!("{}/sim/info", s.url()))
-            .call()?
-            .into_string()?,
-    )?;
+    let v = get_json(&format!("{}/sim/info", s.url()))?;
     Ok(v.get("serving").cloned().unwrap_or(Value::Null))
 }
 
@@ -95,20 +58,13 @@ fn serving_routes_reach_an_instance_of_their_model() -> Result<()> {
     let b_name = b.url().trim_start_matches("http://").to_owned();
     // Both instances must have published their models to agentlb.
     testkit::wait_until(Duration::from_secs(20), || {
-        let v: Value = serde_json::from_str(
-            &ureq::get(&lb.url("/v1/models"))
-                .call()
-                .ok()?
-                .into_string()
-                .ok()?,
-        )
-        .ok()?;
+        let v = get_json(&lb.url("/v1/models")).ok()?;
         (v["data"].as_array()?.len() == 2).then_some(())
     })
     .context("agentlb never learned both models")?;
 
     let tokens: Value = {
-        let r = send(
+        let r = post(
             &format!("{}/tokenize", b.url()),
             "application/json",
             br#"{"model":"model-b","prompt":"the quick brown fox"}"#,
@@ -153,14 +109,14 @@ fn serving_routes_reach_an_instance_of_their_model() -> Result<()> {
     ];
     for (path, body) in &cases {
         let bytes = body.to_string().into_bytes();
-        let via = send(&lb.url(path), "application/json", &bytes)?;
+        let via = post(&lb.url(path), "application/json", &bytes)?;
         ensure!(via.status == 200, "{path}: {} {}", via.status, via.body);
         ensure!(
             via.backend == b_name,
             "{path} went to {}, not model-b's instance",
             via.backend
         );
-        let direct = send(&format!("{}{path}", b.url()), "application/json", &bytes)?;
+        let direct = post(&format!("{}{path}", b.url()), "application/json", &bytes)?;
         ensure!(
             payload(json_of(&via)?) == payload(json_of(&direct)?),
             "{path}: through agentlb {} != direct {}",
@@ -172,10 +128,10 @@ fn serving_routes_reach_an_instance_of_their_model() -> Result<()> {
     for path in ["/v1/audio/transcriptions", "/v1/audio/translations"] {
         let body = form("bNd4ry", "model-b", b"RIFF\x00\x01fake-wave-bytes");
         let ct = "multipart/form-data; boundary=bNd4ry";
-        let via = send(&lb.url(path), ct, &body)?;
+        let via = post(&lb.url(path), ct, &body)?;
         ensure!(via.status == 200, "{path}: {} {}", via.status, via.body);
         ensure!(via.backend == b_name, "{path} went to {}", via.backend);
-        let direct = send(&format!("{}{path}", b.url()), ct, &body)?;
+        let direct = post(&format!("{}{path}", b.url()), ct, &body)?;
         ensure!(
             json_of(&via)?["text"] == json_of(&direct)?["text"],
             "{path} text differs"
@@ -186,14 +142,14 @@ fn serving_routes_reach_an_instance_of_their_model() -> Result<()> {
             via.content_type
         );
         // The same form sent as JSON: refused before any backend.
-        let bad = send(&lb.url(path), "application/json", &body)?;
+        let bad = post(&lb.url(path), "application/json", &body)?;
         ensure!(
             bad.status == 400 && json_of(&bad)?["error"]["code"] == "invalid_content_type",
             "{}",
             bad.body
         );
         // A form for a model nobody serves: 404.
-        let none = send(&lb.url(path), ct, &form("bNd4ry", "model-z", b"x"))?;
+        let none = post(&lb.url(path), ct, &form("bNd4ry", "model-z", b"x"))?;
         ensure!(
             none.status == 404,
             "{path} unknown model: {} {}",
@@ -213,13 +169,13 @@ fn serving_routes_reach_an_instance_of_their_model() -> Result<()> {
     );
 
     // Errors: unknown model, array body, unknown route.
-    let r = send(
+    let r = post(
         &lb.url("/v1/score"),
         "application/json",
         br#"{"model":"nope","text_1":"a","text_2":"b"}"#,
     )?;
     ensure!(r.status == 404, "unknown model: {} {}", r.status, r.body);
-    let r = send(
+    let r = post(
         &lb.url("/v1/rerank"),
         "application/json",
         br#"["model-b","fox"]"#,
@@ -230,7 +186,7 @@ fn serving_routes_reach_an_instance_of_their_model() -> Result<()> {
         r.status,
         r.body
     );
-    let r = send(&lb.url("/v1/nothing-here"), "application/json", b"{}")?;
+    let r = post(&lb.url("/v1/nothing-here"), "application/json", b"{}")?;
     ensure!(
         r.status == 404 && json_of(&r)?["error"].is_object(),
         "unknown route: {} {}",

@@ -11,29 +11,12 @@
 //!   replica without a tokenizer places it on its first choice (the check can fail);
 //! - a publisher restart (instance killed and revived) drops that instance's view.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use testkit::{Lb, Sim, sh, temp_file, wait_until, workspace_bin};
+use testkit::{Lb, Sim, export_tokenizer, get_json, temp_file, text, wait_until};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
-
-/// Exports vllm-sim's stand-in tokenizer (HF format) to a fresh directory.
-fn export_tokenizer() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(testkit::unique("agentlb-tok"));
-    sh(Command::new(workspace_bin("vllm-sim"))
-        .arg("export-tokenizer")
-        .arg(&dir))?;
-    ensure!(
-        dir.join("tokenizer.json").exists(),
-        "no tokenizer.json exported"
-    );
-    Ok(dir)
-}
 
 fn sim(tok: &Path, extra: &[&str]) -> Result<Sim> {
     let tok = tok.to_string_lossy().into_owned();
@@ -75,16 +58,10 @@ fn lb(sims: &[Sim], policy: &str, tok: Option<&Path>) -> Result<Lb> {
     Lb::start(&args)
 }
 
-fn get(url: &str) -> Result<serde_json::Value> {
-    Ok(serde_json::from_str(
-        &ureq::get(url).call()?.into_string()?,
-    )?)
-}
-
 /// Waits until agentlb indexes events from every instance, in `mode`.
 fn wait_sources(lb: &Lb, n: usize, mode: &str) -> Result<serde_json::Value> {
     wait_until(Duration::from_secs(20), || {
-        let v = get(&lb.admin_url("/admin/kv")).ok()?;
+        let v = get_json(&lb.admin_url("/admin/kv")).ok()?;
         let fresh = v["sources"]
             .as_array()?
             .iter()
@@ -95,26 +72,9 @@ fn wait_sources(lb: &Lb, n: usize, mode: &str) -> Result<serde_json::Value> {
     .with_context(|| {
         format!(
             "agentlb never saw {n} fresh sources in mode {mode}: {:?}",
-            get(&lb.admin_url("/admin/kv")).ok()
+            get_json(&lb.admin_url("/admin/kv")).ok()
         )
     })
-}
-
-/// Words of a deterministic text (`seed` makes conversations distinct).
-fn text(seed: u64, words: usize) -> String {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..words)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = 3 + (x % 6) as usize;
-            (0..len)
-                .map(|i| (b'a' + ((x >> (5 * i)) % 26) as u8) as char)
-                .collect::<String>()
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn conversation(seed: u64, turns: &[(&str, String)]) -> serde_json::Value {
@@ -162,7 +122,7 @@ fn chat(url: &str, body: &serde_json::Value, headers: &[(&str, &str)]) -> Result
 
 /// Backend name (as in `x-agentlb-backend`) → index of its sim.
 fn index_of(lb: &Lb, sims: &[Sim], name: &str) -> Result<usize> {
-    let v = get(&lb.admin_url("/admin/backends"))?;
+    let v = get_json(&lb.admin_url("/admin/backends"))?;
     let url = v["backends"]
         .as_array()
         .context("backends")?
@@ -329,7 +289,7 @@ fn a_restarted_instance_loses_its_indexed_blocks() -> Result<()> {
     )?;
     ensure!(c.prompt > 400);
     let blocks_of = |lb: &Lb, i: usize| -> Option<(u64, u64)> {
-        let v = get(&lb.admin_url("/admin/kv")).ok()?;
+        let v = get_json(&lb.admin_url("/admin/kv")).ok()?;
         let src = v["sources"].as_array()?.get(i)?.clone();
         Some((src["blocks"].as_u64()?, src["restarts"].as_u64()?))
     };
@@ -341,7 +301,7 @@ fn a_restarted_instance_loses_its_indexed_blocks() -> Result<()> {
     // and a new publisher incarnation.
     s[0].fault("die")?;
     wait_until(Duration::from_secs(20), || {
-        let v = get(&lb.admin_url("/admin/backends")).ok()?;
+        let v = get_json(&lb.admin_url("/admin/backends")).ok()?;
         (v["backends"][0]["healthy"] == false).then_some(())
     })
     .context("the dead instance never seen unhealthy")?;
@@ -354,14 +314,14 @@ fn a_restarted_instance_loses_its_indexed_blocks() -> Result<()> {
     .with_context(|| {
         format!(
             "view kept after the restart: {:?}",
-            get(&lb.admin_url("/admin/kv")).ok()
+            get_json(&lb.admin_url("/admin/kv")).ok()
         )
     })?;
     Ok(())
 }
 
 fn sim_info(s: &Sim) -> Result<serde_json::Value> {
-    get(&format!("{}/sim/info", s.url()))
+    get_json(&format!("{}/sim/info", s.url()))
 }
 
 #[test]
@@ -396,7 +356,7 @@ fn the_index_matches_each_instance_cache_through_eviction_and_a_dropped_socket()
         )?;
     }
     // The subscription sockets dropped for 1.5 s while both instances keep serving.
-    let replayed_before: u64 = get(&lb.admin_url("/admin/kv"))?["sources"]
+    let replayed_before: u64 = get_json(&lb.admin_url("/admin/kv"))?["sources"]
         .as_array()
         .context("sources")?
         .iter()
@@ -416,7 +376,7 @@ fn the_index_matches_each_instance_cache_through_eviction_and_a_dropped_socket()
     }
     // Quiet: every instance's cache, as it reports it, is what agentlb holds for it.
     let views = wait_until(Duration::from_secs(20), || {
-        let kv = get(&lb.admin_url("/admin/kv")).ok()?;
+        let kv = get_json(&lb.admin_url("/admin/kv")).ok()?;
         let src = kv["sources"].as_array()?.clone();
         let infos: Vec<serde_json::Value> = s.iter().filter_map(|x| sim_info(x).ok()).collect();
         let same = src.len() == s.len()
@@ -428,7 +388,7 @@ fn the_index_matches_each_instance_cache_through_eviction_and_a_dropped_socket()
     let (kv, infos) = views.with_context(|| {
         format!(
             "agentlb's view never matched the instances' caches: agentlb {:?}, instances {:?}",
-            get(&lb.admin_url("/admin/kv")).ok(),
+            get_json(&lb.admin_url("/admin/kv")).ok(),
             s.iter().map(|x| sim_info(x).ok()).collect::<Vec<_>>()
         )
     })?;
@@ -472,7 +432,7 @@ fn without_a_tokenizer_a_workflows_blocks_are_learned_and_an_eviction_is_seen() 
     let home = index_of(&lb, &s, &a.backend.clone().context("backend")?)?;
     // Learned after the answer, from the instance that gave it: one /tokenize there.
     wait_until(Duration::from_secs(10), || {
-        let v = get(&lb.admin_url("/admin/kv")).ok()?;
+        let v = get_json(&lb.admin_url("/admin/kv")).ok()?;
         (v["learned"]["learned"].as_u64()? == 1).then_some(())
     })
     .context("the first prompt was never learned")?;
@@ -512,7 +472,7 @@ fn without_a_tokenizer_a_workflows_blocks_are_learned_and_an_eviction_is_seen() 
     // although agentlb's own approximate index still remembers routing it there.
     ureq::post(&format!("{}/sim/reset_prefix_cache", s[home].url())).call()?;
     wait_until(Duration::from_secs(10), || {
-        let v = get(&lb.admin_url("/admin/kv")).ok()?;
+        let v = get_json(&lb.admin_url("/admin/kv")).ok()?;
         (v["sources"].as_array()?.get(home)?["blocks"].as_u64()? == 0).then_some(())
     })
     .context("the cleared cache never reached the index")?;

@@ -11,20 +11,12 @@
 //! - prefill instances down: the request is served whole by the unified instance;
 //!   decode instances failing: the same; nothing is lost.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use testkit::{Lb, Sim, sh, temp_file, wait_until, workspace_bin};
+use testkit::{Lb, Reply, Sim, export_tokenizer, get_json, post_json, temp_file, text, wait_until};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
-
-fn export_tokenizer() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(testkit::unique("agentlb-tok"));
-    sh(Command::new(workspace_bin("vllm-sim"))
-        .arg("export-tokenizer")
-        .arg(&dir))?;
-    Ok(dir)
-}
 
 fn sim(tok: &str, role: &str) -> Result<Sim> {
     Sim::start(&[
@@ -42,14 +34,8 @@ fn sim(tok: &str, role: &str) -> Result<Sim> {
     ])
 }
 
-fn get(url: &str) -> Result<serde_json::Value> {
-    Ok(serde_json::from_str(
-        &ureq::get(url).call()?.into_string()?,
-    )?)
-}
-
 fn pd_info(s: &Sim) -> Result<serde_json::Value> {
-    let v = get(&format!("{}/sim/info", s.url()))?;
+    let v = get_json(&format!("{}/sim/info", s.url()))?;
     v.get("pd").cloned().context("no pd in /sim/info")
 }
 
@@ -57,59 +43,18 @@ fn counter(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
 
+/// A `pd` counter of each of `sims`.
+fn counts(sims: &[Sim], k: &str) -> Result<Vec<u64>> {
+    sims.iter().map(|s| Ok(counter(&pd_info(s)?, k))).collect()
+}
+
 /// Sum of a `pd` counter over `sims`.
-fn total(sims: &[&Sim], k: &str) -> Result<u64> {
-    let mut n = 0;
-    for s in sims {
-        n += counter(&pd_info(s)?, k);
-    }
-    Ok(n)
-}
-
-/// Words of a deterministic text.
-fn text(seed: u64, words: usize) -> String {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..words)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = 3 + (x % 6) as usize;
-            (0..len)
-                .map(|i| (b'a' + ((x >> (5 * i)) % 26) as u8) as char)
-                .collect::<String>()
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-struct Answer {
-    status: u16,
-    backend: String,
-    route: String,
-    body: String,
-}
-
-fn post(url: &str, body: &serde_json::Value) -> Result<Answer> {
-    let r = match ureq::post(url)
-        .timeout(Duration::from_secs(30))
-        .set("content-type", "application/json")
-        .send_string(&body.to_string())
-    {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Answer {
-        status: r.status(),
-        backend: r.header("x-agentlb-backend").unwrap_or("").to_owned(),
-        route: r.header("x-agentlb-route").unwrap_or("").to_owned(),
-        body: r.into_string()?,
-    })
+fn total(sims: &[Sim], k: &str) -> Result<u64> {
+    Ok(counts(sims, k)?.into_iter().sum())
 }
 
 /// Text of a chat or completion answer, streamed (SSE) or not.
-fn content(a: &Answer) -> Result<String> {
+fn content(a: &Reply) -> Result<String> {
     let pick = |v: &serde_json::Value| {
         let c = &v["choices"][0];
         c["message"]["content"]
@@ -190,7 +135,7 @@ impl Cluster {
         let lb = Lb::start(&args)?;
         // Every instance's KV events indexed before the first request.
         wait_until(Duration::from_secs(20), || {
-            let v = get(&lb.admin_url("/admin/kv")).ok()?;
+            let v = get_json(&lb.admin_url("/admin/kv")).ok()?;
             let fresh = v["sources"]
                 .as_array()?
                 .iter()
@@ -216,14 +161,6 @@ impl Cluster {
         self.decode.iter().any(|s| Self::name_of(s) == name)
     }
 
-    fn prefills(&self) -> Vec<&Sim> {
-        self.prefill.iter().collect()
-    }
-
-    fn decodes(&self) -> Vec<&Sim> {
-        self.decode.iter().collect()
-    }
-
     fn pd_metric(&self, kind: &str) -> Result<f64> {
         let m = ureq::get(&self.lb.admin_url("/metrics"))
             .call()?
@@ -245,7 +182,7 @@ fn requests_are_prefilled_on_prefill_instances_and_answered_by_decode_instances(
     let mut prefill_legs = 0;
     for (i, stream) in [false, true].into_iter().enumerate() {
         let body = chat(&system, &text(10 + i as u64, 40), stream);
-        let a = post(&c.lb.url("/v1/chat/completions"), &body)?;
+        let a = post_json(&c.lb.url("/v1/chat/completions"), &body)?;
         ensure!(a.status == 200, "status {}: {}", a.status, a.body);
         ensure!(
             c.is_decode(&a.backend),
@@ -260,7 +197,7 @@ fn requests_are_prefilled_on_prefill_instances_and_answered_by_decode_instances(
         );
         // The answer the client asked for: the same text a unified instance gives for the
         // same request (12 tokens, not the prefill leg's one).
-        let direct = post(&format!("{}/v1/chat/completions", c.unified.url()), &body)?;
+        let direct = post_json(&format!("{}/v1/chat/completions", c.unified.url()), &body)?;
         ensure!(direct.status == 200, "direct: {}", direct.body);
         let (got, want) = (content(&a)?, content(&direct)?);
         ensure!(
@@ -269,64 +206,56 @@ fn requests_are_prefilled_on_prefill_instances_and_answered_by_decode_instances(
         );
         prefill_legs += 1;
         ensure!(
-            total(&c.prefills(), "prefill_legs")? == prefill_legs,
+            total(&c.prefill, "prefill_legs")? == prefill_legs,
             "prefill legs"
         );
         ensure!(
-            total(&c.decodes(), "decode_legs")? == prefill_legs,
+            total(&c.decode, "decode_legs")? == prefill_legs,
             "decode legs"
         );
     }
     ensure!(
-        total(&c.decodes(), "transfer_failures")? == 0,
+        total(&c.decode, "transfer_failures")? == 0,
         "a KV pull failed"
     );
     ensure!(
-        total(&c.decodes(), "transferred_tokens")? > 800,
+        total(&c.decode, "transferred_tokens")? > 800,
         "little KV pulled"
     );
     ensure!(
-        total(&c.decodes(), "plain_requests")? == 0,
+        total(&c.decode, "plain_requests")? == 0,
         "a decode instance prefilled a whole request"
     );
     ensure!(
-        total(&c.prefills(), "plain_requests")? == 0,
+        total(&c.prefill, "plain_requests")? == 0,
         "a prefill instance served a whole request"
     );
 
     // Completions, streamed.
     let body = serde_json::json!({"model": MODEL, "prompt": text(3, 300), "max_tokens": 7, "stream": true});
-    let a = post(&c.lb.url("/v1/completions"), &body)?;
+    let a = post_json(&c.lb.url("/v1/completions"), &body)?;
     ensure!(
         a.status == 200 && c.is_decode(&a.backend),
         "{} {}",
         a.status,
         a.body
     );
-    let direct = post(&format!("{}/v1/completions", c.unified.url()), &body)?;
+    let direct = post_json(&format!("{}/v1/completions", c.unified.url()), &body)?;
     ensure!(content(&a)? == content(&direct)?, "completion text differs");
 
     // The next turns of one conversation (a long shared prefix) are prefilled where that
     // prefix is cached: every one on the same prefill instance.
-    let before: Vec<u64> = c
-        .prefill
-        .iter()
-        .map(|s| pd_info(s).map(|v| counter(&v, "prefill_legs")))
-        .collect::<Result<_>>()?;
+    let before = counts(&c.prefill, "prefill_legs")?;
     let convo = format!("You are agent 7. {}", text(7, 600));
     for turn in 0..4 {
-        let a = post(
+        let a = post_json(
             &c.lb.url("/v1/chat/completions"),
             &chat(&convo, &text(70 + turn, 20), false),
         )?;
         ensure!(a.status == 200, "{}", a.body);
         std::thread::sleep(Duration::from_millis(150)); // events reach agentlb
     }
-    let after: Vec<u64> = c
-        .prefill
-        .iter()
-        .map(|s| pd_info(s).map(|v| counter(&v, "prefill_legs")))
-        .collect::<Result<_>>()?;
+    let after = counts(&c.prefill, "prefill_legs")?;
     let grew: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     ensure!(
         grew.contains(&4),
@@ -346,7 +275,7 @@ fn failed_legs_fall_back_to_the_unified_instance() -> Result<()> {
         s.fault("503")?;
     }
     for i in 0..3 {
-        let a = post(
+        let a = post_json(
             &c.lb.url("/v1/chat/completions"),
             &chat(&system, &text(20 + i, 30), i % 2 == 1),
         )?;
@@ -368,7 +297,7 @@ fn failed_legs_fall_back_to_the_unified_instance() -> Result<()> {
     }
     // Prefill instances back (health checks close their circuits): split again.
     wait_until(Duration::from_secs(20), || {
-        let a = post(
+        let a = post_json(
             &c.lb.url("/v1/chat/completions"),
             &chat(&system, "again", false),
         )
@@ -382,7 +311,7 @@ fn failed_legs_fall_back_to_the_unified_instance() -> Result<()> {
         s.fault("503")?;
     }
     let plain_before = counter(&pd_info(&c.unified)?, "plain_requests");
-    let a = post(
+    let a = post_json(
         &c.lb.url("/v1/chat/completions"),
         &chat(&system, &text(30, 30), true),
     )?;

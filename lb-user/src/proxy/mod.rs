@@ -255,6 +255,24 @@ impl Proxy {
         }
     }
 
+    /// Counts a failed upstream attempt of `kind` against `backend`. A refused or failed
+    /// connect is a strong signal: it opens the circuit at once.
+    fn attempt_failed(&self, backend: &Backend, kind: &'static str, s: &Settings) {
+        let threshold = if kind == "connect" {
+            1
+        } else {
+            s.circuit_failures
+        };
+        backend.record_failure(threshold, s.circuit_open);
+        self.metrics.upstream_error(&backend.name, kind);
+    }
+
+    /// Whether a request may try another backend after `attempts` failed ones: within
+    /// `max_retries` and the retry budget (which a granted retry consumes).
+    fn may_retry(&self, attempts: u32, retry: &RetryConfig) -> bool {
+        attempts <= retry.max_retries && self.budget.try_retry(retry.budget_ratio, retry.budget_min)
+    }
+
     /// Drops idle upstream connections of removed backends.
     pub fn prune_pool(&self) {
         let ids: Vec<_> = self.controller.backends().iter().map(|b| b.id).collect();
@@ -432,19 +450,11 @@ impl Proxy {
                     )
                 }
             };
-            // A refused/failed connect is a strong signal: open the circuit at once.
-            let threshold = if kind == "connect" {
-                1
-            } else {
-                settings.circuit_failures
-            };
-            backend.record_failure(threshold, settings.circuit_open);
-            self.metrics.upstream_error(&backend.name, kind);
+            self.attempt_failed(&backend, kind, settings);
             tracing::warn!(request_id = rid, workflow_id = meta.workflow_id.as_deref().unwrap_or(""), backend = %backend.name, kind, error = %err.message, "upstream attempt failed");
             last = Some(err);
             let n = (tried.len() - skip) as u32;
-            if n > retry.max_retries || !self.budget.try_retry(retry.budget_ratio, retry.budget_min)
-            {
+            if !self.may_retry(n, retry) {
                 if let Some(t) = last_status.take() {
                     return Ok(t);
                 }

@@ -91,6 +91,26 @@ fn transfer_params(answer: &[u8]) -> Result<Value, String> {
     }
 }
 
+/// What every upstream send of one client request shares: the arguments of
+/// [`Proxy::forward`] but the body and the backends to exclude.
+struct Request<'a> {
+    head: &'a h1::Head,
+    meta: &'a RequestMeta,
+    settings: &'a Settings,
+    peer: &'a str,
+    rid: &'a str,
+    started: Instant,
+    first_byte: &'a mut conn::Deadline,
+    req: &'a mut Vec<u8>,
+}
+
+/// Whether one of `backends` is a routable unified backend.
+fn unified_routable(backends: &[Arc<Backend>]) -> bool {
+    backends
+        .iter()
+        .any(|b| b.role == Role::Unified && b.routable())
+}
+
 impl Proxy {
     /// Ids of the configured backends whose role is not `role`.
     fn ids_without(&self, role: Role) -> Vec<u32> {
@@ -106,10 +126,7 @@ impl Proxy {
     /// when none is routable, every backend but the prefill ones.
     fn fallback_exclude(&self) -> Vec<u32> {
         let backends = self.controller.backends();
-        if backends
-            .iter()
-            .any(|b| b.role == Role::Unified && b.routable())
-        {
+        if unified_routable(&backends) {
             self.ids_without(Role::Unified)
         } else {
             backends
@@ -118,6 +135,28 @@ impl Proxy {
                 .map(|b| b.id)
                 .collect()
         }
+    }
+
+    /// [`Proxy::forward`] of `body` for `r`, never to the backends in `exclude`.
+    async fn send(
+        &self,
+        r: &mut Request<'_>,
+        body: &Bytes,
+        exclude: &[u32],
+    ) -> Result<Upstream, ApiError> {
+        self.forward(
+            r.head,
+            body,
+            r.meta,
+            r.settings,
+            r.peer,
+            r.rid,
+            r.started,
+            r.first_byte,
+            r.req,
+            exclude,
+        )
+        .await
     }
 
     /// Sends the request upstream as the policy says: under `disaggregated`, a chat or
@@ -137,46 +176,27 @@ impl Proxy {
         req: &mut Vec<u8>,
         route: &'static str,
     ) -> Result<Upstream, ApiError> {
+        let mut r = Request {
+            head,
+            meta,
+            settings,
+            peer,
+            rid,
+            started,
+            first_byte,
+            req,
+        };
         let split = self.controller.disaggregated()
             && matches!(route, "chat" | "completions")
             && meta.pinned.is_none();
         if !split {
-            return self
-                .forward(
-                    head,
-                    body,
-                    meta,
-                    settings,
-                    peer,
-                    rid,
-                    started,
-                    first_byte,
-                    req,
-                    &[],
-                )
-                .await;
+            return self.send(&mut r, body, &[]).await;
         }
-        let prefilled = match self
-            .prefill_leg(head, body, meta, settings, peer, rid, req)
-            .await
-        {
+        let prefilled = match self.prefill_leg(&mut r, body).await {
             Ok(p) => p,
             Err(Skip::ClientParams) => {
                 self.metrics.pd("client_params");
-                return self
-                    .forward(
-                        head,
-                        body,
-                        meta,
-                        settings,
-                        peer,
-                        rid,
-                        started,
-                        first_byte,
-                        req,
-                        &[],
-                    )
-                    .await;
+                return self.send(&mut r, body, &[]).await;
             }
             Err(skip) => {
                 let kind = match &skip {
@@ -188,37 +208,17 @@ impl Proxy {
                 }
                 self.metrics.pd(kind);
                 let exclude = self.fallback_exclude();
-                return self
-                    .forward(
-                        head, body, meta, settings, peer, rid, started, first_byte, req, &exclude,
-                    )
-                    .await;
+                return self.send(&mut r, body, &exclude).await;
             }
         };
         let decode = self
-            .forward(
-                head,
-                &prefilled.body,
-                meta,
-                settings,
-                peer,
-                rid,
-                started,
-                first_byte,
-                req,
-                &self.ids_without(Role::Decode),
-            )
+            .send(&mut r, &prefilled.body, &self.ids_without(Role::Decode))
             .await;
         let failed = match &decode {
             Ok(up) => matches!(up.head.status, 502..=504),
             Err(_) => true,
         };
-        let unified = self
-            .controller
-            .backends()
-            .iter()
-            .any(|b| b.role == Role::Unified && b.routable());
-        if failed && unified {
+        if failed && unified_routable(&self.controller.backends()) {
             let why = match &decode {
                 Ok(up) => format!(
                     "decode backend {} answered {}",
@@ -230,18 +230,7 @@ impl Proxy {
             tracing::warn!(request_id = rid, prefill = %prefilled.backend.name, error = %why, "decode leg failed: serving the request whole");
             self.metrics.pd("decode_failed");
             return self
-                .forward(
-                    head,
-                    body,
-                    meta,
-                    settings,
-                    peer,
-                    rid,
-                    started,
-                    first_byte,
-                    req,
-                    &self.ids_without(Role::Unified),
-                )
+                .send(&mut r, body, &self.ids_without(Role::Unified))
                 .await;
         }
         self.metrics.pd("disaggregated");
@@ -253,17 +242,16 @@ impl Proxy {
 
     /// The prefill leg on the best prefill backend, retried on others while attempts and
     /// the retry budget last.
-    #[allow(clippy::too_many_arguments)]
-    async fn prefill_leg(
-        &self,
-        head: &h1::Head,
-        body: &Bytes,
-        meta: &RequestMeta,
-        settings: &Settings,
-        peer: &str,
-        rid: &str,
-        req: &mut Vec<u8>,
-    ) -> Result<Prefilled, Skip> {
+    async fn prefill_leg(&self, r: &mut Request<'_>, body: &Bytes) -> Result<Prefilled, Skip> {
+        let Request {
+            head,
+            meta,
+            settings,
+            peer,
+            rid,
+            ..
+        } = *r;
+        let req = &mut *r.req;
         let Ok(Value::Object(mut original)) = serde_json::from_slice::<Value>(body) else {
             // The decode side answers the client's error (meta already parsed it).
             return Err(Skip::Failed("the body is not a JSON object".into()));
@@ -349,22 +337,11 @@ impl Proxy {
                 Err((kind, message)) => {
                     // A backend without a KV connector is not failing: do not trip it.
                     if kind != "params" {
-                        let threshold = if kind == "connect" {
-                            1
-                        } else {
-                            settings.circuit_failures
-                        };
-                        backend.record_failure(threshold, settings.circuit_open);
-                        self.metrics.upstream_error(&backend.name, kind);
+                        self.attempt_failed(&backend, kind, settings);
                     }
                     last = format!("prefill backend {}: {message}", backend.name);
                     tracing::warn!(request_id = rid, backend = %backend.name, kind, error = %message, "prefill leg attempt failed");
-                    let attempts = (tried.len() - skip) as u32;
-                    if attempts > settings.retry.max_retries
-                        || !self
-                            .budget
-                            .try_retry(settings.retry.budget_ratio, settings.retry.budget_min)
-                    {
+                    if !self.may_retry((tried.len() - skip) as u32, &settings.retry) {
                         return Err(Skip::Failed(last));
                     }
                 }
