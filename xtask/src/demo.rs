@@ -1,7 +1,11 @@
 //! `cargo xtask demo`: agentlb in front of simulated vLLM instances (`vllm-sim`),
 //! driven by a small multi-agent workload through the OpenAI API, then a report of
 //! where each workflow's calls landed, how much of their prompts hit the prefix
-//! cache, and what the kernel programs counted.
+//! cache, and what the kernel programs counted. Run as root, the kernel fast
+//! path is on (`kernel.pinning`): each agent keeps its own keep-alive
+//! connection, which is handed to the kernel after its first call, and the
+//! report shows how many calls the kernel forwarded without agentlb's
+//! userspace engine.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -77,9 +81,11 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
         )?;
     }
 
+    let conf = std::env::temp_dir().join(format!("agentlb-demo-{}.toml", std::process::id()));
+    std::fs::write(&conf, "[kernel]\npinning = true\n")
+        .with_context(|| format!("writing {}", conf.display()))?;
     let mut cmd = Command::new(bin_dir.join("agentlb"));
-    cmd.args([
-        "run",
+    cmd.arg("run").arg("--config").arg(&conf).args([
         "--listen",
         LISTEN,
         "--admin",
@@ -98,6 +104,7 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
     let lb = cmd.spawn().context("starting agentlb")?;
     let _lb = Guard(lb, "agentlb");
     wait_http(&format!("http://{ADMIN}/ready"), "agentlb")?;
+    let _ = std::fs::remove_file(&conf);
     let dp: Value = ureq::get(&format!("http://{ADMIN}/admin/dataplane"))
         .call()?
         .into_json()?;
@@ -109,9 +116,10 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
     let agents = ["planner", "researcher", "writer"];
     let rounds = 3;
     let mut rows: BTreeMap<String, (BTreeSet<String>, u64, u64, Vec<f64>)> = BTreeMap::new();
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(60))
-        .build();
+    // Each agent of each workflow is its own client with its own keep-alive
+    // connection (as separate agent processes would be).
+    let mut clients: BTreeMap<(String, &str), (ureq::Agent, String)> = BTreeMap::new();
+    let mut kernel_calls = 0usize;
     let started = Instant::now();
     for w in 0..workflows {
         let wf = format!("wf-{w}");
@@ -131,6 +139,15 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
                 let mut messages = vec![json!({"role": "system", "content": context})];
                 messages.extend(h.iter().cloned());
                 let t = Instant::now();
+                let (agent, home) = clients.entry((wf.clone(), a)).or_insert_with(|| {
+                    (
+                        ureq::AgentBuilder::new()
+                            .timeout(Duration::from_secs(60))
+                            .max_idle_connections_per_host(1)
+                            .build(),
+                        String::new(),
+                    )
+                });
                 let resp = agent
                     .post(&format!("http://{LISTEN}/v1/chat/completions"))
                     .set("x-workflow-id", &wf)
@@ -141,7 +158,18 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
                         "max_tokens": 16,
                     }))
                     .with_context(|| format!("{wf}/{a} round {r}"))?;
-                let backend = resp.header("x-agentlb-backend").unwrap_or("?").to_owned();
+                // Calls the kernel forwarded carry no agentlb header: they went to
+                // the backend the connection was pinned to after its first call.
+                let backend = match resp.header("x-agentlb-backend") {
+                    Some(b) => {
+                        *home = b.to_owned();
+                        b.to_owned()
+                    }
+                    None => {
+                        kernel_calls += 1;
+                        home.clone()
+                    }
+                };
                 let v: Value = resp.into_json()?;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 let reply = v["choices"][0]["message"]["content"]
@@ -183,6 +211,39 @@ pub fn run(bin_dir: &Path, backends: u16, keep_running: bool) -> Result<()> {
         elapsed.as_secs_f64(),
         100.0 * tc as f64 / tp.max(1) as f64
     );
+
+    let calls: usize = rows.values().map(|r| r.3.len()).sum();
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(300));
+    let metrics = ureq::get(&format!("http://{ADMIN}/metrics"))
+        .call()?
+        .into_string()?;
+    let metric = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let handoffs = metric("agentlb_kernel_handoffs_total");
+    if handoffs > 0.0 {
+        println!(
+            "\nkernel fast path: {handoffs} agent connections were handed to the kernel after their first call;\n  \
+             {kernel_calls} of {calls} calls were then forwarded by the kernel's sockmap, never parsed or copied\n  \
+             by agentlb's userspace engine ({} bytes to the backends, {} bytes back to the agents).",
+            metric(r#"agentlb_bytes_total{path="kernel",direction="to_upstream"}"#),
+            metric(r#"agentlb_bytes_total{path="kernel",direction="to_client"}"#),
+        );
+    } else {
+        println!(
+            "\nkernel fast path: not used ({}); every call went through the userspace engine.",
+            if kernel_calls == 0 && metrics.contains("agentlb_kernel_dataplane_active 1") {
+                "no hand-off"
+            } else {
+                "run as root to load the kernel programs"
+            }
+        );
+    }
 
     let dp: Value = ureq::get(&format!("http://{ADMIN}/admin/dataplane"))
         .call()?

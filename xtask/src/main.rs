@@ -307,12 +307,13 @@ fn bench(root: &Path, which: &str, args: &[String]) -> Result<()> {
             Ok(())
         }
         "proxy" => bench::proxy(root, args),
+        "dataplane" => bench::dataplane(root, args),
         "agentic" => bench::agentic::run(root, args),
         "control" => bench::control::run(root, args),
         "kv" => bench::kv::run(root, args),
         "storm" => bench::storm::run(root, args),
         other => bail!(
-            "unknown benchmark {other:?} (available: sim, proxy, agentic, control, kv, storm)"
+            "unknown benchmark {other:?} (available: sim, proxy, dataplane, agentic, control, kv, storm)"
         ),
     }
 }

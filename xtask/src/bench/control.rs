@@ -1307,6 +1307,7 @@ fn run_proxy(s: &Settings, agentlb: &Path) -> Result<ProxyResults> {
                             harness: procs::stat_ticks("/proc/self/stat")?,
                             proxy_wait_ns: procs::wait_ns_of(pids),
                             harness_wait_ns: procs::wait_ns_of(&me),
+                            system: procs::system_busy_ticks()?,
                         })
                     };
                     let ev0 = table_stats(admin).1.unwrap_or(0.0);

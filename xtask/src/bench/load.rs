@@ -119,6 +119,8 @@ pub struct CpuSample {
     pub proxy_wait_ns: u64,
     /// Run-queue wait of this process's threads, ns.
     pub harness_wait_ns: u64,
+    /// Busy ticks of all CPUs ([`super::procs::system_busy_ticks`]).
+    pub system: u64,
 }
 
 #[derive(Default)]
@@ -220,6 +222,7 @@ impl CpuSample {
         self.harness += d(from.harness, to.harness);
         self.proxy_wait_ns += d(from.proxy_wait_ns, to.proxy_wait_ns);
         self.harness_wait_ns += d(from.harness_wait_ns, to.harness_wait_ns);
+        self.system += d(from.system, to.system);
     }
 }
 
@@ -396,6 +399,7 @@ mod tests {
             harness,
             proxy_wait_ns: 10 * proxy,
             harness_wait_ns: 0,
+            system: 2 * proxy + harness,
         };
         // (requests, seconds, latencies, ttfb, frames per response, CPU at the edges)
         let window = |requests, secs, total_ns, ttfb_ns, frames_per_resp, cpu| LoadResult {

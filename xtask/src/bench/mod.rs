@@ -17,7 +17,18 @@
 //!   where the load generator's core is the bottleneck neither is charged for
 //!   the other's longer heads. `--nginx-headers plain` leaves those out;
 //! - `vllm-router` 0.1.17 (pip, in `target/venv-bench`), `--policy round_robin`,
-//!   for reference.
+//!   for reference;
+//! - `agentlb-kernel` (root only; not in the default targets): agentlb with the
+//!   kernel fast path, `kernel.mode = "required"`, `kernel.pinning = true`, so
+//!   each connection is handed to the kernel's sockmap after its first request.
+//!   Both agentlb targets are sent an `X-Workflow-Id` (pinning needs one).
+//!   `cargo xtask bench dataplane` runs this comparison (see [`dataplane`]).
+//!
+//! Besides the proxy's own CPU (its process tree), every cell reports the busy
+//! CPU of the whole machine minus this process (load generator and backend) per
+//! request: the proxy plus the kernel work done for it that no process is
+//! charged with (softirq, the sockmap's redirect kworkers), which is where the
+//! kernel path spends its CPU.
 //!
 //! Workloads: `small` (a small non-streaming `/v1/completions`) and `stream` (an
 //! SSE response of `--chunks` events, default 100, then `[DONE]`). The backend is
@@ -75,7 +86,13 @@ use self::{
 /// Set when a debug xtask hands the benchmark over to its release build.
 const REEXEC_ENV: &str = "AGENTLB_BENCH_RELEASE";
 pub const VLLM_ROUTER_VERSION: &str = "0.1.17";
-const ALL_TARGETS: [&str; 4] = ["direct", "agentlb", "nginx", "vllm-router"];
+const ALL_TARGETS: [&str; 5] = [
+    "direct",
+    "agentlb",
+    "agentlb-kernel",
+    "nginx",
+    "vllm-router",
+];
 
 /// Options of `cargo xtask bench proxy -- [OPTIONS]`.
 ///
@@ -211,6 +228,39 @@ pub fn parse_args<A: Parser>(name: &str, args_in: &[String]) -> Result<Option<A>
     }
 }
 
+/// `cargo xtask bench dataplane -- [OPTIONS]`: `bench proxy` comparing the
+/// userspace path, the kernel path and nginx on streamed responses at 100, 500
+/// and 2,000 concurrent streams and on small requests (the defaults; any
+/// `bench proxy` option given afterwards overrides them).
+pub fn dataplane(root: &Path, args_in: &[String]) -> Result<()> {
+    let out = root.join("target/bench/dataplane.json");
+    let mut args: Vec<String> = [
+        "--targets",
+        "direct,agentlb,agentlb-kernel,nginx",
+        "--workloads",
+        "stream,small",
+        "--concurrency",
+        "100,500,2000",
+        "--out",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    // Drop the defaults the caller gives itself (clap would reject a repeat).
+    for flag in ["--targets", "--workloads", "--concurrency", "--out"] {
+        if args_in
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+            && let Some(i) = args.iter().position(|a| a == flag)
+        {
+            args.drain(i..i + 2);
+        }
+    }
+    args.extend(args_in.iter().cloned());
+    proxy(root, &args)
+}
+
 /// Entry point: `cargo xtask bench proxy -- [OPTIONS]`.
 pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
     let Some(args) = parse_args::<Args>("bench-proxy", args_in)? else {
@@ -342,6 +392,8 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
         return Ok(());
     }
 
+    // Removed after the targets stop (declared first, dropped last).
+    let _pins = PinCleanup(wants("agentlb-kernel").then(kernel_pin_dir));
     // Start every requested target once, up front.
     let mut targets: Vec<Target> = Vec::new();
     for &name in ALL_TARGETS.iter().filter(|t| wants(t)) {
@@ -352,6 +404,13 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
                 proc: None,
             }),
             "agentlb" => start_agentlb(
+                &agentlb,
+                backend.addr,
+                &tmp,
+                &settings,
+                args.agentlb_threads,
+            ),
+            "agentlb-kernel" => start_agentlb_kernel(
                 &agentlb,
                 backend.addr,
                 &tmp,
@@ -440,7 +499,13 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
                             concurrency: conc,
                             warmup: settings.warmup / settings.slices as u32,
                             duration: settings.duration / settings.slices as u32,
-                            workflow_ids: load::WorkflowIds::None,
+                            // Both agentlb paths see a workflow id: the kernel
+                            // one needs it to hand connections over.
+                            workflow_ids: if t.name.starts_with("agentlb") {
+                                load::WorkflowIds::Fixed
+                            } else {
+                                load::WorkflowIds::None
+                            },
                         };
                         let backend_ref = &backend;
                         let me = [std::process::id() as i32];
@@ -451,6 +516,7 @@ pub fn proxy(root: &Path, args_in: &[String]) -> Result<()> {
                                 harness: procs::stat_ticks("/proc/self/stat")?,
                                 proxy_wait_ns: procs::wait_ns_of(pids),
                                 harness_wait_ns: procs::wait_ns_of(&me),
+                                system: procs::system_busy_ticks()?,
                             })
                         };
                         let res = rt.block_on(load::run(&spec, &sampler))?;
@@ -604,6 +670,7 @@ fn record(
     let proxy_secs = res.cpu.1.proxy.saturating_sub(res.cpu.0.proxy) as f64 / tck;
     let backend_secs = res.cpu.1.backend.saturating_sub(res.cpu.0.backend) as f64 / tck;
     let harness_secs = res.cpu.1.harness.saturating_sub(res.cpu.0.harness) as f64 / tck;
+    let system_secs = res.cpu.1.system.saturating_sub(res.cpu.0.system) as f64 / tck;
     let has_proxy = t.proc.is_some();
     Record {
         repeat: rep,
@@ -625,6 +692,7 @@ fn record(
         proxy_cpu_us_per_req: (has_proxy && res.requests > 0).then(|| proxy_secs * 1e6 / n),
         proxy_cores: has_proxy.then(|| proxy_secs / res.secs.max(1e-9)),
         backend_cpu_us_per_req: backend_secs * 1e6 / n,
+        path_cpu_us_per_req: (system_secs - harness_secs).max(0.0) * 1e6 / n,
         harness_cores: harness_secs / res.secs.max(1e-9),
         proxy_wait_frac: has_proxy.then(|| {
             res.cpu
@@ -691,6 +759,67 @@ fn start_agentlb(
         &threads.to_string(),
     ]);
     spawn_proxy("agentlb", cmd, port, tmp, s)
+}
+
+/// Removes the `agentlb-kernel` pin directory on drop.
+struct PinCleanup(Option<PathBuf>);
+
+impl Drop for PinCleanup {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            let _ = fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// The bpffs pin directory of the benchmark's `agentlb-kernel` (removed at
+/// the end of the run).
+fn kernel_pin_dir() -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/agentlb-bench-{}", std::process::id()))
+}
+
+/// agentlb with the kernel fast path: `kernel.mode = "required"` (root),
+/// `kernel.pinning = true`, pins under [`kernel_pin_dir`], `sock_ops` on the
+/// child cgroup `agentlb` of this process's cgroup (agentlb's default).
+fn start_agentlb_kernel(
+    bin: &Path,
+    backend: SocketAddr,
+    tmp: &TempDir,
+    s: &Settings,
+    threads: usize,
+) -> Result<Target> {
+    if !bin.exists() {
+        bail!(
+            "{} missing (cargo build --release -p lb-user)",
+            bin.display()
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the kernel path needs root");
+    }
+    let port = procs::free_port()?;
+    let admin = procs::free_port()?;
+    let conf = tmp.path().join("agentlb-kernel.toml");
+    fs::write(
+        &conf,
+        format!(
+            "[kernel]\nmode = \"required\"\npinning = true\npin_dir = \"{}\"\n",
+            kernel_pin_dir().display()
+        ),
+    )?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("run").arg("--config").arg(&conf).args([
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "--backend",
+        &format!("http://{backend}"),
+        "--workers",
+        &threads.to_string(),
+    ]);
+    spawn_proxy("agentlb-kernel", cmd, port, tmp, s)
 }
 
 fn start_nginx(bin: &Path, backend: SocketAddr, tmp: &TempDir, s: &Settings) -> Result<Target> {

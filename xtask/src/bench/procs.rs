@@ -282,6 +282,31 @@ pub fn stat_ticks(path: &str) -> Result<u64> {
     Ok(get(11)? + get(12)?)
 }
 
+/// Busy clock ticks of all CPUs together (`/proc/stat` line `cpu`: everything
+/// but idle and iowait), which includes kernel work no process is charged with
+/// (softirq, kworkers such as the sockmap's redirect backlog).
+pub fn system_busy_ticks() -> Result<u64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat: no cpu line")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let busy = v
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| *x)
+        .sum();
+    Ok(busy)
+}
+
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
 pub fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions.

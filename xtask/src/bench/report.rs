@@ -49,6 +49,10 @@ pub struct Record {
     pub proxy_cores: Option<f64>,
     /// CPU of the backend thread per request, µs.
     pub backend_cpu_us_per_req: f64,
+    /// Busy CPU of the whole machine minus this process (load generator and
+    /// backend) per request, µs: the proxy plus the kernel work done for it
+    /// that no process is charged with (softirq, kworkers).
+    pub path_cpu_us_per_req: f64,
     /// CPU of the load generator + backend (this process) in the window, cores.
     pub harness_cores: f64,
     /// Run-queue wait of the proxy's threads per second of window (none for direct).
@@ -118,6 +122,8 @@ pub struct Summary {
     pub added_p99_us: Option<Stat>,
     /// Proxy CPU per request, µs.
     pub proxy_cpu_us_per_req: Option<Stat>,
+    /// Machine CPU outside the harness per request, µs.
+    pub path_cpu_us_per_req: Option<Stat>,
     /// Proxy CPU utilisation, cores.
     pub proxy_cores: Option<Stat>,
     /// Body frames received per response.
@@ -249,6 +255,7 @@ pub fn summarize(recs: &[Record]) -> Vec<Summary> {
                 added_p50_us: added(&|r| r.p50_us),
                 added_p99_us: added(&|r| r.p99_us),
                 proxy_cpu_us_per_req: col(&|r| r.proxy_cpu_us_per_req),
+                path_cpu_us_per_req: col(&|r| ok(r).then_some(r.path_cpu_us_per_req)),
                 proxy_cores: col(&|r| r.proxy_cores),
                 frames_per_resp: col(&|r| ok(r).then_some(r.frames_per_resp)),
                 harness_cores: col(&|r| Some(r.harness_cores)),
@@ -354,9 +361,9 @@ pub fn markdown(summaries: &[Summary], ratios: &[Ratio], notes: &[String]) -> St
             sep.push_str("---:|---:|");
         }
         head.push_str(
-            " proxy CPU µs/req | proxy cores | client+backend cores | run-queue wait proxy / harness | errors |",
+            " proxy CPU µs/req | proxy + kernel CPU µs/req | proxy cores | client+backend cores | run-queue wait proxy / harness | errors |",
         );
-        sep.push_str("---:|---:|---:|---:|---:|");
+        sep.push_str("---:|---:|---:|---:|---:|---:|");
         let _ = writeln!(md, "{head}\n{sep}");
         for s in summaries.iter().filter(|s| s.workload == wl) {
             let _ = write!(
@@ -380,8 +387,9 @@ pub fn markdown(summaries: &[Summary], ratios: &[Ratio], notes: &[String]) -> St
             }
             let _ = writeln!(
                 md,
-                " {} | {} | {} | {} / {} | {} |",
+                " {} | {} | {} | {} | {} / {} | {} |",
                 fmt_stat(s.proxy_cpu_us_per_req, 1),
+                fmt_stat(s.path_cpu_us_per_req, 1),
                 fmt_stat(s.proxy_cores, 2),
                 fmt_stat(s.harness_cores, 2),
                 s.proxy_wait_frac
@@ -453,6 +461,7 @@ mod tests {
             proxy_cpu_us_per_req: cpu,
             proxy_cores: cpu.map(|_| 0.5),
             backend_cpu_us_per_req: 1.0,
+            path_cpu_us_per_req: 1.0,
             harness_cores: 1.0,
             proxy_wait_frac: cpu.map(|_| 0.0),
             harness_wait_frac: 0.0,
