@@ -15,6 +15,8 @@ use libfuzzer_sys::fuzz_target;
 
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_META: usize = 8 * 1024;
+/// agentlb's bound on header (and trailer) fields.
+const MAX_FIELDS: usize = 128;
 
 /// One message: head length and body.
 type Msg = (usize, Vec<u8>);
@@ -109,7 +111,8 @@ fn reference_chunked(b: &[u8]) -> Option<(usize, Vec<u8>)> {
         if section.len() > MAX_META || bare_lf(section) {
             return None;
         }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
+        // The head's field-count bound applies to trailers too.
+        let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
         match httparse::parse_headers(section, &mut headers) {
             Ok(httparse::Status::Complete((n, _))) if n == section.len() => {}
             _ => return None,
@@ -124,7 +127,7 @@ fn reference_split(data: &[u8]) -> Vec<Msg> {
     let mut at = 0;
     for _ in 0..8 {
         let rest = &data[at..];
-        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let mut req = httparse::Request::new(&mut headers);
         let head_len = match req.parse(rest) {
             Ok(httparse::Status::Complete(n)) => n,
