@@ -369,3 +369,59 @@ fn monotonic_ns() -> u64 {
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn act(req: u64, resp: u64) -> PairActivity {
+        PairActivity {
+            to_upstream: 1,
+            to_client: 1,
+            last_request_ns: req,
+            last_response_ns: resp,
+        }
+    }
+
+    #[test]
+    fn a_pair_is_quiet_only_after_a_response_and_the_quiet_time() {
+        let q = Duration::from_millis(100);
+        let since = 1_000 * MS;
+        // Nothing moved since the hand-off: quiet once the time has passed.
+        assert!(!quiet(&act(0, 0), since + 50 * MS, since, q));
+        assert!(quiet(&act(0, 0), since + 100 * MS, since, q));
+        // A request is in flight (its bytes were the last): never quiet, however
+        // long the backend thinks (a long prefill sends nothing for seconds).
+        assert!(!quiet(&act(2_000 * MS, 1_500 * MS), 60_000 * MS, since, q));
+        // The response was last: quiet after 100 ms without bytes.
+        assert!(!quiet(&act(2_000 * MS, 2_010 * MS), 2_050 * MS, since, q));
+        assert!(quiet(&act(2_000 * MS, 2_010 * MS), 2_110 * MS, since, q));
+    }
+
+    #[test]
+    fn peek_tells_pending_bytes_eof_and_nothing_apart() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut a = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (b, _) = l.accept().expect("accept");
+        b.set_nonblocking(true).expect("nonblocking");
+        assert!(!pending(b.as_raw_fd()));
+        std::io::Write::write_all(&mut a, b"x").expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !pending(b.as_raw_fd()) {
+            assert!(std::time::Instant::now() < deadline, "byte never arrived");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(peek(b.as_raw_fd()).expect("peek"), 1);
+        // Peeking consumed nothing.
+        assert_eq!(peek(b.as_raw_fd()).expect("peek"), 1);
+        let mut c = [0u8; 1];
+        std::io::Read::read_exact(&mut &b, &mut c).expect("read");
+        drop(a);
+        while peek(b.as_raw_fd()).map_or(true, |n| n != 0) {
+            assert!(std::time::Instant::now() < deadline, "EOF never seen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
