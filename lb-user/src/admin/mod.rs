@@ -94,6 +94,22 @@ struct AddBackend {
     role: Option<String>,
 }
 
+/// The request's JSON body (at most `limit` bytes) as a `T`; 400s name the
+/// shape `expected`.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    expected: &str,
+) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| ApiError::invalid_request(format!("cannot read body: {e}"), "invalid_body"))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_request(format!("expected {expected}: {e}"), "invalid_json"))
+}
+
 fn query_param(q: Option<&str>, key: &str) -> Option<usize> {
     q?.split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -242,19 +258,7 @@ impl Admin {
             (&Method::GET, ["admin", "kv"]) => Ok(json(StatusCode::OK, &self.kv_json())),
             (&Method::GET, ["admin", "pinning"]) => Ok(json(StatusCode::OK, &self.pinning_json()?)),
             (&Method::POST, ["admin", "pinning"]) => {
-                let body = Limited::new(req.into_body(), 4096)
-                    .collect()
-                    .await
-                    .map_err(|e| {
-                        ApiError::invalid_request(format!("cannot read body: {e}"), "invalid_body")
-                    })?
-                    .to_bytes();
-                let set: SetPinning = serde_json::from_slice(&body).map_err(|e| {
-                    ApiError::invalid_request(
-                        format!("expected {{\"enabled\": true|false}}: {e}"),
-                        "invalid_json",
-                    )
-                })?;
+                let set: SetPinning = json_body(req, 4096, r#"{"enabled": true|false}"#).await?;
                 let fp = self.fastpath()?;
                 fp.set_enabled(set.enabled).map_err(|e| {
                     ApiError::internal(
@@ -280,19 +284,8 @@ impl Admin {
                 ))
             }
             (&Method::POST, ["admin", "backends"]) => {
-                let body = Limited::new(req.into_body(), 64 * 1024)
-                    .collect()
-                    .await
-                    .map_err(|e| {
-                        ApiError::invalid_request(format!("cannot read body: {e}"), "invalid_body")
-                    })?
-                    .to_bytes();
-                let add: AddBackend = serde_json::from_slice(&body).map_err(|e| {
-                    ApiError::invalid_request(
-                        format!("expected {{\"url\", \"name\"?, \"role\"?}}: {e}"),
-                        "invalid_json",
-                    )
-                })?;
+                let add: AddBackend =
+                    json_body(req, 64 * 1024, r#"{"url", "name"?, "role"?}"#).await?;
                 let cfg = crate::config::parse_backend(
                     &add.url,
                     add.name.as_deref(),

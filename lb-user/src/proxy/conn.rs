@@ -233,6 +233,20 @@ struct Relayed {
     reusable: bool,
 }
 
+impl Relayed {
+    /// Writing to the client failed: its deadline passed (`timeout`) or it left.
+    fn write_failed(timeout: bool) -> Self {
+        Self {
+            outcome: if timeout {
+                Outcome::TimedOut
+            } else {
+                Outcome::ClientGone
+            },
+            reusable: false,
+        }
+    }
+}
+
 /// Shutdown signal of one connection: the flag is read per request; the
 /// receiver wakes an idle connection (its wait is registered once per
 /// connection, not per request).
@@ -1288,14 +1302,7 @@ impl Conn {
                         write_by(&mut self.stream, &self.out[..last], &mut self.timers.total).await
                     {
                         self.out.clear();
-                        return Relayed {
-                            outcome: if timeout {
-                                Outcome::TimedOut
-                            } else {
-                                Outcome::ClientGone
-                            },
-                            reusable: false,
-                        };
+                        return Relayed::write_failed(timeout);
                     }
                     self.out.drain(..last);
                     match fp.arm(&self.stream, &conn.stream, backend) {
@@ -1316,14 +1323,7 @@ impl Conn {
                     Ok(()) => self.out.clear(),
                     Err(timeout) => {
                         self.out.clear();
-                        return Relayed {
-                            outcome: if timeout {
-                                Outcome::TimedOut
-                            } else {
-                                Outcome::ClientGone
-                            },
-                            reusable: false,
-                        };
+                        return Relayed::write_failed(timeout);
                     }
                 }
             }

@@ -1144,34 +1144,14 @@ fn start_agentlb(
     s: &Settings,
     limit: Option<&CpuLimit>,
 ) -> Result<(Target, SocketAddr)> {
-    if !bin.exists() {
-        bail!(
-            "{} missing (cargo build --release -p lb-user)",
-            bin.display()
-        );
-    }
     let conf = tmp.path().join(format!("{}.toml", name.replace(' ', "-")));
     fs::write(
         &conf,
         format!("[workflows]\nmax_workflows = {}\n", s.proxy_max_workflows),
     )
     .with_context(|| format!("writing {}", conf.display()))?;
-    let port = procs::free_port()?;
-    let admin = procs::free_port()?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("run").arg("--config").arg(&conf).args([
-        "--no-kernel",
-        "--policy",
-        "workflow",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin",
-        &format!("127.0.0.1:{admin}"),
-        "--backend",
-        &format!("http://{backend}"),
-        "--workers",
-        "1",
-    ]);
+    let (mut cmd, port, admin) = super::agentlb_command(bin, Some(&conf), false, backend, 1)?;
+    cmd.args(["--policy", "workflow"]);
     let proc = ChildGuard::spawn_capped(
         name,
         cmd,

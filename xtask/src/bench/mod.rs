@@ -730,13 +730,16 @@ fn layout_note(s: &Settings, agentlb_threads: usize) -> String {
     )
 }
 
-fn start_agentlb(
+/// `agentlb run [--config CONFIG] [--no-kernel] --listen 127.0.0.1:<free>
+/// --admin 127.0.0.1:<free> --backend http://BACKEND --workers N` (the kernel
+/// path only with `kernel`), with its proxy and admin ports.
+pub fn agentlb_command(
     bin: &Path,
+    config: Option<&Path>,
+    kernel: bool,
     backend: SocketAddr,
-    tmp: &TempDir,
-    s: &Settings,
-    threads: usize,
-) -> Result<Target> {
+    workers: usize,
+) -> Result<(Command, u16, u16)> {
     if !bin.exists() {
         bail!(
             "{} missing (cargo build --release -p lb-user)",
@@ -746,9 +749,14 @@ fn start_agentlb(
     let port = procs::free_port()?;
     let admin = procs::free_port()?;
     let mut cmd = Command::new(bin);
+    cmd.arg("run");
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    if !kernel {
+        cmd.arg("--no-kernel");
+    }
     cmd.args([
-        "run",
-        "--no-kernel",
         "--listen",
         &format!("127.0.0.1:{port}"),
         "--admin",
@@ -756,8 +764,19 @@ fn start_agentlb(
         "--backend",
         &format!("http://{backend}"),
         "--workers",
-        &threads.to_string(),
+        &workers.to_string(),
     ]);
+    Ok((cmd, port, admin))
+}
+
+fn start_agentlb(
+    bin: &Path,
+    backend: SocketAddr,
+    tmp: &TempDir,
+    s: &Settings,
+    threads: usize,
+) -> Result<Target> {
+    let (cmd, port, _) = agentlb_command(bin, None, false, backend, threads)?;
     spawn_proxy("agentlb", cmd, port, tmp, s)
 }
 
@@ -788,18 +807,10 @@ fn start_agentlb_kernel(
     s: &Settings,
     threads: usize,
 ) -> Result<Target> {
-    if !bin.exists() {
-        bail!(
-            "{} missing (cargo build --release -p lb-user)",
-            bin.display()
-        );
-    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the kernel path needs root");
     }
-    let port = procs::free_port()?;
-    let admin = procs::free_port()?;
     let conf = tmp.path().join("agentlb-kernel.toml");
     fs::write(
         &conf,
@@ -808,17 +819,7 @@ fn start_agentlb_kernel(
             kernel_pin_dir().display()
         ),
     )?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("run").arg("--config").arg(&conf).args([
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin",
-        &format!("127.0.0.1:{admin}"),
-        "--backend",
-        &format!("http://{backend}"),
-        "--workers",
-        &threads.to_string(),
-    ]);
+    let (cmd, port, _) = agentlb_command(bin, Some(&conf), true, backend, threads)?;
     spawn_proxy("agentlb-kernel", cmd, port, tmp, s)
 }
 

@@ -30,7 +30,6 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -247,20 +246,7 @@ fn start(
     let file = v.name.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
     let conf = tmp.path().join(format!("{file}.toml"));
     fs::write(&conf, &v.toml).with_context(|| format!("writing {}", conf.display()))?;
-    let port = procs::free_port()?;
-    let admin = procs::free_port()?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("run").arg("--config").arg(&conf).args([
-        "--no-kernel",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin",
-        &format!("127.0.0.1:{admin}"),
-        "--backend",
-        &format!("http://{backend}"),
-        "--workers",
-        &workers.to_string(),
-    ]);
+    let (mut cmd, port, _) = super::agentlb_command(bin, Some(&conf), false, backend, workers)?;
     for (k, val) in &v.env {
         cmd.env(k, val);
     }
