@@ -33,6 +33,30 @@ pub struct BackendLoad {
     pub kv_capacity_tokens: f64,
 }
 
+/// Bumped whenever any backend's model list changes.
+static MODELS_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a backend's model list has changed in this process: a cache of who
+/// serves what is current while this is unchanged.
+pub fn models_epoch() -> u64 {
+    MODELS_EPOCH.load(Ordering::Acquire)
+}
+
+/// KV usage above which a backend counts as loaded: below it, a cached context costs
+/// nothing to keep and new work fits without evicting (vLLM preempts near 1.0).
+pub const KV_KNEE: f64 = 0.85;
+/// Weight of KV usage past the knee, in queued requests per unit of usage: a full cache
+/// counts as 1.5 queued requests.
+pub const KV_WEIGHT: f64 = 10.0;
+
+impl BackendLoad {
+    /// The load the policies balance: requests waiting for the engine, plus KV pressure
+    /// once usage passes the knee.
+    pub fn score(&self) -> f64 {
+        self.waiting + KV_WEIGHT * (self.kv_usage - KV_KNEE).max(0.0)
+    }
+}
+
 /// What a backend does under the `disaggregated` policy (vLLM prefill/decode
 /// disaggregation over a KV connector such as NIXL). Other policies use every backend
 /// alike.
@@ -126,10 +150,13 @@ pub struct Backend {
     pub healthy: AtomicBool,
     /// Consecutive active-probe results (positive: successes, negative: failures).
     pub probe_streak: std::sync::atomic::AtomicI64,
-    /// Models served, from `/v1/models` (empty until known).
+    /// Models served, from `/v1/models` (empty until known); written through
+    /// [`Backend::set_models`].
     pub models: ArcSwap<Vec<String>>,
-    /// Last scraped load.
-    pub load: ArcSwap<BackendLoad>,
+    /// Last scraped load ([`Backend::set_load`] keeps `score` with it).
+    load: ArcSwap<BackendLoad>,
+    /// [`BackendLoad::score`] of `load` (f64 bits): what routing reads per candidate.
+    score: AtomicU64,
     circuit: Mutex<Circuit>,
     /// The circuit is closed: the per-request checks need no lock (a mirror written
     /// under the lock).
@@ -167,6 +194,7 @@ impl Backend {
             probe_streak: Default::default(),
             models: ArcSwap::from_pointee(Vec::new()),
             load: ArcSwap::from_pointee(BackendLoad::default()),
+            score: AtomicU64::new(0f64.to_bits()),
             circuit: Mutex::new(Circuit {
                 state: CircuitState::Closed,
                 failures: 0,
@@ -176,6 +204,29 @@ impl Backend {
             closed: AtomicBool::new(true),
             failing: AtomicBool::new(false),
         }
+    }
+
+    /// Stores the models it serves (and tells every cached view of the backends' models
+    /// that it is out of date: [`models_epoch`]).
+    pub fn set_models(&self, models: Vec<String>) {
+        self.models.store(std::sync::Arc::new(models));
+        MODELS_EPOCH.fetch_add(1, Ordering::Release);
+    }
+
+    /// The last scraped load.
+    pub fn load(&self) -> arc_swap::Guard<std::sync::Arc<BackendLoad>> {
+        self.load.load()
+    }
+
+    /// Stores a scraped load.
+    pub fn set_load(&self, l: BackendLoad) {
+        self.score.store(l.score().to_bits(), Ordering::Relaxed);
+        self.load.store(std::sync::Arc::new(l));
+    }
+
+    /// [`BackendLoad::score`] of the last scraped load, read without a snapshot.
+    pub fn load_score(&self) -> f64 {
+        f64::from_bits(self.score.load(Ordering::Relaxed))
     }
 
     /// Current in-flight count.
@@ -353,7 +404,7 @@ mod tests {
     fn model_filter() {
         let b = b();
         assert!(b.serves(Some("x")), "unknown list matches");
-        b.models.store(std::sync::Arc::new(vec!["m".into()]));
+        b.set_models(vec!["m".into()]);
         assert!(b.serves(Some("m")) && !b.serves(Some("x")) && b.serves(None));
     }
 }

@@ -878,14 +878,14 @@ impl Collector for StateCollector {
             "backend_queue",
             "vllm:num_requests_waiting as last scraped",
             &backends,
-            |b| b.load.load().waiting,
+            |b| b.load().waiting,
         )?;
         gauge_family(
             &mut encoder,
             "backend_kv_usage",
             "KV-cache usage (0..1) as last scraped",
             &backends,
-            |b| b.load.load().kv_usage,
+            |b| b.load().kv_usage,
         )?;
         let q = ConstGauge::new(self.limiter.waiting() as i64);
         q.encode(encoder.encode_descriptor(

@@ -79,7 +79,7 @@ fn backend_json(b: &Backend) -> serde_json::Value {
         "requests": b.requests.load(Ordering::Relaxed),
         "errors": b.errors.load(Ordering::Relaxed),
         "models": **b.models.load(),
-        "load": **b.load.load(),
+        "load": **b.load(),
     })
 }
 

@@ -131,8 +131,8 @@ async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) -> bool {
     }
     if let Some((200, body)) = get(client, &b, "/metrics", c.timeout).await {
         let now = parse_load(&String::from_utf8_lossy(&body));
-        let prev = **b.load.load();
-        b.load.store(Arc::new(smooth(prev, now)));
+        let prev = **b.load();
+        b.set_load(smooth(prev, now));
     }
     if let Some((200, body)) = get(client, &b, "/v1/models", c.timeout).await
         && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
@@ -146,7 +146,7 @@ async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) -> bool {
             })
             .unwrap_or_default();
         if **b.models.load() != models {
-            b.models.store(Arc::new(models));
+            b.set_models(models);
         }
     }
     false

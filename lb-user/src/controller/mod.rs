@@ -12,6 +12,7 @@ pub mod prefix;
 pub mod prewarm;
 pub mod responses;
 pub mod table;
+pub mod view;
 pub mod workflows;
 
 use std::sync::{
@@ -94,6 +95,8 @@ pub struct Controller {
     pub decisions: decisions::Publisher,
     /// Precise KV-aware routing (the backends' KV events), when set up.
     pub kv: Option<Arc<crate::kv::KvRouting>>,
+    /// The cluster's mean load, for the O(1) decision of a workflow at home.
+    load: view::ClusterLoad,
 }
 
 impl std::fmt::Debug for Controller {
@@ -123,6 +126,7 @@ impl Controller {
             prewarm: prewarm::Prewarmer::new(routing.prewarm.clone(), wf.max_workflows),
             decisions: decisions::Publisher::default(),
             kv: None,
+            load: view::ClusterLoad::default(),
             prefix: (routing.prefix_index_blocks > 0).then(|| {
                 prefix::PrefixIndex::new(
                     routing.prefix_index_blocks,
@@ -210,23 +214,31 @@ impl Controller {
         if snap.is_empty() {
             return Err(NoBackend::Empty);
         }
+        let policy = self.policy.load();
+        if let Some(p) = self.at_home(&snap, &***policy, meta, exclude, per_backend_limit) {
+            return Ok(p);
+        }
         let model = meta.model.as_deref();
         // One pass; the flags tell which filter emptied the set.
         let (mut serving, mut routable) = (false, false);
-        let mut free: Vec<Arc<Backend>> = Vec::with_capacity(snap.len());
-        for b in snap.iter() {
-            if !b.serves(model) {
-                continue;
-            }
-            serving = true;
-            if exclude.contains(&b.id) || !b.routable() {
-                continue;
-            }
-            routable = true;
-            if b.inflight() < per_backend_limit {
-                free.push(b.clone());
+        // The candidates: the snapshot itself while every backend is one (no copy), a
+        // copy from the first that is not.
+        let mut copied: Option<Vec<Arc<Backend>>> = None;
+        // Backends that all serve the same models: one answers for all.
+        let all_serve = self.load.view(&snap).uniform.then(|| snap[0].serves(model));
+        for (i, b) in snap.iter().enumerate() {
+            let s = all_serve.unwrap_or_else(|| b.serves(model));
+            serving |= s;
+            let r = s && !exclude.contains(&b.id) && b.routable();
+            routable |= r;
+            let ok = r && b.inflight() < per_backend_limit;
+            match (&mut copied, ok) {
+                (Some(v), true) => v.push(b.clone()),
+                (None, false) => copied = Some(snap[..i].to_vec()),
+                _ => {}
             }
         }
+        let free: &[Arc<Backend>] = copied.as_deref().unwrap_or(&snap);
         if !serving {
             return Err(NoBackend::UnknownModel);
         }
@@ -256,7 +268,6 @@ impl Controller {
                 None => Err(NoBackend::Busy),
             };
         }
-        let policy = self.policy.load();
         let key = policies::workflow::routing_key(meta).filter(|_| policy.uses_homes());
         let index = self
             .prefix
@@ -348,7 +359,7 @@ impl Controller {
                     let home_busy = home.is_some_and(|b| !exclude.contains(&b.id) && b.routable());
                     let home_down = home.is_some() && !home_busy;
                     let c = policy.route(
-                        &free,
+                        free,
                         meta,
                         Some(policies::HomeCtx {
                             homes,
@@ -387,7 +398,7 @@ impl Controller {
                 let mut scratch = workflows::Homes::default();
                 let c = match &demand {
                     Some(d) => policy.route(
-                        &free,
+                        free,
                         meta,
                         Some(policies::HomeCtx {
                             homes: &mut scratch,
@@ -397,7 +408,7 @@ impl Controller {
                             demand: Some(d),
                         }),
                     ),
-                    None => policy.route(&free, meta, None),
+                    None => policy.route(free, meta, None),
                 };
                 (c, c.map_or(0, |c| matched(c.index)))
             }
@@ -418,6 +429,60 @@ impl Controller {
             backend: b,
             reason: choice.reason,
             predicted_cached: predicted,
+        })
+    }
+
+    /// The decision for nearly every request of a workflow, in O(1) whatever the number
+    /// of backends: a workflow this gateway knows, at its home, the home routable, not
+    /// excluded, under its concurrency limit and under the load bound against the
+    /// cluster's mean ([`view`]). Anything else — a new workflow, a spill, a move, a
+    /// stored response's owner, a request tokenized for KV routing, a cluster whose
+    /// backends serve different models — takes the full decision (`None`).
+    fn at_home(
+        &self,
+        snap: &Arc<Vec<Arc<Backend>>>,
+        policy: &dyn Policy,
+        meta: &RequestMeta,
+        exclude: &[BackendId],
+        limit: u64,
+    ) -> Option<Picked> {
+        if meta.pinned.is_some() || meta.kv.is_some() || !policy.uses_homes() {
+            return None;
+        }
+        let key = policies::workflow::routing_key(meta)?;
+        let mean = self.load.mean(snap)?;
+        let model = meta.model.as_deref();
+        let estimate = meta.prompt_tokens_estimate();
+        let (b, predicted) = self.workflows.route_known(key, estimate, |h| {
+            let id = h.home?;
+            // Ids are positions until backends are removed: look there first.
+            let b = usize::try_from(id)
+                .ok()
+                .and_then(|i| snap.get(i))
+                .filter(|b| b.id == id)
+                .or_else(|| snap.iter().find(|b| b.id == id))?;
+            if exclude.contains(&id)
+                || b.inflight() >= limit
+                || !b.routable()
+                || !b.serves(model)
+                || !policy.stays_home(h, policies::workflow::load_of(b), mean)
+            {
+                return None;
+            }
+            Some((b.clone(), h.predicted_cached(id, estimate)))
+        })?;
+        b.requests.fetch_add(1, Ordering::Relaxed);
+        let indexed = match &self.prefix {
+            Some(ix) if !meta.blocks.is_empty() => ix.record(&meta.blocks, b.id),
+            _ => 0,
+        };
+        if let Some(kv) = &self.kv {
+            kv.expect_events(b.id);
+        }
+        Some(Picked {
+            backend: b,
+            reason: Reason::Home,
+            predicted_cached: predicted.max(indexed),
         })
     }
 
@@ -581,5 +646,103 @@ impl Controller {
         v.sort();
         v.dedup();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BackendLoad;
+
+    fn controller(n: usize) -> Controller {
+        let raw = crate::config::parse_str("[[backends]]\nurl = \"http://127.0.0.1:9\"\n")
+            .expect("parse");
+        let cfg = crate::config::validate(&raw).expect("valid");
+        let backends = (0..n)
+            .map(|i| {
+                let b = Backend::new(
+                    i as u32,
+                    format!("b{i}"),
+                    format!("http://127.0.0.1:{}", 8000 + i)
+                        .parse()
+                        .expect("uri"),
+                    vec![],
+                );
+                b.set_models(vec!["m".to_owned()]);
+                b
+            })
+            .collect();
+        Controller::new(backends, PolicyName::Workflow, &cfg.routing, &cfg.workflows)
+    }
+
+    fn meta(wf: &str) -> RequestMeta {
+        RequestMeta {
+            workflow_id: Some(wf.to_owned()),
+            model: Some("m".to_owned()),
+            body_len: 4000,
+            ..RequestMeta::default()
+        }
+    }
+
+    fn set_waiting(c: &Controller, id: BackendId, waiting: f64) {
+        let b = c.backend(id).expect("backend");
+        b.set_load(BackendLoad {
+            waiting,
+            ..BackendLoad::default()
+        });
+    }
+
+    #[test]
+    fn at_home_is_the_full_decisions_answer_and_declines_what_it_cannot_decide() {
+        let c = controller(16);
+        let m = meta("wf-1");
+        let placed = c.pick(&m, &[], u64::MAX).expect("placed");
+        assert_eq!(placed.reason, Reason::Placed);
+        let home = placed.backend.id;
+        // At home: the O(1) decision, the same backend.
+        let snap = c.backends.load_full();
+        let p = c.policy.load();
+        let fast = c.at_home(&snap, &***p, &m, &[], u64::MAX).expect("at home");
+        assert_eq!((fast.backend.id, fast.reason), (home, Reason::Home));
+        // Excluded (a retry), at its concurrency limit, or over the load bound: declined,
+        // and the full decision spills.
+        assert!(c.at_home(&snap, &***p, &m, &[home], u64::MAX).is_none());
+        let busy = c.backend(home).expect("home");
+        busy.inflight.store(3, Ordering::Relaxed);
+        assert!(c.at_home(&snap, &***p, &m, &[], 3).is_none());
+        busy.inflight.store(0, Ordering::Relaxed);
+        set_waiting(&c, home, 40.0);
+        std::thread::sleep(view::REFRESH);
+        assert!(c.at_home(&snap, &***p, &m, &[], u64::MAX).is_none());
+        let spilled = c.pick(&m, &[], u64::MAX).expect("spilled");
+        assert_eq!(spilled.reason, Reason::Spill);
+        assert_ne!(spilled.backend.id, home);
+        // Back under the bound: home again, through the full decision first (it clears
+        // the spill), then the O(1) one.
+        set_waiting(&c, home, 0.0);
+        std::thread::sleep(view::REFRESH);
+        let back = c.pick(&m, &[], u64::MAX).expect("home");
+        assert_eq!((back.backend.id, back.reason), (home, Reason::Home));
+        assert!(c.at_home(&snap, &***p, &m, &[], u64::MAX).is_some());
+        // A workflow never seen is not created by it.
+        assert!(
+            c.at_home(&snap, &***p, &meta("wf-new"), &[], u64::MAX)
+                .is_none()
+        );
+        assert!(c.workflows.homes(workflows::lookup_key("wf-new")).is_none());
+    }
+
+    #[test]
+    fn an_unhealthy_home_is_left_by_the_full_decision() {
+        let c = controller(4);
+        let m = meta("wf-2");
+        let home = c.pick(&m, &[], u64::MAX).expect("placed").backend.id;
+        c.backend(home)
+            .expect("home")
+            .healthy
+            .store(false, Ordering::Relaxed);
+        let p = c.pick(&m, &[], u64::MAX).expect("moved");
+        assert_eq!(p.reason, Reason::Migrated);
+        assert_ne!(p.backend.id, home);
     }
 }

@@ -216,6 +216,15 @@ impl PrefixIndex {
             .collect()
     }
 
+    /// The tokens `backend` is predicted to hold of `blocks` (as
+    /// [`PrefixIndex::predicted_tokens`]), then [`PrefixIndex::insert`] of them.
+    pub fn record(&self, blocks: &[u64], backend: BackendId) -> u64 {
+        let now = self.now();
+        let held = self.prefix_of(blocks, backend, now, self.ttl_secs);
+        self.insert(blocks, backend);
+        (held * self.block / 4) as u64
+    }
+
     /// Records that `blocks` were sent to `backend` (its cache will hold them). The
     /// leading blocks recorded for it within the last eighth of the TTL are left as they
     /// are (a workflow resends its context on every call: only the new tail is written,

@@ -333,19 +333,7 @@ impl WorkflowTable {
             key,
             self.insert(id, implicit),
             |e, how| match e {
-                Some(e) => {
-                    e.last_seen = now;
-                    let r = f(&mut e.homes);
-                    if e.homes.fp_at.is_none()
-                        && !e.ended
-                        && let Some(h) = e.homes.home
-                    {
-                        e.homes.last_prompt_tokens = u32::try_from(estimate).unwrap_or(u32::MAX);
-                        e.homes.fp_at = Some(h);
-                        self.fp_add(h, i64::from(e.homes.last_prompt_tokens));
-                    }
-                    r
-                }
+                Some(e) => self.routed(e, now, estimate, f),
                 None => {
                     debug_assert_eq!(how, Upsert::Full);
                     self.full.fetch_add(1, Ordering::Relaxed);
@@ -354,6 +342,41 @@ impl WorkflowTable {
             },
             |mut old| self.release(&mut old.homes),
         )
+    }
+
+    /// [`WorkflowTable::route`] for a workflow already in the table only: `f` decides on
+    /// its homes and may decline (`None`, nothing else changes: the caller then takes the
+    /// full decision); a workflow not in the table is `None` and is not created.
+    pub fn route_known<R>(
+        &self,
+        key: u64,
+        estimate: u64,
+        f: impl FnOnce(&mut Homes) -> Option<R>,
+    ) -> Option<R> {
+        let now = self.now();
+        self.table
+            .update(key, |e| {
+                let mut out = None;
+                self.routed(e, now, estimate, |h| out = f(h));
+                out
+            })
+            .flatten()
+    }
+
+    /// A routing decision on a stored workflow: seen now, and a home it got booked in the
+    /// footprint ledger with this request's prompt.
+    fn routed<R>(&self, e: &mut Wf, now: u32, estimate: u64, f: impl FnOnce(&mut Homes) -> R) -> R {
+        e.last_seen = now;
+        let r = f(&mut e.homes);
+        if e.homes.fp_at.is_none()
+            && !e.ended
+            && let Some(h) = e.homes.home
+        {
+            e.homes.last_prompt_tokens = u32::try_from(estimate).unwrap_or(u32::MAX);
+            e.homes.fp_at = Some(h);
+            self.fp_add(h, i64::from(e.homes.last_prompt_tokens));
+        }
+        r
     }
 
     /// Whether the workflow has a home (no copy).

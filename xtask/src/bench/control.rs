@@ -402,7 +402,10 @@ fn controller(
             .with_context(|| format!("backend URL for {host}"))?;
         let addr: SocketAddr = format!("{host}:8000").parse()?;
         let id = u32::try_from(i).context("too many backends")?;
-        list.push(LbBackend::new(id, format!("b{i}"), url, vec![addr]));
+        let b = LbBackend::new(id, format!("b{i}"), url, vec![addr]);
+        // As learned from `/v1/models`: every request names the model.
+        b.set_models(vec![MODEL.to_owned()]);
+        list.push(b);
     }
     Ok(Controller::new(list, policy, &cfg.routing, &cfg.workflows))
 }
@@ -458,9 +461,13 @@ impl Prompt {
     }
 }
 
+/// The model every backend serves and every request names.
+const MODEL: &str = "bench-model";
+
 fn new_meta() -> RequestMeta {
     RequestMeta {
         body_len: 2_000,
+        model: Some(MODEL.to_owned()),
         ..RequestMeta::default()
     }
 }
@@ -1855,7 +1862,7 @@ fn table_md(md: &mut String, s: &Settings, t: &TableResults) {
     // Where a decision's time goes, by backend count (p50).
     let _ = writeln!(
         md,
-        "\nWhere the time of a decision goes, p50 µs by backend count, at the largest N: *candidates* = `round_robin`'s whole decision (the snapshot, one health/circuit check and one `Arc` clone per backend); *ranking* = the workflow policy's `rendezvous_order` alone (one `Uri::to_string` + FNV hash per backend, then a sort), which `with_homes` computes on every call, also for a workflow already at home; *prefix index* = the decision with the prompt's blocks minus one repeat without them (lookup of every block for every candidate, then insert); *workflow* = the whole decision.\n\n| backends | candidates | ranking | prefix index | workflow | ranking ÷ workflow |\n|---:|---:|---:|---:|---:|---:|"
+        "\nWhere the time of a decision goes, p50 µs by backend count, at the largest N: *candidates* = `round_robin`'s whole decision (the snapshot, one health/circuit check per backend); *ranking* = the workflow policy's full `rendezvous_order` alone (a hash per backend, then a sort), which it needs only to spill, move or adopt a workflow: a workflow at home under its bound is decided in O(1) (its home's checks against the cluster's cached mean load), a new one is placed in one pass without sorting; *prefix index* = the decision with the prompt's blocks minus one repeat without them (the chosen backend's match, then the insert of the blocks not recorded for it recently); *workflow* = the whole decision.\n\n| backends | candidates | ranking | prefix index | workflow | ranking ÷ workflow |\n|---:|---:|---:|---:|---:|---:|"
     );
     let top = s.workflows.iter().copied().max().unwrap_or(0);
     for c in t.cells.iter().filter(|c| c.kind == "baseline") {

@@ -136,6 +136,13 @@ pub trait Policy: Send + Sync {
     fn uses_homes(&self) -> bool {
         false
     }
+    /// Whether a workflow at its home may stay there without the full decision: `load` is
+    /// the home's scraped load and `mean` the cluster's (see [`crate::controller::view`]).
+    /// Staying updates the homes as the full decision would. Policies without homes never
+    /// stay.
+    fn stays_home(&self, _homes: &mut Homes, _load: f64, _mean: f64) -> bool {
+        false
+    }
     /// Whether the policy places by predicted KV footprint (the controller then reads
     /// the footprint ledger into [`Demand::footprints`]).
     fn uses_footprints(&self) -> bool {

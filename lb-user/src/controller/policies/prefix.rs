@@ -157,16 +157,16 @@ mod tests {
         let c = pick(&p, &b, vec![0.0, 8_000.0, 2_000.0]);
         assert_eq!((c.index, c.reason), (1, Reason::Prefix));
         // 5 queued requests (5k tokens of work) < 6k tokens saved: still backend 1.
-        b[1].load.store(Arc::new(BackendLoad {
+        b[1].set_load(BackendLoad {
             waiting: 5.0,
             ..BackendLoad::default()
-        }));
+        });
         assert_eq!(pick(&p, &b, vec![0.0, 8_000.0, 2_000.0]).index, 1);
         // 9 queued (9k) > 6k saved: the next best.
-        b[1].load.store(Arc::new(BackendLoad {
+        b[1].set_load(BackendLoad {
             waiting: 9.0,
             ..BackendLoad::default()
-        }));
+        });
         assert_eq!(pick(&p, &b, vec![0.0, 8_000.0, 2_000.0]).index, 2);
         // Nothing cached anywhere: the least loaded, balanced.
         let c = pick(&p, &b, vec![0.0; 3]);

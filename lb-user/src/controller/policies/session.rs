@@ -91,10 +91,10 @@ mod tests {
         // The hot spot production-stack's router keeps: here the session moves on.
         let m = meta("user-7");
         let home = p.pick(&b, &m).expect("backend");
-        b[home].load.store(Arc::new(BackendLoad {
+        b[home].set_load(BackendLoad {
             waiting: 20.0,
             ..BackendLoad::default()
-        }));
+        });
         let moved = p.route(&b, &m, None).expect("backend");
         assert_ne!(moved.index, home);
         assert_eq!(moved.reason, Reason::Session);

@@ -41,12 +41,6 @@ use crate::{
     model::{Backend, RequestMeta},
 };
 
-/// KV usage above which a backend counts as loaded: below it, a cached context costs
-/// nothing to keep and new work fits without evicting (vLLM preempts near 1.0).
-const KV_KNEE: f64 = 0.85;
-/// Weight of KV usage past the knee, in queued requests per unit of usage: a full cache
-/// counts as 1.5 queued requests.
-const KV_WEIGHT: f64 = 10.0;
 /// Share of a backend's KV capacity its live workflows' footprint may exceed the
 /// cluster's by before a new workflow is placed elsewhere, however small the cluster's.
 const FOOTPRINT_SLACK: f64 = 0.10;
@@ -178,10 +172,9 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// The load the policy balances, from the backend's own `/metrics`: requests waiting for
-/// the engine, plus KV pressure once usage passes the knee.
+/// the engine, plus KV pressure once usage passes the knee ([`crate::model::BackendLoad::score`]).
 pub fn load_of(b: &Backend) -> f64 {
-    let l = b.load.load();
-    l.waiting + KV_WEIGHT * (l.kv_usage - KV_KNEE).max(0.0)
+    b.load_score()
 }
 
 /// The routing key of a request: its workflow id, else its conversation root.
@@ -201,6 +194,26 @@ pub fn rendezvous_order(backends: &[Arc<Backend>], key: u64) -> Vec<usize> {
         .collect();
     scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     scored.into_iter().map(|(_, i)| i).collect()
+}
+
+/// The first backend of `key`'s rendezvous order under the load bound, else the first of
+/// the order: `l.first_under(&rendezvous_order(backends, key), None)` or the order's
+/// head, in one pass without sorting (the common placement, O(backends)).
+pub(crate) fn first_in_order(backends: &[Arc<Backend>], key: u64, l: &Loads) -> Option<usize> {
+    // (score, index) of the best of all, and of the best under the bound.
+    let mut first: Option<(u64, usize)> = None;
+    let mut under: Option<(u64, usize)> = None;
+    for (i, b) in backends.iter().enumerate() {
+        let s = mix(key ^ b.url_hash);
+        // Higher score first; equal scores keep the lower index (the sort's tie rule).
+        if first.is_none_or(|(f, _)| s > f) {
+            first = Some((s, i));
+        }
+        if l.under(i) && under.is_none_or(|(u, _)| s > u) {
+            under = Some((s, i));
+        }
+    }
+    under.or(first).map(|(_, i)| i)
 }
 
 /// A new workflow is adopted by a backend whose KV events show at least this share of
@@ -251,24 +264,21 @@ impl WorkflowPolicy {
         &self,
         backends: &[Arc<Backend>],
         l: &Loads,
-        order: &[usize],
+        key: u64,
         d: Option<&Demand>,
     ) -> Option<usize> {
         let Some(d) = d.filter(|d| self.footprint && d.footprints.len() == backends.len()) else {
-            return l
-                .first_under(order, None)
-                .or_else(|| order.first().copied());
+            return first_in_order(backends, key, l);
         };
         let caps: Vec<f64> = backends
             .iter()
-            .map(|b| b.load.load().kv_capacity_tokens)
+            .map(|b| b.load().kv_capacity_tokens)
             .collect();
         // Without every capacity known there is nothing to balance against.
         if !caps.iter().all(|&c| c > 0.0) {
-            return l
-                .first_under(order, None)
-                .or_else(|| order.first().copied());
+            return first_in_order(backends, key, l);
         }
+        let order = rendezvous_order(backends, key);
         let total: f64 = d.footprints.iter().sum::<f64>() + d.estimate;
         let room: f64 = caps.iter().sum();
         let mean = total / room;
@@ -315,15 +325,17 @@ impl WorkflowPolicy {
         let h = ctx.homes;
         let k = self.secondaries;
         let Some(home_id) = h.home else {
-            let order = rendezvous_order(backends, key);
-            if let Some(i) = adopt(l, &order, ctx.demand) {
+            // The events' view, when there is one, ranked in rendezvous order.
+            if ctx.demand.is_some_and(|d| d.held.len() == l.loads.len())
+                && let Some(i) = adopt(l, &rendezvous_order(backends, key), ctx.demand)
+            {
                 h.rehome(backends[i].id, k, false);
                 return Some(Choice {
                     index: i,
                     reason: Reason::Cached,
                 });
             }
-            let i = self.place(backends, l, &order, ctx.demand)?;
+            let i = self.place(backends, l, key, ctx.demand)?;
             h.rehome(backends[i].id, k, false);
             let reason = if ctx.implicit {
                 Reason::Implicit
@@ -440,6 +452,18 @@ impl Policy for WorkflowPolicy {
         self.footprint
     }
 
+    fn stays_home(&self, h: &mut Homes, load: f64, mean: f64) -> bool {
+        // The rule `with_homes` applies to a workflow at home, against the same bound.
+        if h.away.is_some()
+            || load > self.bound * mean + BOUND_SLACK
+            || (self.hysteresis && h.spilled && load > mean)
+        {
+            return false;
+        }
+        h.spilled = false;
+        true
+    }
+
     fn uses_kv(&self) -> bool {
         true
     }
@@ -483,10 +507,7 @@ pub(crate) fn bounded_choice(
             reason: Reason::Balanced,
         });
     };
-    let order = rendezvous_order(backends, key);
-    let index = l
-        .first_under(&order, None)
-        .or_else(|| order.first().copied())?;
+    let index = first_in_order(backends, key, l)?;
     Some(Choice { index, reason })
 }
 
@@ -503,10 +524,10 @@ mod tests {
     }
 
     fn set_load(b: &Backend, waiting: f64) {
-        b.load.store(Arc::new(BackendLoad {
+        b.set_load(BackendLoad {
             waiting,
             ..BackendLoad::default()
-        }));
+        });
     }
 
     #[test]
@@ -519,6 +540,23 @@ mod tests {
             for _ in 0..5 {
                 assert_eq!(p.pick(&b, &m), first);
             }
+        }
+    }
+
+    #[test]
+    fn first_in_order_is_the_sorted_orders_choice() {
+        let b = test_backends(9);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..300u64 {
+            for be in &b {
+                x = mix(x.wrapping_add(round));
+                set_load(be, (x % 7) as f64);
+            }
+            let l = Loads::of(&b, 1.25);
+            let key = mix(round);
+            let order = rendezvous_order(&b, key);
+            let want = l.first_under(&order, None).or(order.first().copied());
+            assert_eq!(first_in_order(&b, key, &l), want, "round {round}");
         }
     }
 
@@ -584,10 +622,10 @@ mod tests {
         set_load(&b[home], 4.0);
         assert_eq!(p.pick(&b, &m), Some(home), "back home once under the bound");
         // KV pressure counts past the knee only.
-        b[home].load.store(Arc::new(BackendLoad {
+        b[home].set_load(BackendLoad {
             kv_usage: 0.8,
             ..BackendLoad::default()
-        }));
+        });
         assert_eq!(load_of(&b[home]), 0.0);
     }
 
@@ -815,10 +853,10 @@ mod tests {
         let b = test_backends(4);
         let p = WorkflowPolicy::new(1.25, 2).footprint(true);
         for x in &b {
-            x.load.store(Arc::new(BackendLoad {
+            x.set_load(BackendLoad {
                 kv_capacity_tokens: 100_000.0,
                 ..BackendLoad::default()
-            }));
+            });
         }
         let mut moved = 0;
         for w in 0..200 {
