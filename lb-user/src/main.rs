@@ -23,7 +23,8 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
-    /// Show the dataplane status of a running agentlb (programs, maps, counters).
+    /// Show a running agentlb's dataplane at a glance: kernel programs, the fast path,
+    /// connections and bytes by path, hand-offs and refusals, pair closes, redirects.
     Status {
         /// Admin address of the running agentlb.
         #[arg(long, default_value = config::DEFAULT_ADMIN)]
@@ -31,6 +32,9 @@ enum Command {
         /// Admin bearer token.
         #[arg(long, env = "AGENTLB_ADMIN_TOKEN")]
         token: Option<String>,
+        /// Print `/admin/dataplane` as JSON (programs, maps, counters) instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove agentlb's pinned maps (after the last agentlb using them stopped).
     Unpin {
@@ -144,7 +148,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Status { admin, token } => status(&admin, token.as_deref()),
+        Command::Status { admin, token, json } => status(&admin, token.as_deref(), json),
         Command::Unpin { pin_dir } => unpin(&pin_dir),
     };
     match result {
@@ -205,17 +209,29 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
+fn status(admin: &str, token: Option<&str>, json: bool) -> anyhow::Result<()> {
+    use agentlb::admin::client::{ClientError, get};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let body = rt.block_on(agentlb::admin::client::get(
-        admin,
-        "/admin/dataplane",
-        token,
-    ))?;
-    let v: serde_json::Value = serde_json::from_str(&body).context("parsing status")?;
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    let body = rt.block_on(get(admin, "/admin/dataplane", token))?;
+    let dataplane: serde_json::Value =
+        serde_json::from_str(&body).context("parsing /admin/dataplane")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&dataplane)?);
+        return Ok(());
+    }
+    // 404: the fast path is not active.
+    let pinning = match rt.block_on(get(admin, "/admin/pinning", token)) {
+        Ok(b) => Some(serde_json::from_str(&b).context("parsing /admin/pinning")?),
+        Err(ClientError::Status { status: 404, .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let metrics = rt.block_on(get(admin, "/metrics", token))?;
+    print!(
+        "{}",
+        agentlb::admin::glance::render(&dataplane, pinning.as_ref(), &metrics)
+    );
     Ok(())
 }
 

@@ -393,6 +393,25 @@ fn pinned_connections_are_forwarded_by_the_kernel_byte_exact() -> Result<()> {
         ) > 0.0
     );
     ensure!(metric(&m, r#"agentlb_connections_open{path="kernel"}"#) == 0.0);
+    // `agentlb status` says the same at a glance.
+    let out =
+        w.gw.command(workspace_bin("agentlb"))
+            .args(["status", "--admin", ADMIN])
+            .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "agentlb status: {out:?}");
+    for want in [
+        "dataplane    kernel, ".to_owned(),
+        "pinning      on, 0 pairs open (ALB_PAIRS 0, ALB_SOCKS 0)".to_owned(),
+        format!("hand-offs    {pinned}; refused: none"),
+        format!("pair closes  client_closed {pinned}"),
+        "redirect failed 0".to_owned(),
+    ] {
+        ensure!(
+            text.contains(&want),
+            "{want:?} not in agentlb status:\n{text}"
+        );
+    }
     lb.terminate(Duration::from_secs(10))?;
     Ok(())
 }
@@ -633,6 +652,423 @@ fn the_kill_switch_under_load_stops_hand_offs_without_cutting_answers() -> Resul
             &m,
             r#"agentlb_pinned_pair_closes_total{reason="kill_switch"}"#
         ) >= clients as f64,
+        "closes:\n{m}"
+    );
+    lb.terminate(Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// The answer to `req` straight from the backend on `port` (from the gateway
+/// namespace): what any path through agentlb must deliver.
+fn direct(w: &World, port: u16, req: Vec<u8>) -> Result<Answer> {
+    w.gw.run(move || -> Result<Answer> {
+        let mut s = TcpStream::connect((BACKEND_NET, port))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(&req)?;
+        read_answer(&mut s, &mut Vec::new())
+    })?
+}
+
+/// Chat requests served through userspace (the engine's own count).
+fn user_chats(m: &str) -> f64 {
+    m.lines()
+        .filter(|l| l.starts_with("agentlb_requests_total{") && l.contains("route=\"chat\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn pipelining_and_non_http_clients_stay_in_userspace_and_a_pinned_connection_keeps_its_backend()
+-> Result<()> {
+    if !privileged(
+        "pipelining_and_non_http_clients_stay_in_userspace_and_a_pinned_connection_keeps_its_backend",
+    ) {
+        return Ok(());
+    }
+    let w = World::new()?;
+    let _a = w.sim(8000)?;
+    let _b = w.sim(8001)?;
+    let mut lb = w.agentlb(&[8000, 8001], "")?;
+
+    // A pipelining client: two requests in one write. The second is already in
+    // agentlb's buffer when the first answer ends, so there is no hand-off then
+    // (both answers come whole, in order, from the engine); with nothing left
+    // buffered after the second, the connection may be handed off then.
+    let (p1, p2) = (chat("wf-pipe", "pipe one"), chat("wf-pipe", "pipe two"));
+    let (d1, d2) = (direct(&w, 8000, p1.clone())?, direct(&w, 8000, p2.clone())?);
+    let (a1, a2) = w.client.run({
+        let (p1, p2) = (p1.clone(), p2.clone());
+        move || -> Result<(Answer, Answer)> {
+            let mut s = TcpStream::connect((GW, 8080))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(&[p1, p2].concat())?;
+            let mut buf = Vec::new();
+            let a1 = read_answer(&mut s, &mut buf)?;
+            let a2 = read_answer(&mut s, &mut buf)?;
+            ensure!(buf.is_empty(), "bytes after the second answer");
+            Ok((a1, a2))
+        }
+    })??;
+    for (i, (a, d)) in [(&a1, &d1), (&a2, &d2)].into_iter().enumerate() {
+        ensure!(a.status == 200, "pipelined answer {i}: {}", a.head);
+        ensure!(
+            sse_text(&a.body)?.0 == sse_text(&d.body)?.0,
+            "pipelined answer {i} differs from the direct one"
+        );
+        ensure!(
+            !backend_of(a).is_empty(),
+            "pipelined answer {i} did not come through userspace"
+        );
+    }
+    let m = w.metrics()?;
+    ensure!(
+        metric(&m, "agentlb_kernel_handoffs_total") <= 1.0,
+        "a pipelining client was handed off with a request buffered:\n{m}"
+    );
+    let after_pipelining = metric(&m, "agentlb_kernel_handoffs_total");
+    ensure!(
+        metric(
+            &m,
+            r#"agentlb_kernel_handoff_refusals_total{reason="pipelined"}"#
+        ) >= 1.0,
+        "refusals:\n{m}"
+    );
+
+    // A client that does not speak HTTP (a TLS ClientHello to the plain port):
+    // an OpenAI-style 400 from userspace, then a close; nothing enters the maps.
+    let raw = w.client.run(|| -> Result<Vec<u8>> {
+        let mut s = TcpStream::connect((GW, 8080))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03not http at all\r\n\r\n")?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        Ok(out)
+    })??;
+    let text = String::from_utf8_lossy(&raw);
+    ensure!(
+        text.starts_with("HTTP/1.1 400"),
+        "non-HTTP client got {text:?}"
+    );
+    ensure!(text.contains("\"error\""), "no JSON error body: {text:?}");
+    let dp = w.dataplane()?;
+    ensure!(
+        dp["pairs"].as_u64() == Some(0) && dp["sockets"].as_u64() == Some(0),
+        "map entries after non-HTTP clients: {dp}"
+    );
+
+    // A connection handed off for one workflow whose later request names
+    // another: as documented, it stays on the pinned backend (the kernel does
+    // not read requests), answered in full and without passing through the engine.
+    let first = chat("wf-one", "first of one");
+    let other = chat("wf-other", "a call of another workflow");
+    let before = user_chats(&w.metrics()?);
+    let (home, second) = w.client.run(move || -> Result<(String, Answer)> {
+        let mut s = TcpStream::connect((GW, 8080))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut buf = Vec::new();
+        s.write_all(&first)?;
+        let a = read_answer(&mut s, &mut buf)?;
+        ensure!(a.status == 200, "{}", a.head);
+        s.write_all(&other)?;
+        let b = read_answer(&mut s, &mut buf)?;
+        Ok((backend_of(&a), b))
+    })??;
+    ensure!(second.status == 200, "{}", second.head);
+    ensure!(
+        backend_of(&second).is_empty(),
+        "the later request went through userspace"
+    );
+    let port: u16 = home
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("home {home:?}"))?;
+    let want = direct(&w, port, chat("wf-other", "a call of another workflow"))?;
+    ensure!(
+        sse_text(&second.body)?.0 == sse_text(&want.body)?.0,
+        "the other workflow's answer differs from the pinned backend's own"
+    );
+    let m = w.metrics()?;
+    ensure!(
+        user_chats(&m) == before + 1.0,
+        "userspace served {} chats for 2 requests on a pinned connection",
+        user_chats(&m) - before
+    );
+    ensure!(metric(&m, "agentlb_kernel_handoffs_total") == after_pipelining + 1.0);
+    lb.terminate(Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[test]
+fn agentlb_killed_with_pinned_pairs_restarts_clean_and_hands_off_again() -> Result<()> {
+    if !privileged("agentlb_killed_with_pinned_pairs_restarts_clean_and_hands_off_again") {
+        return Ok(());
+    }
+    let w = World::new()?;
+    let _sim = w.sim(8000)?;
+    let mut lb = w.agentlb(&[8000], "")?;
+    let conns = 10;
+    // Each connection: request 1 in userspace, request 2 through the kernel.
+    let open = w.client.run(move || -> Result<Vec<TcpStream>> {
+        let mut out = Vec::new();
+        for c in 0..conns {
+            let mut s = TcpStream::connect((GW, 8080))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut buf = Vec::new();
+            for r in 0..2 {
+                s.write_all(&chat(&format!("wf-r{c}"), &format!("r-{c}-{r}")))?;
+                let a = read_answer(&mut s, &mut buf)?;
+                ensure!(a.status == 200, "conn {c} request {r}: {}", a.head);
+            }
+            out.push(s);
+        }
+        Ok(out)
+    })??;
+    ensure!(metric(&w.metrics()?, "agentlb_kernel_handoffs_total") == conns as f64);
+    // agentlb dies without any chance to clean up.
+    lb.signal(libc::SIGKILL);
+    ensure!(
+        wait_until(Duration::from_secs(10), || lb.try_wait()).is_some(),
+        "agentlb did not die"
+    );
+    // Every pinned client sees its connection end (the kernel closes a dead
+    // process's sockets): no client is left hanging.
+    let ended = w.client.run(move || -> Result<usize> {
+        let mut n = 0;
+        for mut s in open {
+            let mut tmp = [0u8; 64];
+            match s.read(&mut tmp) {
+                Ok(0) | Err(_) => n += 1,
+                Ok(k) => bail!("{k} bytes on a connection of a dead gateway"),
+            }
+        }
+        Ok(n)
+    })??;
+    ensure!(ended == conns, "{ended} of {conns} clients saw the end");
+    // A new agentlb on the same pin directory (the pinned maps adopted): the
+    // clients reconnect, are handed off again, and nothing of the dead
+    // process's pairs is left in the maps.
+    let mut lb = w.agentlb(&[8000], "")?;
+    let dp = w.dataplane()?;
+    ensure!(
+        dp["pairs"].as_u64() == Some(0) && dp["sockets"].as_u64() == Some(0),
+        "entries of the dead process: {dp}"
+    );
+    let texts = w.client.run(move || -> Result<usize> {
+        let mut answered = 0;
+        for c in 0..conns {
+            let mut s = TcpStream::connect((GW, 8080))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut buf = Vec::new();
+            for r in 0..3 {
+                s.write_all(&chat(&format!("wf-r{c}"), &format!("again-{c}-{r}")))?;
+                let a = read_answer(&mut s, &mut buf)?;
+                ensure!(a.status == 200, "conn {c} request {r}: {}", a.head);
+                ensure!(sse_text(&a.body)?.1, "conn {c} request {r}: no [DONE]");
+                answered += 1;
+            }
+        }
+        Ok(answered)
+    })??;
+    ensure!(texts == 3 * conns);
+    ensure!(
+        metric(&w.metrics()?, "agentlb_kernel_handoffs_total") == conns as f64,
+        "the restarted agentlb did not hand off"
+    );
+    let gone = wait_until(Duration::from_secs(10), || {
+        let dp = w.dataplane().ok()?;
+        (dp["pairs"].as_u64() == Some(0) && dp["sockets"].as_u64() == Some(0)).then_some(())
+    });
+    ensure!(gone.is_some(), "map entries left: {}", w.dataplane()?);
+    lb.terminate(Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[test]
+fn fifty_thousand_connections_leave_no_map_entries() -> Result<()> {
+    if !privileged("fifty_thousand_connections_leave_no_map_entries") {
+        return Ok(());
+    }
+    let w = World::new()?;
+    let _sim = w.sim(8000)?;
+    let mut lb = w.agentlb(&[8000], "")?;
+    let (total, workers) = (50_000usize, 16usize);
+    let started = Instant::now();
+    // Every connection is handed off after its first answer; every 10th also
+    // sends a second request through the kernel; then each closes. Bounded
+    // in count and in time.
+    let done = w.client.run(move || -> Result<usize> {
+        let handles: Vec<_> = (0..workers)
+            .map(|k| {
+                std::thread::spawn(move || -> Result<usize> {
+                    let deadline = Instant::now() + Duration::from_secs(600);
+                    let mut n = 0;
+                    for c in (k..total).step_by(workers) {
+                        ensure!(Instant::now() < deadline, "worker {k} ran out of time");
+                        let mut s = TcpStream::connect((GW, 8080))?;
+                        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                        let mut buf = Vec::new();
+                        let rounds = if c % 10 == 0 { 2 } else { 1 };
+                        for r in 0..rounds {
+                            let body = serde_json::json!({
+                                "model": MODEL, "max_tokens": 2,
+                                "messages": [{"role": "user", "content": format!("c{c}r{r}")}],
+                            })
+                            .to_string();
+                            let req = format!(
+                                "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n\
+                                 content-type: application/json\r\nx-workflow-id: wf-{c}\r\n\
+                                 content-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            s.write_all(req.as_bytes())?;
+                            let a = read_answer(&mut s, &mut buf)
+                                .with_context(|| format!("conn {c} request {r}"))?;
+                            ensure!(a.status == 200, "conn {c}: {}", a.head);
+                        }
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        let mut n = 0;
+        for h in handles {
+            n += h.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        }
+        Ok(n)
+    })??;
+    ensure!(done == total, "{done} of {total} connections completed");
+    eprintln!(
+        "{total} connections in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let gone = wait_until(Duration::from_secs(20), || {
+        let dp = w.dataplane().ok()?;
+        (dp["pairs"].as_u64() == Some(0) && dp["sockets"].as_u64() == Some(0)).then_some(())
+    });
+    ensure!(gone.is_some(), "map entries left: {}", w.dataplane()?);
+    let m = w.metrics()?;
+    let handoffs = metric(&m, "agentlb_kernel_handoffs_total");
+    let closes: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("agentlb_pinned_pair_closes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    ensure!(
+        handoffs >= 0.99 * total as f64,
+        "only {handoffs} hand-offs for {total} connections"
+    );
+    ensure!(
+        closes == handoffs,
+        "{handoffs} hand-offs but {closes} pair closes"
+    );
+    ensure!(metric(&m, r#"agentlb_connections_open{path="kernel"}"#) == 0.0);
+    lb.terminate(Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[test]
+fn draining_the_pinned_backend_closes_its_pairs_between_requests_and_they_move() -> Result<()> {
+    if !privileged("draining_the_pinned_backend_closes_its_pairs_between_requests_and_they_move") {
+        return Ok(());
+    }
+    let w = World::new()?;
+    let _a = w.sim(8000)?;
+    let _b = w.sim(8001)?;
+    let mut lb = w.agentlb(&[8000, 8001], "pin_quiet_ms = 150\n")?;
+    let conns = 6;
+    // Pinned connections, each with request 2 through the kernel.
+    let (open, homes) = w
+        .client
+        .run(move || -> Result<(Vec<TcpStream>, Vec<String>)> {
+            let (mut out, mut homes) = (Vec::new(), Vec::new());
+            for c in 0..conns {
+                let mut s = TcpStream::connect((GW, 8080))?;
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                let mut buf = Vec::new();
+                s.write_all(&chat(&format!("wf-d{c}"), "one"))?;
+                let a = read_answer(&mut s, &mut buf)?;
+                ensure!(a.status == 200, "{}", a.head);
+                homes.push(backend_of(&a));
+                s.write_all(&chat(&format!("wf-d{c}"), "two"))?;
+                let b = read_answer(&mut s, &mut buf)?;
+                ensure!(b.status == 200 && backend_of(&b).is_empty(), "{}", b.head);
+                out.push(s);
+            }
+            Ok((out, homes))
+        })??;
+    // Drain the backend most of them are pinned to.
+    let drained = if homes.iter().filter(|h| h.ends_with(":8000")).count() * 2 >= conns {
+        ":8000"
+    } else {
+        ":8001"
+    };
+    let on_drained = homes.iter().filter(|h| h.ends_with(drained)).count();
+    ensure!(on_drained > 0);
+    let backends =
+        w.gw.run(|| get_json(&format!("http://{ADMIN}/admin/backends")))??;
+    let id = backends["backends"]
+        .as_array()
+        .and_then(|v| {
+            v.iter()
+                .find(|b| b["url"].as_str().is_some_and(|u| u.contains(drained)))
+        })
+        .and_then(|b| b["id"].as_u64())
+        .with_context(|| format!("no backend {drained} in {backends}"))?;
+    w.gw.run(move || -> Result<()> {
+        ureq::post(&format!("http://{ADMIN}/admin/backends/{id}/drain")).call()?;
+        Ok(())
+    })??;
+    // Pairs on the drained backend close at a quiet moment (clean EOF before
+    // any new request); the others stay pinned.
+    std::thread::sleep(Duration::from_secs(2));
+    let results = w.client.run(move || -> Result<Vec<(bool, String)>> {
+        let mut out = Vec::new();
+        for (c, s) in open.into_iter().enumerate() {
+            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+            let mut tmp = [0u8; 1];
+            let closed = matches!(s.peek(&mut tmp), Ok(0));
+            // Either way the workflow's next request succeeds: on the same
+            // connection if it is still open, else on a new one.
+            let mut s = if closed {
+                let s = TcpStream::connect((GW, 8080))?;
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                s
+            } else {
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                s
+            };
+            s.write_all(&chat(&format!("wf-d{c}"), "three"))?;
+            let a = read_answer(&mut s, &mut Vec::new())?;
+            ensure!(a.status == 200, "conn {c}: {}", a.head);
+            out.push((closed, backend_of(&a)));
+        }
+        Ok(out)
+    })??;
+    for (c, ((closed, served), home)) in results.iter().zip(&homes).enumerate() {
+        if home.ends_with(drained) {
+            ensure!(
+                *closed,
+                "conn {c}: pinned to the drained backend and not closed"
+            );
+            ensure!(
+                !served.is_empty() && !served.ends_with(drained),
+                "conn {c}: after the drain served by {served:?}"
+            );
+        } else {
+            ensure!(
+                !*closed,
+                "conn {c}: pinned elsewhere and closed by the drain"
+            );
+        }
+    }
+    let m = w.metrics()?;
+    ensure!(
+        metric(
+            &m,
+            r#"agentlb_pinned_pair_closes_total{reason="backend_not_routable"}"#
+        ) == on_drained as f64,
         "closes:\n{m}"
     );
     lb.terminate(Duration::from_secs(10))?;

@@ -19,6 +19,7 @@
 //! closes idle keep-alive connections.
 
 pub mod client;
+pub mod glance;
 pub mod metrics;
 
 use std::{

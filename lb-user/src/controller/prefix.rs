@@ -14,7 +14,10 @@
 //! O(1) per operation): blocks nobody sends again age out first, and the blocks of a
 //! workflow that ended (`X-Workflow-End`) are demoted so they go before any live one.
 //! A backend's entries older than `routing.prefix_ttl_secs` do not count (the backend
-//! has likely evicted them), and neither do those of a backend that was removed.
+//! has likely evicted them), and neither do those of a backend that was removed. A block
+//! sent to more than [`WAYS`] backends within the TTL (a system prompt every client
+//! shares) counts as held by every backend: it tells none apart, and tracking who holds
+//! it exactly would churn its ways on every request.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -132,6 +135,9 @@ struct Way {
 struct Entry {
     ways: [Option<Way>; WAYS],
     ended: bool,
+    /// When (seconds since the epoch, + 1; 0: never) the block was last sent to a
+    /// backend while [`WAYS`] others had it within the TTL: a prefix everyone shares.
+    popular: u32,
 }
 
 impl Classify for Entry {
@@ -179,14 +185,20 @@ impl PrefixIndex {
         u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
-    /// Whether `b` was sent block `hash` at most `max_age` seconds ago.
+    /// Whether `b` was sent block `hash` at most `max_age` seconds ago — or anyone was,
+    /// when the block is popular (sent to more than [`WAYS`] backends within the TTL,
+    /// such as a system prompt every client starts with): such a block is taken to be
+    /// held by every backend. It tells no backend apart, and remembering who exactly holds
+    /// it would only churn its ways and break the match of every longer prefix on the
+    /// backends it forgot.
     fn has(&self, hash: u64, b: BackendId, now: u32, max_age: u32) -> bool {
         self.table
             .get(hash, |e| {
-                e.ways
-                    .iter()
-                    .flatten()
-                    .any(|w| w.backend == b && now.saturating_sub(w.at) <= max_age)
+                (e.popular > 0 && now.saturating_sub(e.popular - 1) <= max_age)
+                    || e.ways
+                        .iter()
+                        .flatten()
+                        .any(|w| w.backend == b && now.saturating_sub(w.at) <= max_age)
             })
             .unwrap_or(false)
     }
@@ -233,12 +245,14 @@ impl PrefixIndex {
         let now = self.now();
         let recent = self.prefix_of(blocks, backend, now, self.ttl_secs / 8);
         let blocks = &blocks[recent..];
+        let ttl = self.ttl_secs;
         for &h in blocks {
             self.table.upsert(
                 h,
                 || Entry {
                     ways: [None; WAYS],
                     ended: false,
+                    popular: 0,
                 },
                 |e, _| {
                     let Some(e) = e else { return };
@@ -252,6 +266,14 @@ impl PrefixIndex {
                         *slot = Some(w);
                     } else if let Some(slot) = e.ways.iter_mut().find(|x| x.is_none()) {
                         *slot = Some(w);
+                    } else if e
+                        .ways
+                        .iter()
+                        .flatten()
+                        .all(|x| now.saturating_sub(x.at) <= ttl)
+                    {
+                        // A (WAYS + 1)th backend within the TTL: popular.
+                        e.popular = now.saturating_add(1);
                     } else if let Some(oldest) =
                         e.ways.iter_mut().min_by_key(|x| x.map_or(0, |x| x.at))
                     {
@@ -330,6 +352,40 @@ mod tests {
         let blocks = block_hashes(&q, 128, 100);
         assert_eq!(idx.matched_blocks(&blocks, &[0, 1, 2]), vec![10, 4, 0]);
         assert_eq!(idx.predicted_tokens(&blocks, &[0])[0], 320.0);
+    }
+
+    #[test]
+    fn a_prefix_shared_by_many_backends_is_held_by_all_and_longer_matches_survive() {
+        let idx = PrefixIndex::new(10_000, 128, 600);
+        let shared = b"s".repeat(128 * 4);
+        // Six backends each get the shared prefix plus their own workflow's blocks.
+        let prompts: Vec<Vec<u64>> = (0..6u8)
+            .map(|b| {
+                let mut p = shared.clone();
+                p.extend(vec![b'a' + b; 128 * 3]);
+                block_hashes(&p, 128, 100)
+            })
+            .collect();
+        for (b, p) in prompts.iter().enumerate() {
+            idx.insert(p, b as BackendId);
+        }
+        // Every backend still matches its own whole prompt (with 4 ways and no
+        // popularity, the first backends would have lost the shared blocks, and with
+        // them every longer match)...
+        for (b, p) in prompts.iter().enumerate() {
+            assert_eq!(
+                idx.matched_blocks(p, &[b as BackendId]),
+                vec![7],
+                "backend {b}"
+            );
+        }
+        // ...another's prompt only up to the shared prefix, and so does a backend
+        // never sent anything: the shared blocks tell no backend apart.
+        assert_eq!(idx.matched_blocks(&prompts[0], &[1, 9]), vec![4, 4]);
+        // Sending them again writes nothing new.
+        let before = idx.inserted.load(Ordering::Relaxed);
+        idx.insert(&prompts[2], 2);
+        assert_eq!(idx.inserted.load(Ordering::Relaxed), before);
     }
 
     #[test]
