@@ -393,6 +393,15 @@ fn pinned_connections_are_forwarded_by_the_kernel_byte_exact() -> Result<()> {
         ) > 0.0
     );
     ensure!(metric(&m, r#"agentlb_connections_open{path="kernel"}"#) == 0.0);
+    for dir in ["to_client", "to_upstream"] {
+        ensure!(
+            metric(
+                &m,
+                &format!(r#"agentlb_bytes_total{{path="user",direction="{dir}"}}"#)
+            ) > 0.0,
+            "no userspace bytes {dir}"
+        );
+    }
     // `agentlb status` says the same at a glance.
     let out =
         w.gw.command(workspace_bin("agentlb"))

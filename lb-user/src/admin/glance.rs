@@ -132,7 +132,9 @@ pub fn render(dataplane: &Value, pinning: Option<&Value>, metrics: &str) -> Stri
     };
     let _ = writeln!(
         out,
-        "kernel bytes to clients {}, to backends {} (of closed pairs)",
+        "bytes        user: to clients {}, to backends {}; kernel (closed pairs): to clients {}, to backends {}",
+        b("user", "to_client"),
+        b("user", "to_upstream"),
         b("kernel", "to_client"),
         b("kernel", "to_upstream"),
     );
@@ -170,6 +172,7 @@ agentlb_connections_total{path=\"kernel\"} 30\n\
 agentlb_connections_open{path=\"user\"} 4\n\
 agentlb_connections_open{path=\"kernel\"} 3\n\
 agentlb_bytes_total{path=\"kernel\",direction=\"to_upstream\"} 2048\n\
+agentlb_bytes_total{path=\"user\",direction=\"to_client\"} 3000\n\
 agentlb_bytes_total{path=\"kernel\",direction=\"to_client\"} 5242880\n\
 agentlb_kernel_handoffs_total 30\n\
 agentlb_kernel_handoffs_total_extra 9\n\
@@ -206,7 +209,7 @@ agentlb_pinned_pair_closes_total{reason=\"client_closed\"} 27\n";
             "dataplane    kernel, 2 programs attached, cgroup /sys/fs/cgroup/agentlb",
             "pinning      on, 3 pairs open (ALB_PAIRS 6, ALB_SOCKS 6)",
             "connections  user 120 (4 open), kernel 30 (3 open)",
-            "kernel bytes to clients 5.0 MiB, to backends 2.0 KiB",
+            "bytes        user: to clients 2.9 KiB, to backends 0 B; kernel (closed pairs): to clients 5.0 MiB, to backends 2.0 KiB",
             "hand-offs    30; refused: pipelined 2",
             "pair closes  client_closed 27",
             "kernel       redirected 1234 (5.0 MiB), redirect failed 0, unpaired 1",

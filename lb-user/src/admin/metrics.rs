@@ -214,6 +214,9 @@ pub struct Metrics {
     handoff_refusals: Family<ReasonLabel, Counter>,
     pinned_closes: Family<ReasonLabel, Counter>,
     bytes: Family<BytesLabels, Counter>,
+    /// `bytes{path="user"}` series, held so a request adds without a lookup.
+    user_to_upstream: Counter,
+    user_to_client: Counter,
 }
 
 /// `{reason}`.
@@ -430,9 +433,19 @@ impl Metrics {
         let bytes = Family::<BytesLabels, Counter>::default();
         r.register(
             "bytes",
-            "Bytes forwarded by data path and direction (kernel: counted when a pinned pair closes)",
+            "Bytes forwarded by data path and direction (user: written by the engine, per request; kernel: counted when a pinned pair closes)",
             bytes.clone(),
         );
+        let user_bytes = |direction| {
+            bytes
+                .get_or_create(&BytesLabels {
+                    path: "user",
+                    direction,
+                })
+                .clone()
+        };
+        let (user_to_upstream, user_to_client) =
+            (user_bytes("to_upstream"), user_bytes("to_client"));
         r.register_collector(Box::new(KernelCollector(dataplane)));
         r.register_collector(Box::new(StateCollector {
             controller,
@@ -482,7 +495,20 @@ impl Metrics {
             handoffs,
             handoff_refusals,
             pinned_closes,
+            user_to_upstream,
+            user_to_client,
             bytes,
+        }
+    }
+
+    /// Bytes the engine wrote to a backend (a request's head and body) and to a client
+    /// (response heads and bodies, and agentlb's own answers).
+    pub fn user_bytes(&self, to_upstream: u64, to_client: u64) {
+        if to_upstream > 0 {
+            self.user_to_upstream.inc_by(to_upstream);
+        }
+        if to_client > 0 {
+            self.user_to_client.inc_by(to_client);
         }
     }
 

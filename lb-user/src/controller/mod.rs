@@ -384,6 +384,10 @@ impl Controller {
                         });
                         homes.predicted_cached(id, estimate).max(indexed)
                     });
+                    if let (Some(ix), Some(c)) = (index, c) {
+                        homes.indexed =
+                            note_indexed(&meta.blocks, free[c.index].id, ix.clock(), None);
+                    }
                     let after = homes.away.or(homes.home);
                     if after != before {
                         self.decisions.send(decisions::Decision {
@@ -453,7 +457,8 @@ impl Controller {
         let mean = self.load.mean(snap)?;
         let model = meta.model.as_deref();
         let estimate = meta.prompt_tokens_estimate();
-        let (b, predicted) = self.workflows.route_known(key, estimate, |h| {
+        let index = self.prefix.as_ref().filter(|_| !meta.blocks.is_empty());
+        let (b, predicted, known) = self.workflows.route_known(key, estimate, |h| {
             let id = h.home?;
             // Ids are positions until backends are removed: look there first.
             let b = usize::try_from(id)
@@ -469,11 +474,21 @@ impl Controller {
             {
                 return None;
             }
-            Some((b.clone(), h.predicted_cached(id, estimate)))
+            // The previous prompt, if this one extends it, is in the index already.
+            let known = index.map(|ix| {
+                let now = ix.clock();
+                let known = h
+                    .indexed
+                    .map_or(0, |i| i.known(&meta.blocks, id, now, ix.refresh_secs()));
+                h.indexed = note_indexed(&meta.blocks, id, now, h.indexed.filter(|_| known > 0));
+                known
+            });
+            Some((b.clone(), h.predicted_cached(id, estimate), known))
         })?;
         b.requests.fetch_add(1, Ordering::Relaxed);
-        let indexed = match &self.prefix {
-            Some(ix) if !meta.blocks.is_empty() => ix.record(&meta.blocks, b.id),
+        let indexed = match (index, known) {
+            (Some(ix), Some(k)) if k > 0 => ix.record_after(&meta.blocks, b.id, k),
+            (Some(ix), _) => ix.record(&meta.blocks, b.id),
             _ => 0,
         };
         if let Some(kv) = &self.kv {
@@ -649,6 +664,23 @@ impl Controller {
     }
 }
 
+/// What a workflow's entry keeps of the prompt just recorded for `backend`: its length
+/// and last block, and when it was written in full (`kept`'s time when only the new
+/// blocks were).
+fn note_indexed(
+    blocks: &[u64],
+    backend: BackendId,
+    now: u32,
+    kept: Option<workflows::Indexed>,
+) -> Option<workflows::Indexed> {
+    Some(workflows::Indexed {
+        backend,
+        len: u32::try_from(blocks.len()).ok()?,
+        last: *blocks.last()?,
+        at: kept.map_or(now, |k| k.at),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -730,6 +762,44 @@ mod tests {
                 .is_none()
         );
         assert!(c.workflows.homes(workflows::lookup_key("wf-new")).is_none());
+    }
+
+    #[test]
+    fn a_workflow_at_home_writes_only_its_new_blocks_to_the_prefix_index() {
+        let c = controller(8);
+        let ix = c.prefix.as_ref().expect("prefix index");
+        let block = ix.block();
+        let mut prompt = b"s".repeat(block * 4);
+        let mut m = meta("wf-grow");
+        m.blocks = prefix::block_hashes(&prompt, block, 1000);
+        let home = c.pick(&m, &[], u64::MAX).expect("placed").backend.id;
+        let written = |c: &Controller| c.prefix.as_ref().map_or(0, |ix| ix.len());
+        assert_eq!(written(&c), 4);
+        // The next call extends the prompt by 3 blocks: only those are written, and
+        // the previous 4 are predicted cached.
+        prompt.extend(b"t".repeat(block * 3));
+        m.blocks = prefix::block_hashes(&prompt, block, 1000);
+        let p = c.pick(&m, &[], u64::MAX).expect("home");
+        assert_eq!((p.backend.id, p.reason), (home, Reason::Home));
+        assert_eq!(p.predicted_cached, (4 * block / 4) as u64);
+        assert_eq!(written(&c), 7);
+        let homes = c
+            .workflows
+            .homes(workflows::lookup_key("wf-grow"))
+            .expect("homes");
+        let indexed = homes.indexed.expect("indexed");
+        assert_eq!((indexed.backend, indexed.len), (home, 7));
+        // A prompt that does not extend the previous one is looked up in full.
+        let other = prefix::block_hashes(&b"u".repeat(block * 2), block, 1000);
+        m.blocks = other.clone();
+        let p = c.pick(&m, &[], u64::MAX).expect("home");
+        assert_eq!(p.predicted_cached, 0);
+        assert_eq!(written(&c), 9);
+        assert_eq!(
+            ix.matched_blocks(&other, &[home]),
+            vec![2],
+            "recorded for the home"
+        );
     }
 
     #[test]

@@ -237,6 +237,32 @@ impl PrefixIndex {
         (held * self.block / 4) as u64
     }
 
+    /// [`PrefixIndex::record`] when the caller knows the first `known` blocks were
+    /// recorded for `backend` within [`PrefixIndex::refresh_secs`] (a workflow's previous
+    /// prompt, which this one extends): they are taken as held and only the blocks after
+    /// them are written — no search.
+    pub fn record_after(&self, blocks: &[u64], backend: BackendId, known: usize) -> u64 {
+        let known = known.min(blocks.len());
+        let now = self.now();
+        for &h in &blocks[known..] {
+            self.write(h, backend, now);
+        }
+        self.inserted
+            .fetch_add((blocks.len() - known) as u64, Ordering::Relaxed);
+        (known * self.block / 4) as u64
+    }
+
+    /// The index's clock: seconds since it was made.
+    pub fn clock(&self) -> u32 {
+        self.now()
+    }
+
+    /// How recently a block must have been recorded for a backend not to be written
+    /// again (an eighth of the TTL: the timestamps stay fresh).
+    pub fn refresh_secs(&self) -> u32 {
+        self.ttl_secs / 8
+    }
+
     /// Records that `blocks` were sent to `backend` (its cache will hold them). The
     /// leading blocks recorded for it within the last eighth of the TTL are left as they
     /// are (a workflow resends its context on every call: only the new tail is written,
@@ -245,8 +271,17 @@ impl PrefixIndex {
         let now = self.now();
         let recent = self.prefix_of(blocks, backend, now, self.ttl_secs / 8);
         let blocks = &blocks[recent..];
-        let ttl = self.ttl_secs;
         for &h in blocks {
+            self.write(h, backend, now);
+        }
+        self.inserted
+            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Records that block `h` was sent to `backend` at `now`.
+    fn write(&self, h: u64, backend: BackendId, now: u32) {
+        let ttl = self.ttl_secs;
+        {
             self.table.upsert(
                 h,
                 || Entry {
@@ -282,8 +317,6 @@ impl PrefixIndex {
                 },
             );
         }
-        self.inserted
-            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
     }
 
     /// The blocks of an ended workflow's last prompt go first when the index is full.

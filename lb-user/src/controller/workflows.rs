@@ -62,6 +62,40 @@ pub struct Homes {
     pub last_prompt_tokens: u32,
     /// The backend whose footprint ledger counts `last_prompt_tokens`.
     pub fp_at: Option<BackendId>,
+    /// What the prefix index was last told of the workflow's prompt, so the next call at
+    /// the same backend writes only its new blocks.
+    pub indexed: Option<Indexed>,
+}
+
+/// The workflow's latest prompt as recorded in the prefix index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Indexed {
+    /// Recorded for this backend...
+    pub backend: BackendId,
+    /// ...these many leading blocks...
+    pub len: u32,
+    /// ...the last of them this hash (chained: it names the whole prefix)...
+    pub last: u64,
+    /// ...written in full at this time of the index's clock.
+    pub at: u32,
+}
+
+impl Indexed {
+    /// The blocks of `blocks` known to be recorded for `backend` recently enough not to
+    /// be written again (`refresh` seconds of the index's clock): the previous prompt,
+    /// when this one starts with it.
+    pub fn known(&self, blocks: &[u64], backend: BackendId, now: u32, refresh: u32) -> usize {
+        let n = self.len as usize;
+        if self.backend == backend
+            && n > 0
+            && blocks.get(n - 1) == Some(&self.last)
+            && now.saturating_sub(self.at) <= refresh
+        {
+            n
+        } else {
+            0
+        }
+    }
 }
 
 impl Homes {

@@ -284,6 +284,9 @@ struct Conn {
     pin_plan: Option<(Arc<super::pinned::FastPath>, crate::model::BackendId)>,
     /// A hand-off armed by the relay of the current response.
     pin_armed: Option<super::pinned::Pinned>,
+    /// Bytes of the current response written to the client (added to the metrics
+    /// when it ends).
+    to_client: u64,
     _done: mpsc::Sender<()>,
 }
 
@@ -370,6 +373,7 @@ impl Conn {
             pinned: None,
             pin_plan: None,
             pin_armed: None,
+            to_client: 0,
             _done: done,
         }
     }
@@ -708,10 +712,14 @@ impl Conn {
     /// Writes `out` within the header timeout (answers agentlb makes itself).
     async fn write_out(&mut self, s: &Settings) -> bool {
         let w = self.stream.write_all(&self.out);
-        matches!(
+        let ok = matches!(
             tokio::time::timeout(s.limits.header_read_timeout, w).await,
             Ok(Ok(()))
-        )
+        );
+        if ok {
+            self.proxy.metrics.user_bytes(0, self.out.len() as u64);
+        }
+        ok
     }
 
     /// Reads more of the request body into `buf`; a close is an error.
@@ -1206,6 +1214,9 @@ impl Conn {
         let ended = Instant::now();
         self.last_end = Some(ended);
         tracker.end(relayed.outcome, ended);
+        proxy
+            .metrics
+            .user_bytes(0, std::mem::take(&mut self.to_client));
         if let Some(p) = self.pin_armed.take() {
             self.pinned = Some((conn, p));
             return Ok(false);
@@ -1304,6 +1315,7 @@ impl Conn {
                         self.out.clear();
                         return Relayed::write_failed(timeout);
                     }
+                    self.to_client += last as u64;
                     self.out.drain(..last);
                     match fp.arm(&self.stream, &conn.stream, backend) {
                         Ok(p) => self.pin_armed = Some(p),
@@ -1320,7 +1332,10 @@ impl Conn {
             }
             if !self.out.is_empty() {
                 match write_by(&mut self.stream, &self.out, &mut self.timers.total).await {
-                    Ok(()) => self.out.clear(),
+                    Ok(()) => {
+                        self.to_client += self.out.len() as u64;
+                        self.out.clear();
+                    }
                     Err(timeout) => {
                         self.out.clear();
                         return Relayed::write_failed(timeout);
@@ -1378,7 +1393,12 @@ impl Conn {
             if cfr == ClientFraming::Chunked {
                 self.out.extend_from_slice(h1::LAST_CHUNK);
             }
-            let _ = write_by(&mut self.stream, &self.out, &mut self.timers.total).await;
+            if write_by(&mut self.stream, &self.out, &mut self.timers.total)
+                .await
+                .is_ok()
+            {
+                self.to_client += self.out.len() as u64;
+            }
         }
         self.out.clear();
         Relayed {

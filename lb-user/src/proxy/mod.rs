@@ -300,7 +300,10 @@ impl Proxy {
                     message: e.to_string(),
                 })?;
             match upstream::exchange(&mut conn, head, body).await {
-                Ok(h) => return Ok((conn, h)),
+                Ok(h) => {
+                    self.metrics.user_bytes((head.len() + body.len()) as u64, 0);
+                    return Ok((conn, h));
+                }
                 Err(e) if conn.reused && !fresh && e.before_response() => {
                     tracing::debug!(backend = %backend.name, error = %e, "pooled connection was closed; reconnecting");
                     fresh = true;
