@@ -956,6 +956,13 @@ impl Collector for StateCollector {
                 None,
                 MetricType::Counter,
             )?)?;
+            let c = ConstCounter::new(ix.dropped_writes());
+            c.encode(encoder.encode_descriptor(
+                "prefix_index_dropped_writes",
+                "Prefix index writes dropped because its writer thread's queue was full",
+                None,
+                MetricType::Counter,
+            )?)?;
         }
         if let Some(kv) = &self.controller.kv {
             encode_kv(&mut encoder, kv, &backends)?;

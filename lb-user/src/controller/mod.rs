@@ -133,6 +133,7 @@ impl Controller {
                     routing.prefix_block_bytes,
                     routing.prefix_ttl_secs,
                 )
+                .background()
             }),
         }
     }
@@ -773,7 +774,12 @@ mod tests {
         let mut m = meta("wf-grow");
         m.blocks = prefix::block_hashes(&prompt, block, 1000);
         let home = c.pick(&m, &[], u64::MAX).expect("placed").backend.id;
-        let written = |c: &Controller| c.prefix.as_ref().map_or(0, |ix| ix.len());
+        let written = |c: &Controller| {
+            c.prefix.as_ref().map_or(0, |ix| {
+                ix.sync();
+                ix.len()
+            })
+        };
         assert_eq!(written(&c), 4);
         // The next call extends the prompt by 3 blocks: only those are written, and
         // the previous 4 are predicted cached.

@@ -150,9 +150,9 @@ impl Classify for Entry {
     }
 }
 
-/// The index.
+/// The index itself, shared with its writer thread.
 #[derive(Debug)]
-pub struct PrefixIndex {
+struct Core {
     table: Table<Entry>,
     block: usize,
     ttl_secs: u32,
@@ -163,10 +163,10 @@ pub struct PrefixIndex {
 /// Approximate bytes one entry costs (slot, map entry, ways).
 pub const ENTRY_BYTES: usize = 88;
 
-impl PrefixIndex {
+impl Core {
     /// An index of at most `max_blocks` blocks of `block` bytes; entries older than
     /// `ttl_secs` are ignored.
-    pub fn new(max_blocks: usize, block: usize, ttl_secs: u64) -> Self {
+    fn new(max_blocks: usize, block: usize, ttl_secs: u64) -> Self {
         Self {
             table: Table::new(max_blocks),
             block,
@@ -174,11 +174,6 @@ impl PrefixIndex {
             epoch: Instant::now(),
             inserted: AtomicU64::new(0),
         }
-    }
-
-    /// Block size in bytes.
-    pub fn block(&self) -> usize {
-        self.block
     }
 
     fn now(&self) -> u32 {
@@ -212,7 +207,7 @@ impl PrefixIndex {
 
     /// For each backend, the number of leading blocks of `blocks` it was sent within
     /// the TTL.
-    pub fn matched_blocks(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<usize> {
+    fn matched_blocks(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<usize> {
         let now = self.now();
         backends
             .iter()
@@ -221,56 +216,31 @@ impl PrefixIndex {
     }
 
     /// Predicted cached tokens (≈ bytes / 4) per backend.
-    pub fn predicted_tokens(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<f64> {
+    fn predicted_tokens(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<f64> {
         self.matched_blocks(blocks, backends)
             .into_iter()
             .map(|n| (n * self.block) as f64 / 4.0)
             .collect()
     }
 
-    /// The tokens `backend` is predicted to hold of `blocks` (as
-    /// [`PrefixIndex::predicted_tokens`]), then [`PrefixIndex::insert`] of them.
-    pub fn record(&self, blocks: &[u64], backend: BackendId) -> u64 {
-        let now = self.now();
-        let held = self.prefix_of(blocks, backend, now, self.ttl_secs);
-        self.insert(blocks, backend);
-        (held * self.block / 4) as u64
-    }
-
-    /// [`PrefixIndex::record`] when the caller knows the first `known` blocks were
-    /// recorded for `backend` within [`PrefixIndex::refresh_secs`] (a workflow's previous
-    /// prompt, which this one extends): they are taken as held and only the blocks after
-    /// them are written — no search.
-    pub fn record_after(&self, blocks: &[u64], backend: BackendId, known: usize) -> u64 {
-        let known = known.min(blocks.len());
-        let now = self.now();
-        for &h in &blocks[known..] {
-            self.write(h, backend, now);
-        }
-        self.inserted
-            .fetch_add((blocks.len() - known) as u64, Ordering::Relaxed);
-        (known * self.block / 4) as u64
-    }
-
-    /// The index's clock: seconds since it was made.
-    pub fn clock(&self) -> u32 {
-        self.now()
-    }
-
-    /// How recently a block must have been recorded for a backend not to be written
-    /// again (an eighth of the TTL: the timestamps stay fresh).
-    pub fn refresh_secs(&self) -> u32 {
-        self.ttl_secs / 8
-    }
-
     /// Records that `blocks` were sent to `backend` (its cache will hold them). The
     /// leading blocks recorded for it within the last eighth of the TTL are left as they
     /// are (a workflow resends its context on every call: only the new tail is written,
     /// and the rest is refreshed — timestamp and recency — every TTL/8).
-    pub fn insert(&self, blocks: &[u64], backend: BackendId) {
+    fn insert(&self, blocks: &[u64], backend: BackendId) {
         let now = self.now();
         let recent = self.prefix_of(blocks, backend, now, self.ttl_secs / 8);
         let blocks = &blocks[recent..];
+        for &h in blocks {
+            self.write(h, backend, now);
+        }
+        self.inserted
+            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Records that every block of `blocks` was sent to `backend` now.
+    fn write_all(&self, blocks: &[u64], backend: BackendId) {
+        let now = self.now();
         for &h in blocks {
             self.write(h, backend, now);
         }
@@ -320,15 +290,181 @@ impl PrefixIndex {
     }
 
     /// The blocks of an ended workflow's last prompt go first when the index is full.
-    pub fn demote(&self, blocks: &[u64]) {
+    fn demote(&self, blocks: &[u64]) {
         for &h in blocks {
             self.table.update(h, |e| e.ended = true);
+        }
+    }
+}
+
+/// A write handed to the writer thread.
+#[derive(Debug)]
+enum Job {
+    /// [`Core::insert`]: the blocks not recorded recently.
+    Insert(Vec<u64>, BackendId),
+    /// These blocks, all of them.
+    Write(Vec<u64>, BackendId),
+    /// [`Core::demote`].
+    Demote(Vec<u64>),
+    /// Everything sent before is written: answer.
+    Sync(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Writes queued for the writer thread at most (more are dropped and counted: the
+/// index is a hint, and a request never waits for it).
+pub const WRITE_QUEUE: usize = 4096;
+
+/// The approximate prefix index: lookups on the caller's thread, writes either there
+/// ([`PrefixIndex::new`]) or, in agentlb, on one writer thread ([`PrefixIndex::background`])
+/// so that recording a prompt's new blocks — a few cache-missing table inserts per block
+/// — never sits on a request's path. A write lands microseconds later; a lookup in
+/// between sees the index as it was.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    core: std::sync::Arc<Core>,
+    writer: Option<std::sync::mpsc::SyncSender<Job>>,
+    dropped: AtomicU64,
+}
+
+impl PrefixIndex {
+    /// An index of at most `max_blocks` blocks of `block` bytes; entries older than
+    /// `ttl_secs` are ignored. Writes happen on the caller's thread.
+    pub fn new(max_blocks: usize, block: usize, ttl_secs: u64) -> Self {
+        Self {
+            core: std::sync::Arc::new(Core::new(max_blocks, block, ttl_secs)),
+            writer: None,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// The same index with its writes done by a thread of its own (it ends when the
+    /// index is dropped). Without a thread, writes stay on the caller's.
+    pub fn background(mut self) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(WRITE_QUEUE);
+        let core = self.core.clone();
+        let spawned = std::thread::Builder::new()
+            .name("agentlb-prefix".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    match job {
+                        Job::Insert(b, backend) => core.insert(&b, backend),
+                        Job::Write(b, backend) => core.write_all(&b, backend),
+                        Job::Demote(b) => core.demote(&b),
+                        Job::Sync(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => self.writer = Some(tx),
+            Err(e) => tracing::warn!(error = %e, "prefix index writer thread; writing inline"),
+        }
+        self
+    }
+
+    /// Runs `job` on the writer (dropped and counted when its queue is full), or here.
+    fn submit(&self, job: Job) {
+        let Some(tx) = &self.writer else {
+            match job {
+                Job::Insert(b, backend) => self.core.insert(&b, backend),
+                Job::Write(b, backend) => self.core.write_all(&b, backend),
+                Job::Demote(b) => self.core.demote(&b),
+                Job::Sync(done) => {
+                    let _ = done.send(());
+                }
+            }
+            return;
+        };
+        if tx.try_send(job).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until every write submitted before is in the index (tests, tools).
+    pub fn sync(&self) {
+        if let Some(tx) = &self.writer {
+            let (done, wait) = std::sync::mpsc::sync_channel(1);
+            if tx.send(Job::Sync(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+
+    /// Writes dropped because the writer's queue was full.
+    pub fn dropped_writes(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Block size in bytes.
+    pub fn block(&self) -> usize {
+        self.core.block
+    }
+
+    /// For each backend, the number of leading blocks of `blocks` it was sent within
+    /// the TTL.
+    pub fn matched_blocks(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<usize> {
+        self.core.matched_blocks(blocks, backends)
+    }
+
+    /// Predicted cached tokens (≈ bytes / 4) per backend.
+    pub fn predicted_tokens(&self, blocks: &[u64], backends: &[BackendId]) -> Vec<f64> {
+        self.core.predicted_tokens(blocks, backends)
+    }
+
+    /// The tokens `backend` is predicted to hold of `blocks` (as
+    /// [`PrefixIndex::predicted_tokens`]), then [`PrefixIndex::insert`] of them.
+    pub fn record(&self, blocks: &[u64], backend: BackendId) -> u64 {
+        let held = self
+            .core
+            .prefix_of(blocks, backend, self.core.now(), self.core.ttl_secs);
+        self.insert(blocks, backend);
+        (held * self.core.block / 4) as u64
+    }
+
+    /// [`PrefixIndex::record`] when the caller knows the first `known` blocks were
+    /// recorded for `backend` within [`PrefixIndex::refresh_secs`] (a workflow's previous
+    /// prompt, which this one extends): they are taken as held and only the blocks after
+    /// them are written — no search.
+    pub fn record_after(&self, blocks: &[u64], backend: BackendId, known: usize) -> u64 {
+        let known = known.min(blocks.len());
+        if known < blocks.len() {
+            self.submit(Job::Write(blocks[known..].to_vec(), backend));
+        }
+        (known * self.core.block / 4) as u64
+    }
+
+    /// The index's clock: seconds since it was made.
+    pub fn clock(&self) -> u32 {
+        self.core.now()
+    }
+
+    /// How recently a block must have been recorded for a backend not to be written
+    /// again (an eighth of the TTL: the timestamps stay fresh).
+    pub fn refresh_secs(&self) -> u32 {
+        self.core.ttl_secs / 8
+    }
+
+    /// Records that `blocks` were sent to `backend` (its cache will hold them). The
+    /// leading blocks recorded for it within the last eighth of the TTL are left as they
+    /// are (a workflow resends its context on every call: only the new tail is written,
+    /// and the rest is refreshed — timestamp and recency — every TTL/8).
+    pub fn insert(&self, blocks: &[u64], backend: BackendId) {
+        if !blocks.is_empty() {
+            self.submit(Job::Insert(blocks.to_vec(), backend));
+        }
+    }
+
+    /// The blocks of an ended workflow's last prompt go first when the index is full.
+    pub fn demote(&self, blocks: &[u64]) {
+        if !blocks.is_empty() {
+            self.submit(Job::Demote(blocks.to_vec()));
         }
     }
 
     /// Blocks stored.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.core.table.len()
     }
 
     /// Whether empty.
@@ -343,7 +479,12 @@ impl PrefixIndex {
 
     /// Blocks evicted to make room.
     pub fn evictions(&self) -> u64 {
-        self.table.evictions()
+        self.core.table.evictions()
+    }
+
+    /// Blocks written so far.
+    pub fn inserted(&self) -> u64 {
+        self.core.inserted.load(Ordering::Relaxed)
     }
 }
 
@@ -416,9 +557,34 @@ mod tests {
         // never sent anything: the shared blocks tell no backend apart.
         assert_eq!(idx.matched_blocks(&prompts[0], &[1, 9]), vec![4, 4]);
         // Sending them again writes nothing new.
-        let before = idx.inserted.load(Ordering::Relaxed);
+        let before = idx.inserted();
         idx.insert(&prompts[2], 2);
-        assert_eq!(idx.inserted.load(Ordering::Relaxed), before);
+        assert_eq!(idx.inserted(), before);
+    }
+
+    #[test]
+    fn the_writer_thread_writes_what_the_inline_index_writes() {
+        let inline = PrefixIndex::new(1000, 128, 600);
+        let threaded = PrefixIndex::new(1000, 128, 600).background();
+        let a = block_hashes(&b"a".repeat(128 * 6), 128, 100);
+        let b = block_hashes(&b"b".repeat(128 * 3), 128, 100);
+        for ix in [&inline, &threaded] {
+            assert_eq!(ix.record(&a, 1), 0);
+            ix.record_after(&a, 2, 2);
+            ix.insert(&b, 3);
+            ix.demote(&b);
+            ix.sync();
+        }
+        for ix in [&inline, &threaded] {
+            assert_eq!(ix.matched_blocks(&a, &[1, 2, 3]), vec![6, 0, 0]);
+            assert_eq!(ix.matched_blocks(&b, &[3]), vec![3]);
+            assert_eq!(ix.len(), 9);
+            assert_eq!(ix.inserted(), 6 + 4 + 3);
+            assert_eq!(ix.dropped_writes(), 0);
+        }
+        // A call that extends what was recorded finds it held.
+        threaded.sync();
+        assert_eq!(threaded.record(&a, 1), (6 * 128 / 4) as u64);
     }
 
     #[test]
