@@ -22,6 +22,9 @@ use tokio::sync::mpsc;
 
 use crate::model::BackendId;
 
+/// How long the writer waits after applying a batch before taking the next.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// One decision: workflow key → backend (`None`: the workflow is gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
@@ -154,6 +157,9 @@ impl Publisher {
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 stats.entries.store(sink.len() as u64, Ordering::Relaxed);
                 batch.clear();
+                // Let decisions gather: at most one wake-up per COALESCE, not one per
+                // new workflow (a decision lands within a millisecond).
+                tokio::time::sleep(COALESCE).await;
             }
         }))
     }
