@@ -13,7 +13,7 @@
 
 /// Version of the kernel⇄user ABI. Pinned maps carry it in [`MAP_META`]; agentlb
 /// refuses to adopt pins written by another version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Magic stored in [`AbiMeta::magic`] ("ALB1" little-endian) to recognise our pins.
 pub const ABI_MAGIC: u32 = u32::from_le_bytes(*b"ALB1");
@@ -42,6 +42,14 @@ pub const MAP_CONFIG: &str = "ALB_CONFIG";
 /// userspace (hand-off, teardown); the `sk_skb` verdict reads it and updates the
 /// activity fields.
 pub const MAP_PAIRS: &str = "ALB_PAIRS";
+/// `HashMap<BackendKey, TcpStats>`; not pinned. Written by `sock_ops` for connections
+/// to a published backend: RTT, retransmits, closes.
+pub const MAP_TCP: &str = "ALB_TCP";
+/// `RingBuf` of [`TcpEvent`]s; not pinned. A backend connection closed by the peer or
+/// aborted: the controller learns of it without waiting for a health check.
+pub const MAP_EVENTS: &str = "ALB_EVENTS";
+/// Bytes of [`MAP_EVENTS`].
+pub const EVENTS_BYTES: u32 = 64 * 1024;
 
 /// Names of the maps that are pinned under the bpffs pin directory and survive restarts.
 pub const PINNED_MAPS: [&str; 2] = [MAP_META, MAP_BACKENDS];
@@ -162,6 +170,43 @@ pub struct PairValue {
 /// [`PairValue::flags`]: this side is the upstream (backend) socket.
 pub const PAIR_F_UPSTREAM: u32 = 1;
 
+/// Value of [`MAP_TCP`]: TCP statistics of agentlb's connections to one backend
+/// address, from `sock_ops` callbacks (plain adds, no atomics: statistics only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpStats {
+    /// The kernel's smoothed RTT of the latest sample, µs.
+    pub srtt_us: u32,
+    /// Padding (zero).
+    pub _pad: u32,
+    /// RTT samples taken (`BPF_SOCK_OPS_RTT_CB`).
+    pub rtt_samples: u64,
+    /// Segments retransmitted (`BPF_SOCK_OPS_RETRANS_CB`).
+    pub retransmits: u64,
+    /// Connections the backend closed (ESTABLISHED → CLOSE_WAIT: its FIN came first).
+    pub peer_closes: u64,
+    /// Connections that went from ESTABLISHED straight to CLOSE (a reset, sent or
+    /// received).
+    pub aborts: u64,
+}
+
+/// One entry of [`MAP_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpEvent {
+    /// The backend address.
+    pub key: BackendKey,
+    /// `EV_*`.
+    pub kind: u32,
+    /// Smoothed RTT of the connection when it ended, µs.
+    pub srtt_us: u32,
+}
+
+/// [`TcpEvent::kind`]: the backend closed the connection.
+pub const EV_PEER_CLOSED: u32 = 1;
+/// [`TcpEvent::kind`]: the connection was reset.
+pub const EV_ABORTED: u32 = 2;
+
 // ---------------------------------------------------------------------------
 // Counters: indices into MAP_COUNTERS.
 // ---------------------------------------------------------------------------
@@ -234,11 +279,13 @@ const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
 const _: () = assert!(core::mem::size_of::<KernelConfig>() == 8);
 const _: () = assert!(core::mem::align_of::<BackendKey>() == 4);
 const _: () = assert!(core::mem::size_of::<PairValue>() == 32);
+const _: () = assert!(core::mem::size_of::<TcpStats>() == 40);
+const _: () = assert!(core::mem::size_of::<TcpEvent>() == 32);
 
 /// Key and value sizes of every map, for the userspace contract check:
 /// `(name, key_size, value_size, max_entries)`. `max_entries` 0 means "not checked"
 /// (aya-log's ring buffer is sized by aya).
-pub const MAP_LAYOUT: [(&str, u32, u32, u32); 7] = [
+pub const MAP_LAYOUT: [(&str, u32, u32, u32); 8] = [
     (MAP_META, 4, core::mem::size_of::<AbiMeta>() as u32, 1),
     (
         MAP_BACKENDS,
@@ -261,6 +308,12 @@ pub const MAP_LAYOUT: [(&str, u32, u32, u32); 7] = [
         core::mem::size_of::<PairValue>() as u32,
         MAX_PAIRS,
     ),
+    (
+        MAP_TCP,
+        core::mem::size_of::<BackendKey>() as u32,
+        core::mem::size_of::<TcpStats>() as u32,
+        MAX_BACKENDS,
+    ),
 ];
 
 #[cfg(feature = "user")]
@@ -273,4 +326,6 @@ mod pod {
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::KernelConfig {}
     unsafe impl aya::Pod for super::PairValue {}
+    unsafe impl aya::Pod for super::TcpStats {}
+    unsafe impl aya::Pod for super::TcpEvent {}
 }

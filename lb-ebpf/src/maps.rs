@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
 };
 use lb_common::{
-    AbiMeta, BackendKey, BackendValue, KernelConfig, MAX_BACKENDS, MAX_LISTENERS, MAX_PAIRS,
-    MAX_SOCKETS, NUM_COUNTERS, PairValue,
+    AbiMeta, BackendKey, BackendValue, EVENTS_BYTES, KernelConfig, MAX_BACKENDS, MAX_LISTENERS,
+    MAX_PAIRS, MAX_SOCKETS, NUM_COUNTERS, PairValue, TcpStats,
 };
 
 /// ABI description of the pinned maps (pinned; written by userspace).
@@ -29,6 +29,14 @@ pub static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 /// Pinned pairs: socket cookie → its peer (written by userspace at hand-off).
 #[map(name = "ALB_PAIRS")]
 pub static PAIRS: HashMap<u64, PairValue> = HashMap::with_max_entries(MAX_PAIRS, 0);
+
+/// TCP statistics of connections to each backend address (written by `sock_ops`).
+#[map(name = "ALB_TCP")]
+pub static TCP: HashMap<BackendKey, TcpStats> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+/// Backend connections closed by the peer or aborted, for the controller.
+#[map(name = "ALB_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// Per-CPU counters indexed by `lb_common::CTR_*`.
 #[map(name = "ALB_COUNTERS")]

@@ -1,5 +1,8 @@
 //! `sock_ops`: counts established connections and registers agentlb's client and
-//! upstream sockets in `ALB_SOCKS`, so the sockmap programs see their traffic.
+//! upstream sockets in `ALB_SOCKS`, so the sockmap programs see their traffic; on
+//! connections to a published backend it also asks for the RTT, retransmit and state
+//! callbacks and keeps per-backend TCP statistics in `ALB_TCP`, and reports a
+//! connection the backend closed or that was reset through `ALB_EVENTS`.
 //!
 //! A client socket is an accepted socket whose local port is a proxy listener
 //! (`ALB_LISTEN`); an upstream socket is an outgoing one whose peer is a published
@@ -8,8 +11,10 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        bpf_sock_ops,
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
     },
     helpers::bpf_get_socket_cookie,
     programs::SockOpsContext,
@@ -18,13 +23,18 @@ use aya_log_ebpf::{debug, warn};
 use lb_common::{
     BackendKey, CFG_F_LOG_SOCKETS, CFG_F_REGISTER_SOCKETS, CTR_SOCKOPS_ACTIVE_ESTABLISHED,
     CTR_SOCKOPS_CALLS, CTR_SOCKOPS_PASSIVE_ESTABLISHED, CTR_SOCKOPS_REGISTER_FAILED,
-    CTR_SOCKOPS_REGISTERED_CLIENT, CTR_SOCKOPS_REGISTERED_UPSTREAM, FAMILY_V4, FAMILY_V6,
+    CTR_SOCKOPS_REGISTERED_CLIENT, CTR_SOCKOPS_REGISTERED_UPSTREAM, EV_ABORTED, EV_PEER_CLOSED,
+    FAMILY_V4, FAMILY_V6, TcpEvent, TcpStats,
 };
 
-use crate::maps::{BACKENDS, LISTEN, SOCKS, bump, config_flags};
+use crate::maps::{BACKENDS, EVENTS, LISTEN, SOCKS, TCP, bump, config_flags};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+/// `TCP_ESTABLISHED`, `TCP_CLOSE`, `TCP_CLOSE_WAIT` (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
 
 /// Handles one `sock_ops` callback. Always returns 1 (never rejects anything).
 #[inline(always)]
@@ -46,12 +56,71 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
                 // SAFETY: plain lookup; the value is only tested for presence.
                 if unsafe { BACKENDS.get(key) }.is_some() {
                     register(ctx, CTR_SOCKOPS_REGISTERED_UPSTREAM, u32::from(key.port));
+                    // RTT samples, retransmits and state changes of this connection
+                    // from now on (a failure only loses statistics).
+                    let _ = ctx.set_cb_flags(
+                        (BPF_SOCK_OPS_RTT_CB_FLAG
+                            | BPF_SOCK_OPS_RETRANS_CB_FLAG
+                            | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
+                    );
+                    let _ = TCP.insert(key, TcpStats::default(), u64::from(BPF_NOEXIST));
                 }
+            }
+        }
+        BPF_SOCK_OPS_RTT_CB => {
+            let srtt = srtt_us(ctx);
+            with_stats(ctx, |s| {
+                s.srtt_us = srtt;
+                s.rtt_samples += 1;
+            });
+        }
+        BPF_SOCK_OPS_RETRANS_CB => with_stats(ctx, |s| s.retransmits += 1),
+        BPF_SOCK_OPS_STATE_CB => {
+            let (old, new) = (ctx.arg(0), ctx.arg(1));
+            let kind = match (old, new) {
+                (TCP_ESTABLISHED, TCP_CLOSE_WAIT) => EV_PEER_CLOSED,
+                (TCP_ESTABLISHED, TCP_CLOSE) => EV_ABORTED,
+                _ => return 1,
+            };
+            with_stats(ctx, |s| {
+                if kind == EV_PEER_CLOSED {
+                    s.peer_closes += 1;
+                } else {
+                    s.aborts += 1;
+                }
+            });
+            if let Some(key) = peer_key(ctx) {
+                let ev = TcpEvent {
+                    key,
+                    kind,
+                    srtt_us: srtt_us(ctx),
+                };
+                // A full ring loses the event; the statistics above still count it.
+                let _ = EVENTS.output::<TcpEvent>(&ev, 0);
             }
         }
         _ => {}
     }
     1
+}
+
+/// The connection's smoothed RTT, µs (the kernel keeps it ×8).
+#[inline(always)]
+fn srtt_us(ctx: &SockOpsContext) -> u32 {
+    // SAFETY: `ops` is the program's context pointer, valid for this invocation.
+    unsafe { (*ctx.ops).srtt_us >> 3 }
+}
+
+/// Updates the statistics of the connection's backend (callbacks are only asked for
+/// on connections to published backends, whose entry was made then).
+#[inline(always)]
+fn with_stats(ctx: &SockOpsContext, f: impl FnOnce(&mut TcpStats)) {
+    if let Some(key) = peer_key(ctx)
+        && let Some(p) = TCP.get_ptr_mut(key)
+    {
+        // SAFETY: the pointer comes from the map lookup and is valid during this call.
+        f(unsafe { &mut *p });
+    }
 }
 
 /// Inserts the socket into `ALB_SOCKS` keyed by its cookie, if registration is enabled.

@@ -136,6 +136,14 @@ async fn serve(
         health_rx,
         stop_rx.clone(),
     ));
+    // The kernel's reports of backend connections that ended badly wake the checker.
+    let events_task = dataplane.take_conn_events().map(|rx| {
+        tokio::spawn(controller::health::watch_conn_events(
+            controller.clone(),
+            rx,
+            metrics.clone(),
+        ))
+    });
     let expiry_task = tokio::spawn(expire_workflows(controller.clone(), stop_rx.clone()));
     let kv_task = controller
         .kv
@@ -198,6 +206,9 @@ async fn serve(
         let _ = t.await;
     }
     if let Some(t) = decisions_task {
+        t.abort();
+    }
+    if let Some(t) = events_task {
         t.abort();
     }
     Ok(())

@@ -148,6 +148,9 @@ pub struct Backend {
     pub draining: AtomicBool,
     /// Active health verdict.
     pub healthy: AtomicBool,
+    /// The kernel saw a connection to it closed by the backend or reset since the last
+    /// probe: a probe that fails now takes it out of rotation at once.
+    pub suspect: AtomicBool,
     /// Consecutive active-probe results (positive: successes, negative: failures).
     pub probe_streak: std::sync::atomic::AtomicI64,
     /// Models served, from `/v1/models` (empty until known); written through
@@ -191,6 +194,7 @@ impl Backend {
             errors: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
+            suspect: AtomicBool::new(false),
             probe_streak: Default::default(),
             models: ArcSwap::from_pointee(Vec::new()),
             load: ArcSwap::from_pointee(BackendLoad::default()),

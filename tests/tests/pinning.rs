@@ -92,10 +92,15 @@ impl World {
     }
 
     fn agentlb(&self, backends: &[u16], extra: &str) -> Result<Proc> {
+        self.agentlb_health(backends, extra, "interval_ms = 200\ntimeout_ms = 500\n")
+    }
+
+    /// agentlb with these `[health]` settings.
+    fn agentlb_health(&self, backends: &[u16], extra: &str, health: &str) -> Result<Proc> {
         let mut conf = format!(
             "[server]\nlisten = \"{GW}:8080\"\nadmin = \"{ADMIN}\"\n\n\
              [routing]\npolicy = \"workflow\"\n\n\
-             [health]\ninterval_ms = 200\ntimeout_ms = 500\n\n\
+             [health]\n{health}\n\
              [kernel]\nmode = \"required\"\npin_dir = \"{}\"\npinning = true\n{extra}\n",
             self.pins.path().display()
         );
@@ -1080,6 +1085,95 @@ fn draining_the_pinned_backend_closes_its_pairs_between_requests_and_they_move()
         ) == on_drained as f64,
         "closes:\n{m}"
     );
+    lb.terminate(Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[test]
+fn sock_ops_reports_backend_rtt_and_a_dead_backend_before_its_health_interval() -> Result<()> {
+    if !privileged("sock_ops_reports_backend_rtt_and_a_dead_backend_before_its_health_interval") {
+        return Ok(());
+    }
+    let w = World::new()?;
+    let a = w.sim(8000)?;
+    let _b = w.sim(8001)?;
+    // Health checks every 10 s and 3 failures to go: 20 s or more to notice a dead
+    // backend by probing alone.
+    let mut lb = w.agentlb_health(
+        &[8000, 8001],
+        "",
+        "interval_ms = 10000\ntimeout_ms = 500\nunhealthy_threshold = 3\n",
+    )?;
+    // Traffic to both backends (12 workflows spread over them), leaving pooled
+    // upstream connections open.
+    w.client.run(|| -> Result<()> {
+        for i in 0..12 {
+            let mut s = TcpStream::connect((GW, 8080))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(&chat(&format!("wf-t{i}"), "hello"))?;
+            let a = read_answer(&mut s, &mut Vec::new())?;
+            ensure!(a.status == 200, "{}", a.head);
+        }
+        Ok(())
+    })??;
+    let m = w.metrics()?;
+    let srtt = |m: &str, port: u16| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("agentlb_backend_tcp_srtt_seconds{"))
+            .find(|l| l.contains(&format!(":{port}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    ensure!(
+        srtt(&m, 8000) > 0.0 && srtt(&m, 8001) > 0.0,
+        "no RTT per backend:\n{m}"
+    );
+    // Backend A dies: its kernel closes every connection agentlb holds to it.
+    let killed = Instant::now();
+    // SAFETY: plain kill(2) of a child process of this test.
+    unsafe { libc::kill(a.pid() as i32, libc::SIGKILL) };
+    let healthy = |port: u16| -> Option<bool> {
+        let v =
+            w.gw.run(|| get_json(&format!("http://{ADMIN}/admin/backends")))
+                .ok()?
+                .ok()?;
+        v["backends"].as_array()?.iter().find(|b| {
+            b["url"]
+                .as_str()
+                .is_some_and(|u| u.contains(&format!(":{port}")))
+        })?["healthy"]
+            .as_bool()
+    };
+    let out = wait_until(Duration::from_secs(8), || {
+        (healthy(8000) == Some(false)).then_some(())
+    });
+    ensure!(
+        out.is_some(),
+        "the dead backend was still healthy {:?} after the kill:\n{}",
+        killed.elapsed(),
+        lb.output()
+    );
+    let noticed = killed.elapsed();
+    ensure!(
+        noticed < Duration::from_secs(5),
+        "noticed only after {noticed:?}"
+    );
+    ensure!(
+        healthy(8001) == Some(true),
+        "the live backend was taken out"
+    );
+    let m = w.metrics()?;
+    let ends: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("agentlb_backend_connection_ends_total{"))
+        .filter(|l| l.contains(":8000") || l.contains("8000"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    ensure!(
+        ends >= 1.0,
+        "no connection end reported for the dead backend:\n{m}"
+    );
+    eprintln!("dead backend out of rotation {noticed:?} after the kill");
     lb.terminate(Duration::from_secs(10))?;
     Ok(())
 }

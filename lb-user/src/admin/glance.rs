@@ -83,10 +83,18 @@ fn by_reason(metrics: &str, name: &str) -> String {
 pub fn render(dataplane: &Value, pinning: Option<&Value>, metrics: &str) -> String {
     let mut out = String::new();
     let mode = dataplane["mode"].as_str().unwrap_or("unknown");
-    let attached = dataplane["programs"].as_array().map_or(0, Vec::len);
+    let names: Vec<&str> = dataplane["programs"]
+        .as_array()
+        .map(|p| p.iter().filter_map(|p| p["name"].as_str()).collect())
+        .unwrap_or_default();
     let _ = write!(out, "dataplane    {mode}");
     if mode == "kernel" {
-        let _ = write!(out, ", {attached} programs attached");
+        let _ = write!(
+            out,
+            ", {} programs attached ({})",
+            names.len(),
+            names.join(", ")
+        );
         if let Some(c) = dataplane["cgroup"].as_str() {
             let _ = write!(out, ", cgroup {c}");
         }
@@ -206,7 +214,7 @@ agentlb_pinned_pair_closes_total{reason=\"client_closed\"} 27\n";
                                      "pair_entries": 6, "socket_entries": 6});
         let text = render(&dp, Some(&pin), METRICS);
         for want in [
-            "dataplane    kernel, 2 programs attached, cgroup /sys/fs/cgroup/agentlb",
+            "dataplane    kernel, 2 programs attached (a, b), cgroup /sys/fs/cgroup/agentlb",
             "pinning      on, 3 pairs open (ALB_PAIRS 6, ALB_SOCKS 6)",
             "connections  user 120 (4 open), kernel 30 (3 open)",
             "bytes        user: to clients 2.9 KiB, to backends 0 B; kernel (closed pairs): to clients 5.0 MiB, to backends 2.0 KiB",

@@ -214,9 +214,19 @@ pub struct Metrics {
     handoff_refusals: Family<ReasonLabel, Counter>,
     pinned_closes: Family<ReasonLabel, Counter>,
     bytes: Family<BytesLabels, Counter>,
+    conn_events: Family<ConnEventLabels, Counter>,
     /// `bytes{path="user"}` series, held so a request adds without a lookup.
     user_to_upstream: Counter,
     user_to_client: Counter,
+}
+
+/// `{backend, end}` of `agentlb_backend_connection_ends_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnEventLabels {
+    /// Backend name.
+    pub backend: Escaped<Arc<String>>,
+    /// `peer_closed` or `aborted`.
+    pub end: &'static str,
 }
 
 /// `{reason}`.
@@ -446,6 +456,16 @@ impl Metrics {
         };
         let (user_to_upstream, user_to_client) =
             (user_bytes("to_upstream"), user_bytes("to_client"));
+        let conn_events = Family::<ConnEventLabels, Counter>::default();
+        r.register(
+            "backend_connection_ends",
+            "Backend connections the kernel saw closed by the backend (peer_closed) or reset (aborted), as reported to the controller",
+            conn_events.clone(),
+        );
+        r.register_collector(Box::new(TcpCollector {
+            dataplane: dataplane.clone(),
+            controller: controller.clone(),
+        }));
         r.register_collector(Box::new(KernelCollector(dataplane)));
         r.register_collector(Box::new(StateCollector {
             controller,
@@ -495,6 +515,7 @@ impl Metrics {
             handoffs,
             handoff_refusals,
             pinned_closes,
+            conn_events,
             user_to_upstream,
             user_to_client,
             bytes,
@@ -520,6 +541,16 @@ impl Metrics {
             .get_or_create(&PathLabel { path: "user" })
             .dec();
         self.connection_opened("kernel");
+    }
+
+    /// The kernel reported a connection to `backend` ended (`end`).
+    pub fn conn_event(&self, backend: &Arc<String>, end: &'static str) {
+        self.conn_events
+            .get_or_create(&ConnEventLabels {
+                backend: Escaped(backend.clone()),
+                end,
+            })
+            .inc();
     }
 
     /// A hand-off was not made.
@@ -745,6 +776,81 @@ impl Collector for KernelCollector {
         }
         Ok(())
     }
+}
+
+/// `sock_ops`' TCP statistics of the connections to each backend (`ALB_TCP`).
+#[derive(Debug)]
+struct TcpCollector {
+    dataplane: Arc<Dataplane>,
+    controller: Arc<Controller>,
+}
+
+impl Collector for TcpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.dataplane.tcp_stats();
+        if stats.is_empty() {
+            return Ok(());
+        }
+        let named: Vec<(String, crate::dataplane::TcpStats)> = stats
+            .into_iter()
+            .map(|(addr, st)| {
+                let name = self
+                    .controller
+                    .backend_by_addr(addr)
+                    .map_or_else(|| addr.to_string(), |b| b.name.clone());
+                (name, st)
+            })
+            .collect();
+        {
+            let mut fam = encoder.encode_descriptor(
+                "backend_tcp_srtt_seconds",
+                "Kernel's smoothed RTT of the latest sample on agentlb's connections to the backend",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, st) in &named {
+                ConstGauge::new(f64::from(st.srtt_us) / 1e6).encode(fam.encode_family(
+                    &BackendLabel {
+                        backend: Escaped(name.clone()),
+                    },
+                )?)?;
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "backend_tcp_retransmits",
+                "Segments retransmitted on agentlb's connections to the backend",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, st) in &named {
+                ConstCounter::new(st.retransmits).encode(fam.encode_family(&BackendLabel {
+                    backend: Escaped(name.clone()),
+                })?)?;
+            }
+        }
+        let mut fam = encoder.encode_descriptor(
+            "backend_tcp_closes",
+            "agentlb's connections to the backend that the backend closed (peer_closed) or that were reset (aborted)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, st) in &named {
+            for (end, n) in [("peer_closed", st.peer_closes), ("aborted", st.aborts)] {
+                ConstCounter::new(n).encode(fam.encode_family(&TcpCloseLabels {
+                    backend: Escaped(name.clone()),
+                    end,
+                })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpCloseLabels {
+    backend: Escaped<String>,
+    end: &'static str,
 }
 
 /// Backend state, queue and workflow table at scrape time.

@@ -63,7 +63,31 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(c.interval) => {}
+            // A backend connection ended badly: probe now rather than at the interval.
+            () = controller.health_wake.notified() => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Consumes the kernel's reports of backend connections that the backend closed or
+/// that were reset (`sock_ops`, `ALB_EVENTS`): each marks its backend suspect and wakes
+/// the health checker, so a backend that died is out of rotation after one failed probe
+/// instead of `unhealthy_threshold` probe intervals. A backend that closed an idle
+/// connection answers the probe and is not suspect any more.
+pub async fn watch_conn_events(
+    controller: Arc<Controller>,
+    mut events: tokio::sync::mpsc::Receiver<crate::dataplane::ConnEvent>,
+    metrics: Arc<crate::admin::metrics::Metrics>,
+) {
+    while let Some(ev) = events.recv().await {
+        let Some(b) = controller.backend_by_addr(ev.addr) else {
+            continue;
+        };
+        metrics.conn_event(&b.label, ev.end.as_str());
+        if b.healthy.load(Ordering::Relaxed) && !b.suspect.swap(true, Ordering::Relaxed) {
+            tracing::debug!(backend = %b.name, end = ev.end.as_str(), "backend connection ended; probing now");
+            controller.health_wake.notify_one();
         }
     }
 }
@@ -117,8 +141,9 @@ async fn probe(client: &ProbeClient, b: Arc<Backend>, c: HealthConfig) -> bool {
         s
     };
     let was = b.healthy.load(Ordering::Relaxed);
+    let suspect = b.suspect.swap(false, Ordering::Relaxed);
     let mut failed = false;
-    if was && streak <= -(i64::from(c.unhealthy_threshold)) {
+    if was && (streak <= -(i64::from(c.unhealthy_threshold)) || (suspect && !ok)) {
         b.healthy.store(false, Ordering::Relaxed);
         tracing::warn!(backend = %b.name, "backend unhealthy (active check)");
         failed = true;

@@ -97,6 +97,8 @@ pub struct Controller {
     pub kv: Option<Arc<crate::kv::KvRouting>>,
     /// The cluster's mean load, for the O(1) decision of a workflow at home.
     load: view::ClusterLoad,
+    /// Wakes the health checker for a round now (a backend connection ended badly).
+    pub health_wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Controller {
@@ -127,6 +129,7 @@ impl Controller {
             decisions: decisions::Publisher::default(),
             kv: None,
             load: view::ClusterLoad::default(),
+            health_wake: tokio::sync::Notify::new(),
             prefix: (routing.prefix_index_blocks > 0).then(|| {
                 prefix::PrefixIndex::new(
                     routing.prefix_index_blocks,
@@ -510,6 +513,15 @@ impl Controller {
     /// A backend by id.
     pub fn backend(&self, id: BackendId) -> Option<Arc<Backend>> {
         self.backends.load().iter().find(|b| b.id == id).cloned()
+    }
+
+    /// The backend with this resolved address.
+    pub fn backend_by_addr(&self, addr: std::net::SocketAddr) -> Option<Arc<Backend>> {
+        self.backends
+            .load()
+            .iter()
+            .find(|b| b.addrs.contains(&addr))
+            .cloned()
     }
 
     /// Whether the current policy keeps workflow homes.

@@ -10,20 +10,21 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps, Xdp, XdpMode},
 };
 use lb_common::{
     ABI_MAGIC, ABI_VERSION, AbiMeta, BackendKey, BackendValue, CFG_F_LOG_SOCKETS,
-    CFG_F_REGISTER_SOCKETS, CFG_F_STEER, COUNTER_NAMES, FAMILY_V4, FAMILY_V6,
-    KernelConfig as AbiConfig, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_LAYOUT, MAP_LISTEN,
-    MAP_META, MAP_PAIRS, MAP_SOCKS, NUM_COUNTERS, PAIR_F_UPSTREAM, PROG_SK_MSG, PROG_SK_SKB,
-    PROG_SOCKOPS, PROG_XDP, PairValue,
+    CFG_F_REGISTER_SOCKETS, CFG_F_STEER, COUNTER_NAMES, EV_PEER_CLOSED, FAMILY_V4, FAMILY_V6,
+    KernelConfig as AbiConfig, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_LAYOUT,
+    MAP_LISTEN, MAP_META, MAP_PAIRS, MAP_SOCKS, MAP_TCP, NUM_COUNTERS, PAIR_F_UPSTREAM,
+    PROG_SK_MSG, PROG_SK_SKB, PROG_SOCKOPS, PROG_XDP, PairValue, TcpEvent, TcpStats as AbiTcpStats,
 };
 use tokio::io::unix::AsyncFd;
 
 use super::{
-    DataplaneError, MapStatus, PairKeys, ProgramStatus, PublishedBackend,
+    ConnEnd, ConnEvent, DataplaneError, MapStatus, PairKeys, ProgramStatus, PublishedBackend,
+    TcpStats,
     cgroup::{self, CgroupGuard},
     pins,
 };
@@ -45,10 +46,14 @@ pub struct KernelDataplane {
     backends: HashMap<MapData, BackendKey, BackendValue>,
     listen: HashMap<MapData, u32, u32>,
     pairs: HashMap<MapData, u64, PairValue>,
+    tcp: HashMap<MapData, BackendKey, AbiTcpStats>,
     config: Array<MapData, AbiConfig>,
     /// `CFG_F_*` flags as written to `ALB_CONFIG`.
     flags: u32,
     logger: Option<tokio::task::JoinHandle<()>>,
+    /// Reads `ALB_EVENTS` into `conn_events`.
+    events_task: Option<tokio::task::JoinHandle<()>>,
+    conn_events: Option<tokio::sync::mpsc::Receiver<ConnEvent>>,
     cgroup: CgroupGuard,
     programs: Vec<ProgramStatus>,
     maps: Vec<MapStatus>,
@@ -141,6 +146,14 @@ impl KernelDataplane {
         let socks: SockHash<MapData, u64> = take_map(&mut ebpf, MAP_SOCKS)?
             .try_into()
             .map_err(map_err("ALB_SOCKS"))?;
+        let tcp: HashMap<MapData, BackendKey, AbiTcpStats> = take_map(&mut ebpf, MAP_TCP)?
+            .try_into()
+            .map_err(map_err("ALB_TCP"))?;
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?
+            .try_into()
+            .map_err(map_err("ALB_EVENTS"))?;
+        let (events_tx, conn_events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        let events_task = spawn_events(ring, events_tx)?;
 
         // aya-log: drained by a task; lines go to `log`, which tracing captures.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -163,9 +176,12 @@ impl KernelDataplane {
             backends: backends_map,
             listen,
             pairs,
+            tcp,
             config,
             flags,
             logger,
+            events_task: Some(events_task),
+            conn_events: Some(conn_events),
             cgroup,
             programs: Vec::new(),
             maps,
@@ -392,6 +408,31 @@ impl KernelDataplane {
         Ok(())
     }
 
+    /// The receiver of ended backend connections (once).
+    pub fn take_conn_events(&mut self) -> Option<tokio::sync::mpsc::Receiver<ConnEvent>> {
+        self.conn_events.take()
+    }
+
+    /// `ALB_TCP`: statistics per backend address.
+    pub fn tcp_stats(&self) -> Vec<(SocketAddr, TcpStats)> {
+        self.tcp
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                Some((
+                    key_addr(&k)?,
+                    TcpStats {
+                        srtt_us: v.srtt_us,
+                        rtt_samples: v.rtt_samples,
+                        retransmits: v.retransmits,
+                        peer_closes: v.peer_closes,
+                        aborts: v.aborts,
+                    },
+                ))
+            })
+            .collect()
+    }
+
     /// Entries in `ALB_PAIRS` and `ALB_SOCKS` (leak checks, status).
     pub fn pair_entries(&self) -> (usize, usize) {
         let pairs = self.pairs.keys().filter_map(Result::ok).count();
@@ -423,6 +464,9 @@ impl KernelDataplane {
     pub fn shutdown(mut self) {
         if let Some(l) = self.logger.take() {
             l.abort();
+        }
+        if let Some(t) = self.events_task.take() {
+            t.abort();
         }
         let Self {
             ebpf,
@@ -612,6 +656,68 @@ pub fn backend_key(addr: SocketAddr) -> BackendKey {
         },
     }
     key
+}
+
+/// Ended-connection reports queued for the controller at most (more are dropped: the
+/// statistics in `ALB_TCP` still count them).
+const EVENT_QUEUE: usize = 1024;
+
+/// The address of a map key.
+fn key_addr(k: &BackendKey) -> Option<SocketAddr> {
+    let ip = match k.family {
+        FAMILY_V4 => IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]]),
+        FAMILY_V6 => IpAddr::from(k.addr),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, k.port))
+}
+
+/// Reads `ALB_EVENTS` as the kernel fills it and forwards each event.
+fn spawn_events(
+    ring: RingBuf<MapData>,
+    tx: tokio::sync::mpsc::Sender<ConnEvent>,
+) -> Result<tokio::task::JoinHandle<()>, DataplaneError> {
+    // SAFETY: the fd is the ring buffer's map fd, owned by `ring`, which the AsyncFd
+    // owns for its whole life; it is never closed or replaced meanwhile.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| DataplaneError::Map {
+            what: "ALB_EVENTS",
+            message: e.to_string(),
+        })?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel event channel closed");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < std::mem::size_of::<TcpEvent>() {
+                    continue;
+                }
+                // SAFETY: the kernel wrote a whole `TcpEvent` (repr(C), plain integers,
+                // every bit pattern valid); the read is unaligned-safe.
+                let ev: TcpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let Some(addr) = key_addr(&ev.key) else {
+                    continue;
+                };
+                let end = if ev.kind == EV_PEER_CLOSED {
+                    ConnEnd::PeerClosed
+                } else {
+                    ConnEnd::Aborted
+                };
+                let _ = tx.try_send(ConnEvent {
+                    addr,
+                    end,
+                    srtt_us: ev.srtt_us,
+                });
+            }
+            guard.clear_ready();
+        }
+    }))
 }
 
 fn spawn_logger(

@@ -83,6 +83,51 @@ pub struct PairActivity {
     pub last_response_ns: u64,
 }
 
+/// How a backend connection ended, as `sock_ops` saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEnd {
+    /// The backend closed it (its FIN came first).
+    PeerClosed,
+    /// It was reset.
+    Aborted,
+}
+
+impl ConnEnd {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PeerClosed => "peer_closed",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
+/// A connection to a backend address ended (`ALB_EVENTS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// The backend address.
+    pub addr: SocketAddr,
+    /// How.
+    pub end: ConnEnd,
+    /// Its smoothed RTT then, µs.
+    pub srtt_us: u32,
+}
+
+/// TCP statistics of agentlb's connections to one backend address (`ALB_TCP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct TcpStats {
+    /// Smoothed RTT of the latest sample, µs.
+    pub srtt_us: u32,
+    /// RTT samples taken.
+    pub rtt_samples: u64,
+    /// Segments retransmitted.
+    pub retransmits: u64,
+    /// Connections the backend closed.
+    pub peer_closes: u64,
+    /// Connections reset.
+    pub aborts: u64,
+}
+
 /// One attached program.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramStatus {
@@ -354,6 +399,25 @@ impl Dataplane {
             (st.pairs, st.sockets) = k.pair_entries();
         }
         st
+    }
+
+    /// The kernel's reports of ended backend connections, once (the caller consumes
+    /// them); `None` without the kernel dataplane or when already taken.
+    pub fn take_conn_events(&self) -> Option<tokio::sync::mpsc::Receiver<ConnEvent>> {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = lock(&self.kernel).as_mut() {
+            return k.take_conn_events();
+        }
+        None
+    }
+
+    /// TCP statistics per backend address (empty without the kernel dataplane).
+    pub fn tcp_stats(&self) -> Vec<(SocketAddr, TcpStats)> {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = lock(&self.kernel).as_ref() {
+            return k.tcp_stats();
+        }
+        Vec::new()
     }
 
     /// Detaches everything that does not persist (all programs; pinned maps stay).
