@@ -672,77 +672,70 @@ fn key_addr(k: &BackendKey) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, k.port))
 }
 
-/// Reads `ALB_EVENTS` as the kernel fills it and forwards each event.
-fn spawn_events(
-    ring: RingBuf<MapData>,
-    tx: tokio::sync::mpsc::Sender<ConnEvent>,
+/// Runs `drain` on `inner` each time its fd (a ring buffer the kernel fills) turns
+/// readable, on a task of its own; `what` names it in errors.
+fn spawn_reader<T: std::os::fd::AsRawFd + Send + 'static>(
+    inner: T,
+    what: &'static str,
+    mut drain: impl FnMut(&mut T) + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, DataplaneError> {
-    // SAFETY: the fd is the ring buffer's map fd, owned by `ring`, which the AsyncFd
-    // owns for its whole life; it is never closed or replaced meanwhile.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+    // SAFETY: the fd belongs to `inner`, which the AsyncFd owns for its whole life; it
+    // is never closed or replaced meanwhile.
+    let mut fd = unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
         .map_err(|e| DataplaneError::Map {
-            what: "ALB_EVENTS",
-            message: e.to_string(),
-        })?;
+        what,
+        message: e.to_string(),
+    })?;
     Ok(tokio::spawn(async move {
         loop {
             let mut guard = match fd.readable_mut().await {
                 Ok(g) => g,
                 Err(e) => {
-                    tracing::warn!(error = %e, "kernel event channel closed");
+                    tracing::warn!(error = %e, what, "kernel channel closed");
                     return;
                 }
             };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if item.len() < std::mem::size_of::<TcpEvent>() {
-                    continue;
-                }
-                // SAFETY: the kernel wrote a whole `TcpEvent` (repr(C), plain integers,
-                // every bit pattern valid); the read is unaligned-safe.
-                let ev: TcpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let Some(addr) = key_addr(&ev.key) else {
-                    continue;
-                };
-                let end = if ev.kind == EV_PEER_CLOSED {
-                    ConnEnd::PeerClosed
-                } else {
-                    ConnEnd::Aborted
-                };
-                let _ = tx.try_send(ConnEvent {
-                    addr,
-                    end,
-                    srtt_us: ev.srtt_us,
-                });
-            }
+            drain(guard.get_inner_mut());
             guard.clear_ready();
         }
     }))
 }
 
+/// Reads `ALB_EVENTS` as the kernel fills it and forwards each event.
+fn spawn_events(
+    ring: RingBuf<MapData>,
+    tx: tokio::sync::mpsc::Sender<ConnEvent>,
+) -> Result<tokio::task::JoinHandle<()>, DataplaneError> {
+    spawn_reader(ring, "ALB_EVENTS", move |ring| {
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<TcpEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole `TcpEvent` (repr(C), plain integers,
+            // every bit pattern valid); the read is unaligned-safe.
+            let ev: TcpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let Some(addr) = key_addr(&ev.key) else {
+                continue;
+            };
+            let end = if ev.kind == EV_PEER_CLOSED {
+                ConnEnd::PeerClosed
+            } else {
+                ConnEnd::Aborted
+            };
+            let _ = tx.try_send(ConnEvent {
+                addr,
+                end,
+                srtt_us: ev.srtt_us,
+            });
+        }
+    })
+}
+
+/// aya-log's lines, drained into `log` (which tracing captures).
 fn spawn_logger(
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
 ) -> Result<tokio::task::JoinHandle<()>, DataplaneError> {
-    // SAFETY: the fd is the logger's ring buffer, owned by `logger`, which the
-    // AsyncFd owns for its whole life; it is never closed or replaced meanwhile.
-    let mut fd = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-        .map_err(|e| DataplaneError::Map {
-            what: "AYA_LOGS",
-            message: e.to_string(),
-        })?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let mut guard = match fd.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kernel log channel closed");
-                    return;
-                }
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    }))
+    spawn_reader(logger, "AYA_LOGS", |l| l.flush())
 }
 
 /// Pre-5.11 kernels charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg.
