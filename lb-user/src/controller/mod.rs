@@ -219,7 +219,8 @@ impl Controller {
             return Err(NoBackend::Empty);
         }
         let policy = self.policy.load();
-        if let Some(p) = self.at_home(&snap, &***policy, meta, exclude, per_backend_limit) {
+        let view = self.load.view(&snap);
+        if let Some(p) = self.at_home(&snap, view, &***policy, meta, exclude, per_backend_limit) {
             return Ok(p);
         }
         let model = meta.model.as_deref();
@@ -229,7 +230,7 @@ impl Controller {
         // copy from the first that is not.
         let mut copied: Option<Vec<Arc<Backend>>> = None;
         // Backends that all serve the same models: one answers for all.
-        let all_serve = self.load.view(&snap).uniform.then(|| snap[0].serves(model));
+        let all_serve = view.uniform.then(|| snap[0].serves(model));
         for (i, b) in snap.iter().enumerate() {
             let s = all_serve.unwrap_or_else(|| b.serves(model));
             serving |= s;
@@ -448,7 +449,8 @@ impl Controller {
     /// backends serve different models — takes the full decision (`None`).
     fn at_home(
         &self,
-        snap: &Arc<Vec<Arc<Backend>>>,
+        snap: &[Arc<Backend>],
+        view: view::View,
         policy: &dyn Policy,
         meta: &RequestMeta,
         exclude: &[BackendId],
@@ -458,7 +460,7 @@ impl Controller {
             return None;
         }
         let key = policies::workflow::routing_key(meta)?;
-        let mean = self.load.mean(snap)?;
+        let mean = view.uniform.then_some(view.mean)?;
         let model = meta.model.as_deref();
         let estimate = meta.prompt_tokens_estimate();
         let index = self.prefix.as_ref().filter(|_| !meta.blocks.is_empty());
@@ -747,18 +749,29 @@ mod tests {
         // At home: the O(1) decision, the same backend.
         let snap = c.backends.load_full();
         let p = c.policy.load();
-        let fast = c.at_home(&snap, &***p, &m, &[], u64::MAX).expect("at home");
+        let fast = c
+            .at_home(&snap, c.load.view(&snap), &***p, &m, &[], u64::MAX)
+            .expect("at home");
         assert_eq!((fast.backend.id, fast.reason), (home, Reason::Home));
         // Excluded (a retry), at its concurrency limit, or over the load bound: declined,
         // and the full decision spills.
-        assert!(c.at_home(&snap, &***p, &m, &[home], u64::MAX).is_none());
+        assert!(
+            c.at_home(&snap, c.load.view(&snap), &***p, &m, &[home], u64::MAX)
+                .is_none()
+        );
         let busy = c.backend(home).expect("home");
         busy.inflight.store(3, Ordering::Relaxed);
-        assert!(c.at_home(&snap, &***p, &m, &[], 3).is_none());
+        assert!(
+            c.at_home(&snap, c.load.view(&snap), &***p, &m, &[], 3)
+                .is_none()
+        );
         busy.inflight.store(0, Ordering::Relaxed);
         set_waiting(&c, home, 40.0);
         std::thread::sleep(view::REFRESH);
-        assert!(c.at_home(&snap, &***p, &m, &[], u64::MAX).is_none());
+        assert!(
+            c.at_home(&snap, c.load.view(&snap), &***p, &m, &[], u64::MAX)
+                .is_none()
+        );
         let spilled = c.pick(&m, &[], u64::MAX).expect("spilled");
         assert_eq!(spilled.reason, Reason::Spill);
         assert_ne!(spilled.backend.id, home);
@@ -768,11 +781,21 @@ mod tests {
         std::thread::sleep(view::REFRESH);
         let back = c.pick(&m, &[], u64::MAX).expect("home");
         assert_eq!((back.backend.id, back.reason), (home, Reason::Home));
-        assert!(c.at_home(&snap, &***p, &m, &[], u64::MAX).is_some());
+        assert!(
+            c.at_home(&snap, c.load.view(&snap), &***p, &m, &[], u64::MAX)
+                .is_some()
+        );
         // A workflow never seen is not created by it.
         assert!(
-            c.at_home(&snap, &***p, &meta("wf-new"), &[], u64::MAX)
-                .is_none()
+            c.at_home(
+                &snap,
+                c.load.view(&snap),
+                &***p,
+                &meta("wf-new"),
+                &[],
+                u64::MAX
+            )
+            .is_none()
         );
         assert!(c.workflows.homes(workflows::lookup_key("wf-new")).is_none());
     }

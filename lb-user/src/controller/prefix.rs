@@ -310,6 +310,20 @@ enum Job {
     Sync(std::sync::mpsc::SyncSender<()>),
 }
 
+impl Job {
+    /// Does it, on `core`.
+    fn apply(self, core: &Core) {
+        match self {
+            Self::Insert(b, backend) => core.insert(&b, backend),
+            Self::Write(b, backend) => core.write_all(&b, backend),
+            Self::Demote(b) => core.demote(&b),
+            Self::Sync(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
 /// Writes queued for the writer thread at most (more are dropped and counted: the
 /// index is a hint, and a request never waits for it).
 pub const WRITE_QUEUE: usize = 4096;
@@ -346,14 +360,7 @@ impl PrefixIndex {
             .name("agentlb-prefix".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    match job {
-                        Job::Insert(b, backend) => core.insert(&b, backend),
-                        Job::Write(b, backend) => core.write_all(&b, backend),
-                        Job::Demote(b) => core.demote(&b),
-                        Job::Sync(done) => {
-                            let _ = done.send(());
-                        }
-                    }
+                    job.apply(&core);
                 }
             });
         match spawned {
@@ -366,14 +373,7 @@ impl PrefixIndex {
     /// Runs `job` on the writer (dropped and counted when its queue is full), or here.
     fn submit(&self, job: Job) {
         let Some(tx) = &self.writer else {
-            match job {
-                Job::Insert(b, backend) => self.core.insert(&b, backend),
-                Job::Write(b, backend) => self.core.write_all(&b, backend),
-                Job::Demote(b) => self.core.demote(&b),
-                Job::Sync(done) => {
-                    let _ = done.send(());
-                }
-            }
+            job.apply(&self.core);
             return;
         };
         if tx.try_send(job).is_err() {

@@ -113,19 +113,18 @@ impl ClusterLoad {
         self.view.store(Arc::new(v));
         out
     }
-
-    /// The mean load over the routable backends of `snap`, when every backend serves the
-    /// same models (else `None`: the caller computes it over its own candidates).
-    pub fn mean(&self, snap: &Arc<Vec<Arc<Backend>>>) -> Option<f64> {
-        let v = self.view(snap);
-        v.uniform.then_some(v.mean)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{controller::policies::test_backends, model::BackendLoad};
+
+    /// The mean when the view has one, as the O(1) decision reads it.
+    fn mean(c: &ClusterLoad, snap: &Arc<Vec<Arc<Backend>>>) -> Option<f64> {
+        let v = c.view(snap);
+        v.uniform.then_some(v.mean)
+    }
 
     fn with_models(n: usize, models: &[&str]) -> Arc<Vec<Arc<Backend>>> {
         let v = test_backends(n);
@@ -145,13 +144,13 @@ mod tests {
             });
         }
         let c = ClusterLoad::default();
-        assert_eq!(c.mean(&snap), Some(3.0));
+        assert_eq!(mean(&c, &snap), Some(3.0));
         // Another snapshot (a backend went unroutable and the set changed): rebuilt.
         snap[3]
             .healthy
             .store(false, std::sync::atomic::Ordering::Relaxed);
         let other = Arc::new((*snap).clone());
-        assert_eq!(c.mean(&other), Some(2.0), "mean of 0, 2, 4");
+        assert_eq!(mean(&c, &other), Some(2.0), "mean of 0, 2, 4");
     }
 
     #[test]
@@ -159,16 +158,16 @@ mod tests {
         let c = ClusterLoad::default();
         let snap = with_models(2, &["a"]);
         snap[1].set_models(vec!["b".to_owned()]);
-        assert_eq!(c.mean(&snap), None);
+        assert_eq!(mean(&c, &snap), None);
         let unknown = Arc::new(test_backends(2));
         assert_eq!(
-            c.mean(&unknown),
+            mean(&c, &unknown),
             Some(0.0),
             "models unknown: each serves any"
         );
         unknown[0].set_models(vec!["a".to_owned()]);
         assert_eq!(
-            c.mean(&Arc::new((*unknown).clone())),
+            mean(&c, &Arc::new((*unknown).clone())),
             None,
             "one known, one not"
         );

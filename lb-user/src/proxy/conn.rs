@@ -709,6 +709,14 @@ impl Conn {
         self.write_out(s).await;
     }
 
+    /// Writes the first `len` bytes of `out` to the client within the request's total
+    /// deadline (see [`write_by`]) and counts them as written.
+    async fn send_out(&mut self, len: usize) -> Result<(), bool> {
+        write_by(&mut self.stream, &self.out[..len], &mut self.timers.total).await?;
+        self.to_client += len as u64;
+        Ok(())
+    }
+
     /// Writes `out` within the header timeout (answers agentlb makes itself).
     async fn write_out(&mut self, s: &Settings) -> bool {
         let w = self.stream.write_all(&self.out);
@@ -1309,13 +1317,10 @@ impl Conn {
                     fp.refused(super::pinned::refusal::NO_TAIL);
                 } else {
                     let last = self.out.len() - 1;
-                    if let Err(timeout) =
-                        write_by(&mut self.stream, &self.out[..last], &mut self.timers.total).await
-                    {
+                    if let Err(timeout) = self.send_out(last).await {
                         self.out.clear();
                         return Relayed::write_failed(timeout);
                     }
-                    self.to_client += last as u64;
                     self.out.drain(..last);
                     match fp.arm(&self.stream, &conn.stream, backend) {
                         Ok(p) => self.pin_armed = Some(p),
@@ -1331,11 +1336,8 @@ impl Conn {
                 }
             }
             if !self.out.is_empty() {
-                match write_by(&mut self.stream, &self.out, &mut self.timers.total).await {
-                    Ok(()) => {
-                        self.to_client += self.out.len() as u64;
-                        self.out.clear();
-                    }
+                match self.send_out(self.out.len()).await {
+                    Ok(()) => self.out.clear(),
                     Err(timeout) => {
                         self.out.clear();
                         return Relayed::write_failed(timeout);
@@ -1393,12 +1395,7 @@ impl Conn {
             if cfr == ClientFraming::Chunked {
                 self.out.extend_from_slice(h1::LAST_CHUNK);
             }
-            if write_by(&mut self.stream, &self.out, &mut self.timers.total)
-                .await
-                .is_ok()
-            {
-                self.to_client += self.out.len() as u64;
-            }
+            let _ = self.send_out(self.out.len()).await;
         }
         self.out.clear();
         Relayed {
